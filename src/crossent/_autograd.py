@@ -1,0 +1,199 @@
+"""One ``torch.autograd.Function`` per op family, on ``(M, V)`` row blocks.
+
+The cross-entropy functions compute the per-row loss *and* the gradient of the logits in the
+same forward pass (the backend writes it into a buffer); backward then only multiplies that
+buffer by the incoming gradient, or returns it untouched when the incoming gradient is 1. The
+buffer is kept with ``save_for_backward``, so autograd frees it with the graph, and a
+``retain_graph=True`` second backward sees it unchanged.
+
+Backward passes are ``once_differentiable``: asking for a second derivative raises instead of
+returning a wrong one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from .backends.base import Backend, RowOptions, acc_dtype
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """What a loss Function needs besides its tensors."""
+
+    backend: Backend
+    rows: RowOptions
+    reduction: str  # 'none' | 'mean' | 'sum'
+
+
+def _kept_weight(target: Tensor, weight: Tensor | None, ignore_index: int, acc: torch.dtype) -> Tensor:
+    """``(M,)`` weight of each row's target class, 0 on ignored rows (the mean's denominator terms)."""
+    keep = target != ignore_index
+    if weight is None:
+        return keep.to(acc)
+    return weight.to(acc)[torch.where(keep, target, 0)].masked_fill_(~keep, 0.0)
+
+
+def _reduce(rows: Tensor, reduction: str, denom: Tensor | float | None) -> Tensor:
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if reduction == "sum" else total / denom
+
+
+def _is_one(g: Tensor) -> bool:
+    # Only on CPU, where reading a scalar costs no device synchronisation.
+    return g.device.type == "cpu" and g.dim() == 0 and bool(g == 1)
+
+
+def _scale_saved_grad(grad: Tensor, g: Tensor, reduction: str) -> Tensor:
+    """The saved per-row gradient times the incoming gradient ``g``."""
+    if reduction == "none":
+        return grad * g.to(grad.dtype).unsqueeze(1)
+    if _is_one(g):
+        return grad  # the buffer itself: autograd can hand it over without a copy
+    return grad * g.to(grad.dtype)
+
+
+class CrossEntropyIndex(torch.autograd.Function):
+    """Cross entropy with class-index targets: ``(M, V)`` logits, ``(M,)`` int64 targets."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
+    ) -> Tensor:
+        acc = acc_dtype(x.dtype)
+        denom = None
+        scale = None
+        if opts.reduction == "mean":
+            denom = _kept_weight(target, weight, opts.rows.ignore_index, acc).sum()
+            scale = 1.0 / denom
+        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if ctx.needs_input_grad[0] else None  # type: ignore[attr-defined]
+        stats = opts.backend.cross_entropy_forward(x, target, weight, opts.rows, grad, scale)
+        ctx.save_for_backward(grad)
+        ctx.reduction = opts.reduction  # type: ignore[attr-defined]
+        return _reduce(stats.loss, opts.reduction, denom).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None
+        return _scale_saved_grad(grad, g, ctx.reduction), None, None, None
+
+
+class CrossEntropyProb(torch.autograd.Function):
+    """Cross entropy with probability targets: logits and targets both ``(M, V)``.
+
+    Differentiable in the logits, the targets and the class weights, as in torch.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
+    ) -> Tensor:
+        need_x, need_t, need_w = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+        m = x.shape[0]
+        out_dtype = torch.promote_types(x.dtype, target.dtype)
+        if weight is not None:
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)
+        scale = None
+        if opts.reduction == "mean":
+            # 'mean' divides by the number of rows, never by the weights (0 rows: 0/0 = NaN).
+            scale = torch.tensor(1.0 / m if m else float("inf"), dtype=torch.float64)
+        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+        stats = opts.backend.cross_entropy_prob_forward(x, target, weight, opts.rows, grad, scale)
+        extra = need_t or need_w
+        ctx.save_for_backward(
+            grad, *((x, target, weight, stats.lse) if extra else (None, None, None, None))
+        )
+        ctx.opts = opts  # type: ignore[attr-defined]
+        ctx.m = m  # type: ignore[attr-defined]
+        denom = float(m) if m else float("nan")
+        return _reduce(stats.loss, opts.reduction, denom).to(out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, g: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        grad, x, target, weight, lse = ctx.saved_tensors
+        opts: LossOptions = ctx.opts
+        gx = None if grad is None else _scale_saved_grad(grad, g, opts.reduction)
+        need_t, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if not (need_t or need_w):
+            return gx, None, None, None
+        m = ctx.m
+        if opts.reduction == "none":
+            row_grad = g
+        elif opts.reduction == "mean":
+            row_grad = (g / m).expand(m)
+        else:
+            row_grad = g.expand(m)
+        dt, dw = opts.backend.cross_entropy_prob_extra_grads(
+            x, target, weight, lse, row_grad, opts.rows, need_t, need_w
+        )
+        return gx, dt, dw, None
+
+
+class NllLoss(torch.autograd.Function):
+    """Negative log-likelihood on ``(M, V)`` inputs with ``(M,)`` int64 targets."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
+    ) -> Tensor:
+        acc = acc_dtype(x.dtype)
+        rows = opts.backend.nll_forward(x, target, weight, opts.rows.ignore_index)
+        denom = None
+        if opts.reduction == "mean":
+            denom = _kept_weight(target, weight, opts.rows.ignore_index, acc).sum()
+        ctx.save_for_backward(target, weight, denom)
+        ctx.opts = opts  # type: ignore[attr-defined]
+        ctx.shape = x.shape  # type: ignore[attr-defined]
+        ctx.dtype = x.dtype  # type: ignore[attr-defined]
+        return _reduce(rows, opts.reduction, denom).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        target, weight, denom = ctx.saved_tensors
+        opts: LossOptions = ctx.opts
+        row_grad = g.to(acc_dtype(ctx.dtype))
+        if opts.reduction == "mean":
+            row_grad = row_grad / denom
+        grad = opts.backend.nll_backward(
+            row_grad, target, weight, opts.rows.ignore_index, ctx.shape[1], ctx.dtype
+        )
+        return grad, None, None, None
+
+
+@dataclass(frozen=True)
+class SoftmaxOptions:
+    backend: Backend
+    log: bool
+
+
+class Softmax(torch.autograd.Function):
+    """softmax / log_softmax over the last dim of a ``(M, V)`` block."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, opts: SoftmaxOptions) -> Tensor:  # type: ignore[override]
+        out = opts.backend.softmax_forward(x, opts.log)
+        ctx.save_for_backward(out)
+        ctx.opts = opts  # type: ignore[attr-defined]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        (out,) = ctx.saved_tensors
+        return ctx.opts.backend.softmax_backward(g.contiguous(), out, ctx.opts.log), None

@@ -1,0 +1,156 @@
+"""Docstring text, written once and shared by the functions and the modules."""
+
+from __future__ import annotations
+
+BACKEND = r"""backend (str, keyword-only): ``"auto"`` picks per call from the input's device;
+            ``"torch"`` (portable plain-torch primitives) and ``"reference"`` (the NumPy
+            float64 oracle, for checking) may be forced. An unknown or unavailable backend
+            raises; there is no silent fallback. Default: ``"auto"``"""
+
+WEIGHT = r"""weight (Tensor, optional): a manual rescaling weight given to each class, of
+            size `C` and, for class-index targets, of the input's dtype. Default: ``None``"""
+
+LEGACY = r"""size_average (bool, optional): deprecated (see :attr:`reduction`). Default: ``None``
+        reduce (bool, optional): deprecated (see :attr:`reduction`). When either of
+            :attr:`size_average` and :attr:`reduce` is not ``None`` it overrides
+            :attr:`reduction`, with torch's deprecation warning. Default: ``None``"""
+
+IGNORE_INDEX = r"""ignore_index (int, optional): a target value that is ignored and does not
+            contribute to the loss or to the input gradient; any integer, negative ones
+            included. With ``'mean'`` the loss is averaged over non-ignored targets only.
+            Default: ``-100``"""
+
+REDUCTION = r"""reduction (str, optional): ``'none'`` | ``'mean'`` | ``'sum'``. ``'mean'`` divides
+            the summed loss by the summed weight of the non-ignored targets (by the number of
+            rows for probability targets). Default: ``'mean'``"""
+
+PRECISION_NOTE = r""".. note::
+        float16 and bfloat16 inputs are read as they are and computed in float32; float64
+        is computed in float64. Results are deterministic: the same inputs give the same bits
+        on every call. Second derivatives are not supported (backward is
+        ``once_differentiable``) and raise rather than return a wrong value."""
+
+_SOFTMAX_TEMPLATE = r"""Apply a {kind} function along :attr:`dim`, exactly as
+    :func:`torch.nn.functional.{name}`.
+
+    {formula}
+
+    Args:
+        input (Tensor): input of any floating dtype (or any dtype with :attr:`dtype`).
+        dim (int): the dimension along which {name} is computed. ``None`` is deprecated: it
+            warns and picks dim 0 for 0-, 1- and 3-D input and dim 1 otherwise, as torch does.
+            Default: ``None``
+        _stacklevel (int): stack level of the implicit-dim warning. Default: ``3``
+        dtype (:class:`torch.dtype`, optional): if given, the input is cast to it before the
+            operation (pass it by keyword). Default: ``None``
+        {backend}
+
+    Shape:
+        - Input: :math:`(*)`, any number of dimensions
+        - Output: :math:`(*)`, same shape as the input, contiguous
+
+    Examples::
+
+        >>> import torch, crossent
+        >>> x = torch.tensor([[1.0, 2.0, 3.0]])
+        >>> crossent.{name}(x, dim=1)
+        {example}
+
+    {note}
+    """
+
+SOFTMAX = _SOFTMAX_TEMPLATE.format(
+    kind="softmax",
+    name="softmax",
+    formula=r":math:`\text{softmax}(x)_i = \exp(x_i - m) / \sum_j \exp(x_j - m)`, "
+    r"with :math:`m = \max_j x_j`.",
+    backend=BACKEND,
+    example="tensor([[0.0900, 0.2447, 0.6652]])",
+    note=PRECISION_NOTE,
+)
+
+LOG_SOFTMAX = _SOFTMAX_TEMPLATE.format(
+    kind="log-softmax",
+    name="log_softmax",
+    formula=r":math:`\text{log\_softmax}(x)_i = x_i - m - \log \sum_j \exp(x_j - m)`, "
+    r"with :math:`m = \max_j x_j`.",
+    backend=BACKEND,
+    example="tensor([[-2.4076, -1.4076, -0.4076]])",
+    note=PRECISION_NOTE,
+)
+
+_SHAPE = r"""Shape:
+        - Input: :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, ..., d_K)`, `K >= 1`
+        - Target (class indices): :math:`()`, :math:`(N)` or :math:`(N, d_1, ..., d_K)`,
+          int64 (uint8 also for 1-D and 2-D input), each value in :math:`[0, C)` or equal
+          to :attr:`ignore_index`"""
+
+NLL_LOSS = rf"""Compute the negative log likelihood loss, exactly as
+    :func:`torch.nn.functional.nll_loss`.
+
+    :math:`\ell_n = -w_{{y_n}} x_{{n, y_n}}`, or 0 where :math:`y_n` = :attr:`ignore_index`.
+
+    Args:
+        input (Tensor): log-probabilities (any values are used as they are).
+        target (Tensor): class indices.
+        {WEIGHT}
+        {LEGACY}
+        {IGNORE_INDEX}
+        {REDUCTION}
+        {BACKEND}
+
+    {_SHAPE}
+        - Output: scalar, or the target's shape with ``reduction='none'``
+
+    Examples::
+
+        >>> import torch, crossent
+        >>> logp = torch.log(torch.tensor([[0.25, 0.75], [0.5, 0.5]]))
+        >>> crossent.nll_loss(logp, torch.tensor([1, 0]))
+        tensor(0.4904)
+
+    {PRECISION_NOTE}
+    """
+
+CROSS_ENTROPY = rf"""Compute the cross entropy between input logits and target, exactly as
+    :func:`torch.nn.functional.cross_entropy`, in one fused pass.
+
+    The forward pass computes each row's loss and the gradient of the logits together (one
+    exponential per element) and keeps no log-probabilities; backward only scales that
+    gradient by the incoming one.
+
+    Args:
+        input (Tensor): unnormalised logits.
+        target (Tensor): class indices, or class probabilities of the input's shape (any
+            floating dtype; the loss then has the promoted dtype and the target, and the
+            weight, are differentiable, as in torch).
+        {WEIGHT}
+        {LEGACY}
+        {IGNORE_INDEX} Not supported (``>= 0`` raises) with probability targets.
+        {REDUCTION}
+        label_smoothing (float, optional): :math:`\varepsilon` in :math:`[0, 1]`; the target
+            becomes :math:`(1-\varepsilon)\,\text{{onehot}}(y) + \varepsilon / C`. Values
+            :math:`\le 0` mean no smoothing. Default: :math:`0.0`
+        {BACKEND}
+
+    {_SHAPE}
+        - Target (probabilities): same shape as the input
+        - Output: scalar, or the input's shape without the class dim with ``reduction='none'``
+
+    Examples::
+
+        >>> import torch, crossent
+        >>> x = torch.tensor([[1.0, 2.0, 0.5], [0.2, 1.5, 2.5]])
+        >>> crossent.cross_entropy(x, torch.tensor([1, 2]))
+        tensor(0.3982)
+
+    {PRECISION_NOTE}
+    """
+
+MODULE_BACKEND_NOTE = r"""The module takes the same constructor arguments as its torch
+    counterpart (it subclasses it, so ``isinstance`` checks, ``state_dict`` and ``repr`` are
+    torch's) plus a keyword-only ``backend``; see :func:`crossent.{fn}` for the computation.
+
+    Args:
+        backend (str, keyword-only): see :func:`crossent.{fn}`. Default: ``"auto"``
+    """

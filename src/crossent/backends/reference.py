@@ -1,0 +1,137 @@
+"""Adaptor exposing the NumPy float64 oracle (:mod:`crossent.reference`) as a backend.
+
+Slow by design: tensors go to the host, the oracle computes in float64, and results come back
+in the dtypes the other backends return. Its use is checking, not training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import reference as ref
+from .base import Backend, RowOptions, RowStats, acc_dtype
+
+
+def _np(t: Tensor | None) -> np.ndarray | None:
+    if t is None:
+        return None
+    return t.detach().to("cpu", torch.float64 if t.dtype.is_floating_point else torch.int64).numpy()
+
+
+def _back(a: np.ndarray, like: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device=like.device, dtype=dtype)
+
+
+def _lse(x: np.ndarray) -> np.ndarray:
+    # log Σ exp(x) per row, from the oracle's own log_softmax: lse = x - log_softmax(x)
+    if x.shape[1] == 0:
+        return np.full(x.shape[0], -np.inf)
+    with np.errstate(invalid="ignore"):
+        return (x - ref.log_softmax(x, 1))[:, 0]
+
+
+class ReferenceBackend(Backend):
+    """Every primitive evaluated by the float64 oracle."""
+
+    name = "reference"
+
+    def softmax_forward(self, x: Tensor, log: bool) -> Tensor:
+        out = (ref.log_softmax if log else ref.softmax)(_np(x), 1)
+        return _back(out, x, x.dtype)
+
+    def softmax_backward(self, grad: Tensor, out: Tensor, log: bool) -> Tensor:
+        # The oracle differentiates from the input; recover an input with the same output.
+        o = _np(out)
+        x = o if log else np.log(o)
+        fn = ref.log_softmax_grad if log else ref.softmax_grad
+        with np.errstate(divide="ignore"):
+            return _back(fn(x, 1, _np(grad)), grad, out.dtype)
+
+    def cross_entropy_forward(
+        self,
+        x: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        opts: RowOptions,
+        grad_out: Tensor | None = None,
+        grad_scale: Tensor | None = None,
+    ) -> RowStats:
+        acc = acc_dtype(x.dtype)
+        xn, tn, wn = _np(x), _np(target), _np(weight)
+        kw = dict(weight=wn, ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing)
+        loss = ref.cross_entropy(xn, tn, reduction="none", **kw)
+        if grad_out is not None:
+            ones = np.ones(x.shape[0])
+            g = ref.cross_entropy_grad(xn, tn, ones, reduction="none", **kw).input
+            if grad_scale is not None:
+                keep = (tn != opts.ignore_index)[:, None]
+                with np.errstate(invalid="ignore"):
+                    g = np.where(keep, g * float(grad_scale), 0.0)
+            grad_out.copy_(_back(g, x, grad_out.dtype))
+        return RowStats(_back(loss, x, acc), _back(_lse(xn), x, acc))
+
+    def cross_entropy_prob_forward(
+        self,
+        x: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        opts: RowOptions,
+        grad_out: Tensor | None = None,
+        grad_scale: Tensor | None = None,
+    ) -> RowStats:
+        from .torch import prob_acc_dtype
+
+        acc = prob_acc_dtype(x, target, weight)
+        xn, tn, wn = _np(x), _np(target), _np(weight)
+        kw = dict(weight=wn, label_smoothing=opts.label_smoothing)
+        loss = ref.cross_entropy(xn, tn, reduction="none", **kw)
+        if grad_out is not None:
+            g = ref.cross_entropy_grad(xn, tn, np.ones(x.shape[0]), reduction="none", **kw).input
+            if grad_scale is not None:
+                g = g * float(grad_scale)
+            grad_out.copy_(_back(g, x, grad_out.dtype))
+        return RowStats(_back(loss, x, acc), _back(_lse(xn), x, acc))
+
+    def cross_entropy_prob_extra_grads(
+        self,
+        x: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        lse: Tensor,
+        row_grad: Tensor,
+        opts: RowOptions,
+        want_target: bool,
+        want_weight: bool,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        grads = ref.cross_entropy_grad(
+            _np(x), _np(target), _np(row_grad), weight=_np(weight), reduction="none",
+            label_smoothing=opts.label_smoothing,
+        )
+        dt = _back(grads.target, target, target.dtype) if want_target else None
+        dw = None
+        if want_weight and weight is not None and grads.weight is not None:
+            dw = _back(grads.weight, weight, weight.dtype)
+        return dt, dw
+
+    def nll_forward(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int
+    ) -> Tensor:
+        loss = ref.nll_loss(_np(x), _np(target), _np(weight), ignore_index, reduction="none")
+        return _back(loss, x, acc_dtype(x.dtype))
+
+    def nll_backward(
+        self,
+        row_grad: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        ignore_index: int,
+        num_classes: int,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        m = target.shape[0]
+        rg = np.broadcast_to(_np(row_grad), (m,))
+        x = np.zeros((m, num_classes))
+        grad = ref.nll_loss_grad(x, _np(target), rg, _np(weight), ignore_index, reduction="none")
+        return _back(grad, target, dtype)

@@ -1,0 +1,212 @@
+"""Portable primitives in plain torch: any device torch supports.
+
+Cross entropy is computed a chunk of rows at a time, so that the float32/float64 temporaries
+(the upcast logits and their exponentials) stay cache-sized instead of logits-sized. Each chunk
+evaluates one exponential per element and writes the gradient of its rows straight into the
+caller's buffer: no log-probability tensor is ever kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Backend, RowOptions, RowStats, acc_dtype
+
+# Elements per chunk of upcast temporaries: 2**20 float32 = 4 MiB, about an L2 cache.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def chunk_rows(m: int, v: int, budget: int = CHUNK_ELEMENTS) -> int:
+    """Rows per chunk so that a chunk holds at most ``budget`` elements (at least one row)."""
+    return max(1, budget // max(v, 1))
+
+
+class TorchBackend(Backend):
+    """Plain-torch primitives; the portable fallback and the baseline of the fused kernels."""
+
+    name = "torch"
+
+    # ---- softmax / log_softmax: torch's own kernels on the (M, V) block ----------------------
+
+    def softmax_forward(self, x: Tensor, log: bool) -> Tensor:
+        return torch._log_softmax(x, -1, False) if log else torch._softmax(x, -1, False)
+
+    def softmax_backward(self, grad: Tensor, out: Tensor, log: bool) -> Tensor:
+        if log:
+            return torch._log_softmax_backward_data(grad, out, -1, out.dtype)
+        return torch._softmax_backward_data(grad, out, -1, out.dtype)
+
+    # ---- cross entropy, class-index targets --------------------------------------------------
+
+    def cross_entropy_forward(
+        self,
+        x: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        opts: RowOptions,
+        grad_out: Tensor | None = None,
+        grad_scale: Tensor | None = None,
+    ) -> RowStats:
+        m, v = x.shape
+        acc = acc_dtype(x.dtype)
+        loss = torch.empty(m, dtype=acc, device=x.device)
+        lse = torch.empty(m, dtype=acc, device=x.device)
+        eps = opts.label_smoothing
+        w = None if weight is None else weight.to(acc)
+        w_total = None if w is None else w.sum()
+        step = chunk_rows(m, v)
+        for r0 in range(0, m, step):
+            r1 = min(m, r0 + step)
+            xs = x[r0:r1].to(acc)  # (m', V) upcast chunk
+            t = target[r0:r1]
+            keep = (t != opts.ignore_index).unsqueeze(1)  # (m', 1)
+            tc = torch.where(keep.squeeze(1), t, 0).unsqueeze(1)  # ignored rows read class 0
+            mx = xs.amax(1, keepdim=True)  # (m', 1)
+            e = torch.exp(xs - mx)  # the only exponential of each element
+            s = e.sum(1, keepdim=True)
+            lse_c = mx + torch.log(s)  # (m', 1)
+            wt = 1.0 if w is None else w[tc]  # (m', 1) weight of the target class
+            row = (lse_c - xs.gather(1, tc)) * wt
+            if eps > 0.0:
+                dev = lse_c - xs  # (m', V): -log p
+                smooth = dev.sum(1, keepdim=True) if w is None else (dev * w).sum(1, keepdim=True)
+                row = (1.0 - eps) * row + (eps / v) * smooth
+            loss[r0:r1] = row.squeeze(1).masked_fill(~keep.squeeze(1), 0.0)
+            lse[r0:r1] = lse_c.squeeze(1)
+            if grad_out is None:
+                continue
+            # d row / d x_j = p_j·Σ_c w_c q_c − w_j q_j with q = (1−ε)·onehot(y) + ε/V.
+            p = e.div_(s)
+            if eps > 0.0:
+                coef = (1.0 - eps) * wt + (eps / v) * (v if w_total is None else w_total)
+                g = p.mul_(coef)
+                g.sub_((eps / v) * (1.0 if w is None else w))
+            else:
+                g = p.mul_(wt) if w is not None else p
+            if w is None:
+                g.scatter_add_(1, tc, torch.full_like(mx, -(1.0 - eps)))
+            else:
+                g.scatter_add_(1, tc, -(1.0 - eps) * wt)
+            if grad_scale is not None:
+                g.mul_(grad_scale.to(acc))
+            # Masking (not multiplying by 0) keeps ignored rows exactly 0 even with -inf logits.
+            grad_out[r0:r1] = g.masked_fill_(~keep, 0.0)
+        return RowStats(loss, lse)
+
+    # ---- cross entropy, probability targets --------------------------------------------------
+
+    def cross_entropy_prob_forward(
+        self,
+        x: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        opts: RowOptions,
+        grad_out: Tensor | None = None,
+        grad_scale: Tensor | None = None,
+    ) -> RowStats:
+        m, v = x.shape
+        acc = prob_acc_dtype(x, target, weight)
+        loss = torch.empty(m, dtype=acc, device=x.device)
+        lse = torch.empty(m, dtype=acc, device=x.device)
+        eps = opts.label_smoothing
+        w = None if weight is None else weight.to(acc)
+        step = chunk_rows(m, v)
+        for r0 in range(0, m, step):
+            r1 = min(m, r0 + step)
+            xs = x[r0:r1].to(acc)
+            ts = smoothed(target[r0:r1].to(acc), eps, v)  # (m', V) t'
+            if w is not None:
+                ts = ts * w  # w ⊙ t'
+            mx = xs.amax(1, keepdim=True)
+            e = torch.exp(xs - mx)
+            s = e.sum(1, keepdim=True)
+            lse_c = mx + torch.log(s)
+            # -Σ_c w_c t'_c (x_c - lse): product first, as torch does (0·(-inf) is NaN there too)
+            loss[r0:r1] = -(ts * (xs - lse_c)).sum(1)
+            lse[r0:r1] = lse_c.squeeze(1)
+            if grad_out is None:
+                continue
+            # d row / d x = p·Σ_c w_c t'_c − w ⊙ t'
+            g = e.div_(s).mul_(ts.sum(1, keepdim=True)).sub_(ts)
+            if grad_scale is not None:
+                g.mul_(grad_scale.to(acc))
+            grad_out[r0:r1] = g
+        return RowStats(loss, lse)
+
+    def cross_entropy_prob_extra_grads(
+        self,
+        x: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        lse: Tensor,
+        row_grad: Tensor,
+        opts: RowOptions,
+        want_target: bool,
+        want_weight: bool,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        m, v = x.shape
+        acc = lse.dtype
+        eps = opts.label_smoothing
+        w = None if weight is None else weight.to(acc)
+        d_target = torch.empty_like(target) if want_target else None
+        d_weight = torch.zeros(v, dtype=acc, device=x.device) if want_weight else None
+        rg = row_grad.to(acc).unsqueeze(1)  # (M, 1)
+        step = chunk_rows(m, v)
+        for r0 in range(0, m, step):
+            r1 = min(m, r0 + step)
+            lp = x[r0:r1].to(acc) - lse[r0:r1].unsqueeze(1)  # (m', V) log-probabilities
+            if d_target is not None:
+                # d row / d t = -(1-ε)·w ⊙ lp
+                dt = lp * (-(1.0 - eps)) * rg[r0:r1]
+                d_target[r0:r1] = dt if w is None else dt * w
+            if d_weight is not None:
+                ts = smoothed(target[r0:r1].to(acc), eps, v)
+                d_weight -= (rg[r0:r1] * ts * lp).sum(0)
+        if d_weight is not None and weight is not None:
+            return d_target, d_weight.to(weight.dtype)
+        return d_target, None
+
+    # ---- nll_loss ----------------------------------------------------------------------------
+
+    def nll_forward(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int
+    ) -> Tensor:
+        acc = acc_dtype(x.dtype)
+        keep = target != ignore_index
+        tc = torch.where(keep, target, 0)
+        picked = x.gather(1, tc.unsqueeze(1)).squeeze(1).to(acc)  # (M,)
+        if weight is not None:
+            picked = picked * weight.to(acc)[tc]
+        return (-picked).masked_fill_(~keep, 0.0)
+
+    def nll_backward(
+        self,
+        row_grad: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        ignore_index: int,
+        num_classes: int,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        m = target.shape[0]
+        keep = target != ignore_index
+        tc = torch.where(keep, target, 0)
+        acc = acc_dtype(dtype)
+        val = -row_grad.to(acc).expand(m)
+        if weight is not None:
+            val = val * weight.to(acc)[tc]
+        grad = torch.zeros(m, num_classes, dtype=dtype, device=target.device)
+        grad.scatter_(1, tc.unsqueeze(1), val.masked_fill(~keep, 0.0).to(dtype).unsqueeze(1))
+        return grad
+
+
+def prob_acc_dtype(x: Tensor, target: Tensor, weight: Tensor | None) -> torch.dtype:
+    """float64 when any of logits, target or weight is float64, else float32."""
+    dts = [x.dtype, target.dtype] + ([] if weight is None else [weight.dtype])
+    return torch.float64 if torch.float64 in dts else torch.float32
+
+
+def smoothed(t: Tensor, eps: float, v: int) -> Tensor:
+    """``t' = (1-ε)·t + ε/V`` (``t`` itself when ``ε == 0``)."""
+    return t if eps == 0.0 else t * (1.0 - eps) + eps / v

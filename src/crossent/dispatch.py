@@ -1,0 +1,51 @@
+"""Backend resolution: ``resolve(backend, tensor) -> Backend``.
+
+``backend="auto"`` picks per call from the tensor's device. Nothing is chosen, imported or
+queried at import time, and a backend that cannot run raises instead of falling back.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Literal
+
+from torch import Tensor
+
+from .backends.base import Backend
+
+BackendName = Literal["auto", "torch", "reference"]
+
+# name -> (module, class). Modules are imported on first use only.
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "torch": ("crossent.backends.torch", "TorchBackend"),
+    "reference": ("crossent.backends.reference", "ReferenceBackend"),
+}
+_INSTANCES: dict[str, Backend] = {}
+
+
+def available() -> tuple[str, ...]:
+    """Names accepted by ``backend=`` (besides ``"auto"``)."""
+    return tuple(_REGISTRY)
+
+
+def auto_name(tensor: Tensor) -> str:
+    """The backend ``"auto"`` selects for ``tensor``: the portable torch backend on every device."""
+    return "torch"
+
+
+def resolve(backend: str, tensor: Tensor) -> Backend:
+    """Return the backend object for ``backend`` (``"auto"`` resolved from ``tensor``)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, not {type(backend).__name__}")
+    name = auto_name(tensor) if backend == "auto" else backend
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown backend {backend!r}; choose one of: "
+            + ", ".join(repr(n) for n in ("auto", *_REGISTRY))
+        )
+    inst = _INSTANCES.get(name)
+    if inst is None:
+        module, cls = _REGISTRY[name]
+        inst = getattr(importlib.import_module(module), cls)()
+        _INSTANCES[name] = inst
+    return inst

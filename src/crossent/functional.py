@@ -1,0 +1,140 @@
+"""Public functions with torch.nn.functional's exact signatures, plus ``backend=``.
+
+Each function checks its arguments in torch's order (:mod:`crossent._args`), flattens the
+problem to ``(M, V)`` row blocks, resolves the backend (:mod:`crossent.dispatch`) and calls one
+autograd Function (:mod:`crossent._autograd`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _args, _docs
+from ._autograd import (
+    CrossEntropyIndex,
+    CrossEntropyProb,
+    LossOptions,
+    NllLoss,
+    Softmax,
+    SoftmaxOptions,
+)
+from .backends.base import RowOptions
+from .dispatch import BackendName, resolve
+
+__all__ = ["softmax", "log_softmax", "nll_loss", "cross_entropy"]
+
+
+def _softmax(
+    name: str, input: Tensor, dim: Any, stacklevel: int, dtype: Any, backend: str, log: bool
+) -> Tensor:
+    _args.check_tensor(name, "input", 0, input)
+    if dim is None:
+        dim = _args.implicit_softmax_dim(name, input.dim(), stacklevel + 1)
+    dim = _args.as_int(name, "dim", 1, dim)
+    if dtype is not None:
+        input = input.to(dtype)  # torch casts before the op; the gradient flows back through it
+    _args.check_floating(input, f"{name}_lastdim_kernel_impl")
+    d = _args.wrap_dim(dim, input.dim())
+    if input.numel() == 0:
+        return input.clone(memory_format=torch.contiguous_format)
+    if input.dim() == 0:
+        x = input.reshape(1, 1)
+        return Softmax.apply(x, SoftmaxOptions(resolve(backend, input), log)).reshape(())
+    moved = input if d == input.dim() - 1 else input.movedim(d, -1)
+    rows = moved.reshape(-1, moved.shape[-1])  # (M, V); a copy only if not viewable
+    out = Softmax.apply(rows, SoftmaxOptions(resolve(backend, input), log)).view(moved.shape)
+    if d != input.dim() - 1:
+        out = out.movedim(-1, d).contiguous()  # torch returns contiguous output
+    return out
+
+
+def softmax(
+    input: Tensor,
+    dim: int | None = None,
+    _stacklevel: int = 3,
+    dtype: torch.dtype | None = None,
+    *,
+    backend: BackendName = "auto",
+) -> Tensor:
+    return _softmax("softmax", input, dim, _stacklevel, dtype, backend, log=False)
+
+
+def log_softmax(
+    input: Tensor,
+    dim: int | None = None,
+    _stacklevel: int = 3,
+    dtype: torch.dtype | None = None,
+    *,
+    backend: BackendName = "auto",
+) -> Tensor:
+    return _softmax("log_softmax", input, dim, _stacklevel, dtype, backend, log=True)
+
+
+def nll_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    *,
+    backend: BackendName = "auto",
+) -> Tensor:
+    red = _args.reduction_string(size_average, reduce, reduction)
+    fn = "nll_loss_nd"
+    _args.check_tensor(fn, "input", 1, input)
+    _args.check_tensor(fn, "target", 2, target)
+    _args.check_tensor(fn, "weight", 3, weight, optional=True)
+    ii = _args.as_int(fn, "ignore_index", 5, ignore_index)
+    if input.dim() >= 1:
+        frame = "nll_loss2d_forward_out_frame" if input.dim() >= 3 else "nll_loss_out_frame"
+        _args.check_floating(input, frame)
+    rows = _args.index_rows(input, target, weight, ii, "nll_loss")
+    opts = LossOptions(resolve(backend, input), RowOptions(ignore_index=ii), red)
+    loss = NllLoss.apply(rows.x, rows.target, weight, opts)
+    return loss.view(rows.out_shape) if red == "none" else loss
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    backend: BackendName = "auto",
+) -> Tensor:
+    red = _args.reduction_string(size_average, reduce, reduction)
+    fn = "cross_entropy_loss"
+    _args.check_tensor(fn, "input", 1, input)
+    _args.check_tensor(fn, "target", 2, target)
+    _args.check_tensor(fn, "weight", 3, weight, optional=True)
+    ii = _args.as_int(fn, "ignore_index", 5, ignore_index)
+    ls = _args.as_float(fn, "label_smoothing", 6, label_smoothing)
+    if input.shape == target.shape:
+        prob = _args.prob_rows(input, target, weight, ii, ls)
+        row_opts = RowOptions(label_smoothing=_args.effective_smoothing(ls))
+        opts = LossOptions(resolve(backend, input), row_opts, red)
+        loss = CrossEntropyProb.apply(prob.x, prob.target, weight, opts)
+        return loss.view(prob.out_shape) if red == "none" else loss
+    _args.check_label_smoothing(ls)
+    _args.check_floating(input, "log_softmax_lastdim_kernel_impl")
+    _args.wrap_dim(0 if input.dim() == 1 else 1, input.dim())
+    rows = _args.index_rows(input, target, weight, ii, "nll_loss")
+    row_opts = RowOptions(ignore_index=ii, label_smoothing=_args.effective_smoothing(ls))
+    opts = LossOptions(resolve(backend, input), row_opts, red)
+    loss = CrossEntropyIndex.apply(rows.x, rows.target, weight, opts)
+    return loss.view(rows.out_shape) if red == "none" else loss
+
+
+softmax.__doc__ = _docs.SOFTMAX
+log_softmax.__doc__ = _docs.LOG_SOFTMAX
+nll_loss.__doc__ = _docs.NLL_LOSS
+cross_entropy.__doc__ = _docs.CROSS_ENTROPY

@@ -1,0 +1,100 @@
+"""Modules with torch.nn's constructor arguments, computed by crossent.
+
+Each subclasses its torch counterpart: construction, the ``weight`` buffer, ``state_dict``,
+``repr``, ``__constants__`` and attribute mutation behave exactly as torch's, and
+``isinstance(m, torch.nn.CrossEntropyLoss)`` holds. Only ``forward`` changes. Attributes are
+read at every forward, as in torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _docs, functional
+from .dispatch import BackendName
+
+__all__ = ["CrossEntropyLoss", "NLLLoss", "LogSoftmax", "Softmax"]
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average: Any = None,
+        ignore_index: int = -100,
+        reduce: Any = None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        backend: BackendName = "auto",
+    ) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.backend = backend
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return functional.cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            backend=self.backend,
+        )
+
+
+class NLLLoss(torch.nn.NLLLoss):
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average: Any = None,
+        ignore_index: int = -100,
+        reduce: Any = None,
+        reduction: str = "mean",
+        *,
+        backend: BackendName = "auto",
+    ) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction)
+        self.backend = backend
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return functional.nll_loss(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            backend=self.backend,
+        )
+
+
+class Softmax(torch.nn.Softmax):
+    def __init__(self, dim: int | None = None, *, backend: BackendName = "auto") -> None:
+        super().__init__(dim)
+        self.backend = backend
+
+    def forward(self, input: Tensor) -> Tensor:
+        return functional.softmax(input, self.dim, _stacklevel=5, backend=self.backend)
+
+
+class LogSoftmax(torch.nn.LogSoftmax):
+    def __init__(self, dim: int | None = None, *, backend: BackendName = "auto") -> None:
+        super().__init__(dim)
+        self.backend = backend
+
+    def forward(self, input: Tensor) -> Tensor:
+        return functional.log_softmax(input, self.dim, _stacklevel=5, backend=self.backend)
+
+
+def _module_doc(cls: type, torch_cls: type, fn: str) -> str:
+    head = f"Drop-in :class:`torch.nn.{torch_cls.__name__}` computed by :func:`crossent.{fn}`.\n\n    "
+    return head + _docs.MODULE_BACKEND_NOTE.format(fn=fn) + "\n    " + (torch_cls.__doc__ or "")
+
+
+CrossEntropyLoss.__doc__ = _module_doc(CrossEntropyLoss, torch.nn.CrossEntropyLoss, "cross_entropy")
+NLLLoss.__doc__ = _module_doc(NLLLoss, torch.nn.NLLLoss, "nll_loss")
+Softmax.__doc__ = _module_doc(Softmax, torch.nn.Softmax, "softmax")
+LogSoftmax.__doc__ = _module_doc(LogSoftmax, torch.nn.LogSoftmax, "log_softmax")
