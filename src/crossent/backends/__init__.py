@@ -1,0 +1,1 @@
+"""Backends: numeric primitives on ``(M, V)`` row blocks (see :mod:`crossent.backends.base`)."""
