@@ -63,17 +63,18 @@ class TorchBackend(Backend):
             keep = (t != opts.ignore_index).unsqueeze(1)  # (m', 1)
             tc = torch.where(keep.squeeze(1), t, 0).unsqueeze(1)  # ignored rows read class 0
             mx = xs.amax(1, keepdim=True)  # (m', 1)
-            e = torch.exp(xs - mx)  # the only exponential of each element
+            z = xs - mx  # (m', V) shifted logits
+            e = torch.exp(z)  # the only exponential of each element
             s = e.sum(1, keepdim=True)
-            lse_c = mx + torch.log(s)  # (m', 1)
+            log_s = torch.log(s)  # (m', 1); -log p = log_s - z stays small for large logits
             wt = 1.0 if w is None else w[tc]  # (m', 1) weight of the target class
-            row = (lse_c - xs.gather(1, tc)) * wt
+            row = (log_s - z.gather(1, tc)) * wt
             if eps > 0.0:
-                dev = lse_c - xs  # (m', V): -log p
+                dev = log_s - z  # (m', V): -log p
                 smooth = dev.sum(1, keepdim=True) if w is None else (dev * w).sum(1, keepdim=True)
                 row = (1.0 - eps) * row + (eps / v) * smooth
             loss[r0:r1] = row.squeeze(1).masked_fill(~keep.squeeze(1), 0.0)
-            lse[r0:r1] = lse_c.squeeze(1)
+            lse[r0:r1] = (mx + log_s).squeeze(1)
             if grad_out is None:
                 continue
             # d row / d x_j = p_j·Σ_c w_c q_c − w_j q_j with q = (1−ε)·onehot(y) + ε/V.
@@ -119,12 +120,13 @@ class TorchBackend(Backend):
             if w is not None:
                 ts = ts * w  # w ⊙ t'
             mx = xs.amax(1, keepdim=True)
-            e = torch.exp(xs - mx)
+            z = xs - mx
+            e = torch.exp(z)
             s = e.sum(1, keepdim=True)
-            lse_c = mx + torch.log(s)
-            # -Σ_c w_c t'_c (x_c - lse): product first, as torch does (0·(-inf) is NaN there too)
-            loss[r0:r1] = -(ts * (xs - lse_c)).sum(1)
-            lse[r0:r1] = lse_c.squeeze(1)
+            log_s = torch.log(s)
+            # -Σ_c w_c t'_c log p_c: product first, as torch does (0·(-inf) is NaN there too)
+            loss[r0:r1] = -(ts * (z - log_s)).sum(1)
+            lse[r0:r1] = (mx + log_s).squeeze(1)
             if grad_out is None:
                 continue
             # d row / d x = p·Σ_c w_c t'_c − w ⊙ t'
