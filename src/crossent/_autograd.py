@@ -31,8 +31,10 @@ class LossOptions:
     reduction: str  # 'none' | 'mean' | 'sum'
 
 
-def _kept_weight(target: Tensor, weight: Tensor | None, ignore_index: int, acc: torch.dtype) -> Tensor:
-    """``(M,)`` weight of each row's target class, 0 on ignored rows (the mean's denominator terms)."""
+def _kept_weight(
+    target: Tensor, weight: Tensor | None, ignore_index: int, acc: torch.dtype
+) -> Tensor:
+    """``(M,)`` weight of each row's target class, 0 on ignored rows (the mean's denominators)."""
     keep = target != ignore_index
     if weight is None:
         return keep.to(acc)
@@ -43,7 +45,10 @@ def _reduce(rows: Tensor, reduction: str, denom: Tensor | float | None) -> Tenso
     if reduction == "none":
         return rows
     total = rows.sum()
-    return total if reduction == "sum" else total / denom
+    if reduction == "sum":
+        return total
+    assert denom is not None
+    return total / denom
 
 
 def _is_one(g: Tensor) -> bool:
@@ -64,7 +69,7 @@ class CrossEntropyIndex(torch.autograd.Function):
     """Cross entropy with class-index targets: ``(M, V)`` logits, ``(M,)`` int64 targets."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx, x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
     ) -> Tensor:
         acc = acc_dtype(x.dtype)
@@ -73,9 +78,10 @@ class CrossEntropyIndex(torch.autograd.Function):
         if opts.reduction == "mean":
             denom = _kept_weight(target, weight, opts.rows.ignore_index, acc).sum()
             scale = 1.0 / denom
-        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if ctx.needs_input_grad[0] else None  # type: ignore[attr-defined]
+        need_x = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
+        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
         stats = opts.backend.cross_entropy_forward(x, target, weight, opts.rows, grad, scale)
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad)  # type: ignore[arg-type]
         ctx.reduction = opts.reduction  # type: ignore[attr-defined]
         return _reduce(stats.loss, opts.reduction, denom).to(x.dtype)
 
@@ -95,7 +101,7 @@ class CrossEntropyProb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx, x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
     ) -> Tensor:
         need_x, need_t, need_w = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
@@ -110,9 +116,8 @@ class CrossEntropyProb(torch.autograd.Function):
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
         stats = opts.backend.cross_entropy_prob_forward(x, target, weight, opts.rows, grad, scale)
         extra = need_t or need_w
-        ctx.save_for_backward(
-            grad, *((x, target, weight, stats.lse) if extra else (None, None, None, None))
-        )
+        saved = (x, target, weight, stats.lse) if extra else (None, None, None, None)
+        ctx.save_for_backward(grad, *saved)  # type: ignore[arg-type]
         ctx.opts = opts  # type: ignore[attr-defined]
         ctx.m = m  # type: ignore[attr-defined]
         denom = float(m) if m else float("nan")
@@ -146,7 +151,7 @@ class NllLoss(torch.autograd.Function):
     """Negative log-likelihood on ``(M, V)`` inputs with ``(M,)`` int64 targets."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx, x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
     ) -> Tensor:
         acc = acc_dtype(x.dtype)
@@ -154,7 +159,7 @@ class NllLoss(torch.autograd.Function):
         denom = None
         if opts.reduction == "mean":
             denom = _kept_weight(target, weight, opts.rows.ignore_index, acc).sum()
-        ctx.save_for_backward(target, weight, denom)
+        ctx.save_for_backward(target, weight, denom)  # type: ignore[arg-type]
         ctx.opts = opts  # type: ignore[attr-defined]
         ctx.shape = x.shape  # type: ignore[attr-defined]
         ctx.dtype = x.dtype  # type: ignore[attr-defined]
@@ -186,7 +191,7 @@ class Softmax(torch.autograd.Function):
     """softmax / log_softmax over the last dim of a ``(M, V)`` block."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, opts: SoftmaxOptions) -> Tensor:  # type: ignore[override]
+    def forward(ctx: FunctionCtx, x: Tensor, opts: SoftmaxOptions) -> Tensor:
         out = opts.backend.softmax_forward(x, opts.log)
         ctx.save_for_backward(out)
         ctx.opts = opts  # type: ignore[attr-defined]

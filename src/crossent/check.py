@@ -68,7 +68,7 @@ def standard_cases() -> list[Case]:
         def make(dt: torch.dtype) -> tuple[tuple[Any, ...], dict[str, Any]]:
             x = make_logits((n, v), dt, seed=1)
             t = make_targets((n,), v, seed=1, ignore_index=-100, ignore_fraction=0.2)
-            extra = {k: (val.to(dt) if isinstance(val, torch.Tensor) else val) for k, val in kw.items()}
+            extra = {k: a.to(dt) if isinstance(a, torch.Tensor) else a for k, a in kw.items()}
             return (x, t), extra
 
         return make
@@ -98,9 +98,10 @@ def standard_cases() -> list[Case]:
     def sm_dim0(dt: torch.dtype) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (make_logits((19, 5, 23), dt, seed=6),), {"dim": 0}
 
+    smooth = ce(weight=w, label_smoothing=0.1)
     return [
         Case("cross_entropy", "index targets", ce(), _ce_oracle),
-        Case("cross_entropy", "weights+smoothing+ignore", ce(weight=w, label_smoothing=0.1), _ce_oracle),
+        Case("cross_entropy", "weights+smoothing+ignore", smooth, _ce_oracle),
         Case("cross_entropy", "sum, weights", ce(weight=w, reduction="sum"), _ce_oracle),
         Case("cross_entropy", "probability targets", ce_probs, _ce_oracle),
         Case("cross_entropy", "(N,C,d1,d2), none", ce_kdim, _ce_oracle),
@@ -113,39 +114,49 @@ def standard_cases() -> list[Case]:
     ]
 
 
-def _run(fn: Callable[..., torch.Tensor], args: tuple[Any, ...], kw: dict[str, Any], g: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _run(
+    fn: Callable[..., torch.Tensor], args: tuple[Any, ...], kw: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Value and input gradient of ``fn``, for a seeded non-uniform grad_output."""
     x = args[0].detach().clone().requires_grad_(True)
     out = fn(x, *args[1:], **kw)
-    grad_out = torch.ones_like(out) if g is None else g.to(out.dtype)
-    (gx,) = torch.autograd.grad(out, x, grad_out)
-    return out, gx, grad_out
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    g = g.to(out.dtype)
+    (gx,) = torch.autograd.grad(out, x, g)
+    return out, gx, g
+
+
+def _check_one(
+    backend: str, case: Case, dt: torch.dtype
+) -> tuple[bool, tuple[float, float, float], str]:
+    args, kw = case.make(dt)
+    ours = getattr(functional, case.function)
+    t_out, t_gx, g = _run(getattr(F, case.function), args, kw)
+    o_out, o_gx, _ = _run(lambda *a, **k: ours(*a, backend=backend, **k), args, kw)
+    ref_out, ref_gx = case.oracle(*args, _np(g), **kw)
+    v_val = compare(o_out, ref_out, t_out)
+    v_grad = compare(o_gx, ref_gx, t_gx)
+    ok = v_val.ok and v_grad.ok and o_out.dtype == t_out.dtype
+    note = "" if ok else (v_val.message or v_grad.message or "dtype differs from torch's")
+    return ok, (v_val.max_abs, v_grad.max_abs, v_grad.max_rel), note
 
 
 def run_check(file: TextIO = sys.stdout, backends: tuple[str, ...] | None = None) -> int:
     """Print the PASS/FAIL table; return 0 when every row passes, else 1."""
     backends = backends or dispatch.available()
     dtypes = (torch.float32, torch.bfloat16, torch.float64)
-    header = f"| {'backend':<9} | {'function':<13} | {'case':<26} | {'dtype':<8} | {'value max abs':>13} | {'grad max abs':>12} | {'grad max rel':>12} | result |"
+    header = (
+        f"| {'backend':<9} | {'function':<13} | {'case':<26} | {'dtype':<8} | "
+        f"{'value max abs':>13} | {'grad max abs':>12} | {'grad max rel':>12} | result |"
+    )
     print(header, file=file)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|", file=file)
     failures = 0
     for name in backends:
         for case in standard_cases():
-            ours_fn = getattr(functional, case.function)
-            torch_fn = getattr(F, case.function)
             for dt in dtypes:
-                args, kw = case.make(dt)
                 try:
-                    t_out, t_gx, g = _run(torch_fn, args, kw, None)
-                    g = torch.randn(t_out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(t_out.dtype) if t_out.dim() else g
-                    t_out, t_gx, g = _run(torch_fn, args, kw, g)
-                    o_out, o_gx, _ = _run(lambda *a, **k: ours_fn(*a, backend=name, **k), args, kw, g)
-                    ref_out, ref_gx = case.oracle(*args, _np(g), **kw)
-                    v_val = compare(o_out, ref_out, t_out)
-                    v_grad = compare(o_gx, ref_gx, t_gx)
-                    ok = v_val.ok and v_grad.ok and o_out.dtype == t_out.dtype
-                    row = (v_val.max_abs, v_grad.max_abs, v_grad.max_rel)
-                    note = "" if ok else (v_val.message or v_grad.message or "dtype differs")
+                    ok, row, note = _check_one(name, case, dt)
                 except Exception as exc:  # a crash is a failure, reported in the table
                     ok, row, note = False, (float("nan"),) * 3, f"{type(exc).__name__}: {exc}"
                 failures += not ok

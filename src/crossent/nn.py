@@ -90,7 +90,8 @@ class LogSoftmax(torch.nn.LogSoftmax):
 
 
 def _module_doc(cls: type, torch_cls: type, fn: str) -> str:
-    head = f"Drop-in :class:`torch.nn.{torch_cls.__name__}` computed by :func:`crossent.{fn}`.\n\n    "
+    head = f"Drop-in :class:`torch.nn.{torch_cls.__name__}` computed by :func:`crossent.{fn}`."
+    head += "\n\n    "
     return head + _docs.MODULE_BACKEND_NOTE.format(fn=fn) + "\n    " + (torch_cls.__doc__ or "")
 
 

@@ -14,10 +14,12 @@ from .. import reference as ref
 from .base import Backend, RowOptions, RowStats, acc_dtype
 
 
-def _np(t: Tensor | None) -> np.ndarray | None:
-    if t is None:
-        return None
+def _np(t: Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64 if t.dtype.is_floating_point else torch.int64).numpy()
+
+
+def _np_opt(t: Tensor | None) -> np.ndarray | None:
+    return None if t is None else _np(t)
 
 
 def _back(a: np.ndarray, like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -59,12 +61,12 @@ class ReferenceBackend(Backend):
         grad_scale: Tensor | None = None,
     ) -> RowStats:
         acc = acc_dtype(x.dtype)
-        xn, tn, wn = _np(x), _np(target), _np(weight)
-        kw = dict(weight=wn, ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing)
-        loss = ref.cross_entropy(xn, tn, reduction="none", **kw)
+        xn, tn, wn = _np(x), _np(target), _np_opt(weight)
+        ii, eps = opts.ignore_index, opts.label_smoothing
+        loss = ref.cross_entropy(xn, tn, wn, ii, "none", eps)
         if grad_out is not None:
             ones = np.ones(x.shape[0])
-            g = ref.cross_entropy_grad(xn, tn, ones, reduction="none", **kw).input
+            g = ref.cross_entropy_grad(xn, tn, ones, wn, ii, "none", eps).input
             if grad_scale is not None:
                 keep = (tn != opts.ignore_index)[:, None]
                 with np.errstate(invalid="ignore"):
@@ -84,11 +86,11 @@ class ReferenceBackend(Backend):
         from .torch import prob_acc_dtype
 
         acc = prob_acc_dtype(x, target, weight)
-        xn, tn, wn = _np(x), _np(target), _np(weight)
-        kw = dict(weight=wn, label_smoothing=opts.label_smoothing)
-        loss = ref.cross_entropy(xn, tn, reduction="none", **kw)
+        xn, tn, wn = _np(x), _np(target), _np_opt(weight)
+        eps = opts.label_smoothing
+        loss = ref.cross_entropy(xn, tn, wn, -100, "none", eps)
         if grad_out is not None:
-            g = ref.cross_entropy_grad(xn, tn, np.ones(x.shape[0]), reduction="none", **kw).input
+            g = ref.cross_entropy_grad(xn, tn, np.ones(x.shape[0]), wn, -100, "none", eps).input
             if grad_scale is not None:
                 g = g * float(grad_scale)
             grad_out.copy_(_back(g, x, grad_out.dtype))
@@ -106,10 +108,12 @@ class ReferenceBackend(Backend):
         want_weight: bool,
     ) -> tuple[Tensor | None, Tensor | None]:
         grads = ref.cross_entropy_grad(
-            _np(x), _np(target), _np(row_grad), weight=_np(weight), reduction="none",
-            label_smoothing=opts.label_smoothing,
+            _np(x), _np(target), _np(row_grad), _np_opt(weight), -100, "none",
+            opts.label_smoothing,
         )
-        dt = _back(grads.target, target, target.dtype) if want_target else None
+        dt = None
+        if want_target and grads.target is not None:
+            dt = _back(grads.target, target, target.dtype)
         dw = None
         if want_weight and weight is not None and grads.weight is not None:
             dw = _back(grads.weight, weight, weight.dtype)
@@ -118,7 +122,7 @@ class ReferenceBackend(Backend):
     def nll_forward(
         self, x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int
     ) -> Tensor:
-        loss = ref.nll_loss(_np(x), _np(target), _np(weight), ignore_index, reduction="none")
+        loss = ref.nll_loss(_np(x), _np(target), _np_opt(weight), ignore_index, reduction="none")
         return _back(loss, x, acc_dtype(x.dtype))
 
     def nll_backward(
@@ -133,5 +137,5 @@ class ReferenceBackend(Backend):
         m = target.shape[0]
         rg = np.broadcast_to(_np(row_grad), (m,))
         x = np.zeros((m, num_classes))
-        grad = ref.nll_loss_grad(x, _np(target), rg, _np(weight), ignore_index, reduction="none")
+        grad = ref.nll_loss_grad(x, _np(target), rg, _np_opt(weight), ignore_index, "none")
         return _back(grad, target, dtype)

@@ -85,10 +85,8 @@ class TorchBackend(Backend):
                 g.sub_((eps / v) * (1.0 if w is None else w))
             else:
                 g = p.mul_(wt) if w is not None else p
-            if w is None:
-                g.scatter_add_(1, tc, torch.full_like(mx, -(1.0 - eps)))
-            else:
-                g.scatter_add_(1, tc, -(1.0 - eps) * wt)
+            target_term = torch.full_like(mx, -(1.0 - eps)) if w is None else -(1.0 - eps) * w[tc]
+            g.scatter_add_(1, tc, target_term)
             if grad_scale is not None:
                 g.mul_(grad_scale.to(acc))
             # Masking (not multiplying by 0) keeps ignored rows exactly 0 even with -inf logits.
