@@ -77,7 +77,10 @@ class CrossEntropyIndex(torch.autograd.Function):
         scale = None
         if opts.reduction == "mean":
             denom = _kept_weight(target, weight, opts.rows.ignore_index, acc).sum()
-            scale = 1.0 / denom
+            # A zero total weight makes torch's mean 0/0: NaN loss and NaN gradient on every
+            # kept row (ignored rows stay exactly 0). Written without a host synchronisation.
+            scale = torch.where(denom == 0, torch.nan, 1.0 / denom)
+            denom = torch.where(denom == 0, torch.nan, denom)
         need_x = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
         stats = opts.backend.cross_entropy_forward(x, target, weight, opts.rows, grad, scale)

@@ -23,7 +23,7 @@ def _np_opt(t: Tensor | None) -> np.ndarray | None:
 
 
 def _back(a: np.ndarray, like: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device=like.device, dtype=dtype)
+    return torch.tensor(a, dtype=torch.float64).to(device=like.device, dtype=dtype)
 
 
 def _lse(x: np.ndarray) -> np.ndarray:
