@@ -29,6 +29,9 @@ class LossOptions:
     backend: Backend
     rows: RowOptions
     reduction: str  # 'none' | 'mean' | 'sum'
+    # Grad mode at the call: Function.forward always runs with grad disabled and its
+    # needs_input_grad ignores no_grad(), so inference would otherwise pay for a gradient.
+    grad_enabled: bool = True
 
 
 def _kept_weight(
@@ -81,7 +84,7 @@ class CrossEntropyIndex(torch.autograd.Function):
             # kept row (ignored rows stay exactly 0). Written without a host synchronisation.
             scale = torch.where(denom == 0, torch.nan, 1.0 / denom)
             denom = torch.where(denom == 0, torch.nan, denom)
-        need_x = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
+        need_x = ctx.needs_input_grad[0] and opts.grad_enabled  # type: ignore[attr-defined]
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
         stats = opts.backend.cross_entropy_forward(x, target, weight, opts.rows, grad, scale)
         ctx.save_for_backward(grad)  # type: ignore[arg-type]
@@ -107,7 +110,9 @@ class CrossEntropyProb(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
     ) -> Tensor:
-        need_x, need_t, need_w = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+        need_x, need_t, need_w = (
+            need and opts.grad_enabled for need in ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+        )
         m = x.shape[0]
         out_dtype = torch.promote_types(x.dtype, target.dtype)
         if weight is not None:

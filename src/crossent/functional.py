@@ -121,7 +121,7 @@ def cross_entropy(
     if input.shape == target.shape:
         prob = _args.prob_rows(input, target, weight, ii, ls)
         row_opts = RowOptions(label_smoothing=_args.effective_smoothing(ls))
-        opts = LossOptions(resolve(backend, input), row_opts, red)
+        opts = LossOptions(resolve(backend, input), row_opts, red, torch.is_grad_enabled())
         loss = CrossEntropyProb.apply(prob.x, prob.target, weight, opts)
         return loss.view(prob.out_shape) if red == "none" else loss
     _args.check_label_smoothing(ls)
@@ -129,7 +129,7 @@ def cross_entropy(
     _args.wrap_dim(0 if input.dim() == 1 else 1, input.dim())
     rows = _args.index_rows(input, target, weight, ii, "nll_loss")
     row_opts = RowOptions(ignore_index=ii, label_smoothing=_args.effective_smoothing(ls))
-    opts = LossOptions(resolve(backend, input), row_opts, red)
+    opts = LossOptions(resolve(backend, input), row_opts, red, torch.is_grad_enabled())
     loss = CrossEntropyIndex.apply(rows.x, rows.target, weight, opts)
     return loss.view(rows.out_shape) if red == "none" else loss
 

@@ -1,0 +1,72 @@
+"""What the fused cross entropy keeps and hands over: one logits-sized buffer, no copies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent
+from crossent.testing import make_logits, make_targets
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gradient_buffer_is_handed_over_without_copy(reduction: str) -> None:
+    # With incoming gradient 1, backward returns the buffer written in forward; autograd then
+    # moves it into .grad instead of copying it.
+    x = make_logits((8, 300), requires_grad=True)
+    t = make_targets((8,), 300)
+    loss = crossent.cross_entropy(x, t, reduction=reduction, backend="torch")
+    (saved,) = loss.grad_fn.saved_tensors
+    assert saved.shape == x.shape and saved.dtype == x.dtype
+    ptr = saved.data_ptr()
+    del saved
+    loss.backward()
+    assert x.grad.data_ptr() == ptr
+    expected = torch.autograd.grad(F.cross_entropy(x, t, reduction=reduction), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_only_the_gradient_is_saved_not_log_probabilities() -> None:
+    x = make_logits((6, 50), requires_grad=True)
+    loss = crossent.cross_entropy(x, make_targets((6,), 50), label_smoothing=0.1)
+    saved = loss.grad_fn.saved_tensors
+    assert len(saved) == 1 and saved[0].shape == (6, 50)
+
+
+def test_retain_graph_keeps_the_buffer_intact() -> None:
+    # A second backward through a retained graph must see the same buffer: accumulated grads
+    # are exactly twice those of one backward, as with torch.
+    x = make_logits((5, 40), requires_grad=True)
+    t = make_targets((5,), 40)
+    loss = crossent.cross_entropy(x, t) * 3.0  # incoming gradient 3: the scaled path
+    loss.backward(retain_graph=True)
+    once = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * once)
+    y = x.detach().clone().requires_grad_()
+    (F.cross_entropy(y, t) * 3.0).backward()
+    torch.testing.assert_close(once, y.grad)
+
+
+def test_no_grad_inference_saves_nothing() -> None:
+    x = make_logits((4, 30), requires_grad=True)
+    t = make_targets((4,), 30)
+    with torch.no_grad():
+        loss = crossent.cross_entropy(x, t)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, F.cross_entropy(x.detach(), t))
+
+
+def test_caller_tensors_are_never_modified() -> None:
+    x = make_logits((7, 33), requires_grad=True)
+    t = make_targets((7,), 33)
+    w = torch.rand(33)
+    probs = torch.softmax(make_logits((7, 33), seed=1), 1).requires_grad_()
+    before = [a.detach().clone() for a in (x, t, w, probs)]
+    crossent.cross_entropy(x, t, weight=w, label_smoothing=0.2).backward()
+    crossent.cross_entropy(x, probs, weight=w).backward()
+    crossent.nll_loss(x, t, weight=w).backward()
+    crossent.log_softmax(x, 1).sum().backward()
+    for a, b in zip((x, t, w, probs), before, strict=True):
+        assert torch.equal(a.detach(), b)
