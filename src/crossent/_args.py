@@ -108,9 +108,9 @@ def as_int(fn: str, name: str, position: int, value: Any) -> int:
     if isinstance(value, bool):
         raise _type_error(fn, name, position, "int", value)
     if isinstance(value, Tensor):
-        if value.dim() != 0 or value.dtype.is_floating_point or value.dtype.is_complex:
-            raise _type_error(fn, name, position, "int", value)
-        if value.dtype == torch.bool:
+        # torch goes through Tensor.__index__: one element of an integer dtype, any shape.
+        integral = not (value.dtype.is_floating_point or value.dtype.is_complex)
+        if value.numel() != 1 or not integral or value.dtype == torch.bool:
             raise _type_error(fn, name, position, "int", value)
         return int(value.item())
     try:
@@ -158,6 +158,12 @@ def check_floating(x: Tensor, kernel: str) -> None:
         raise NotImplementedError(f'"{kernel}" not implemented for \'{dtype_name(x.dtype)}\'')
 
 
+def softmax_kernel_name(name: str, dim: int, ndim: int) -> str:
+    """torch's kernel name in dtype errors (``<name>_lastdim_kernel_impl`` or ``_kernel_impl``)."""
+    last = ndim <= 1 or dim % ndim == ndim - 1
+    return f"{name}_lastdim_kernel_impl" if last else f"{name}_kernel_impl"
+
+
 def wrap_dim(dim: int, ndim: int) -> int:
     """Wrap a possibly negative ``dim``; torch treats a 0-d tensor as having one dim."""
     lo, hi = (-1, 0) if ndim == 0 else (-ndim, ndim - 1)
@@ -177,11 +183,13 @@ class IndexRows:
     """A class-index problem flattened to rows.
 
     ``x``: ``(M, C)`` logits (a view when the class dim is already last, else a copy);
-    ``target``: ``(M,)`` int64; ``out_shape``: the shape of the unreduced loss.
+    ``target``: ``(M,)`` int64; ``weight``: ``(C,)`` or ``None`` (K-dimensional input accepts
+    any weight with C elements, as torch does); ``out_shape``: the shape of the unreduced loss.
     """
 
     x: Tensor
     target: Tensor
+    weight: Tensor | None
     out_shape: tuple[int, ...]
 
 
@@ -271,7 +279,7 @@ def index_rows(
         rows = x.movedim(1, -1).reshape(math.prod(out_shape), C)
     flat = target.reshape(-1).to(torch.int64)
     check_target_range(flat, C, ignore_index)
-    return IndexRows(rows, flat, out_shape)
+    return IndexRows(rows, flat, None if weight is None else weight.reshape(C), out_shape)
 
 
 def _check_target_dtype(target: Tensor) -> None:
@@ -334,7 +342,7 @@ def prob_rows(
             f"cross_entropy: weight tensor should be defined either for all {C} classes or no "
             f"classes but got weight tensor of shape: {shape_str(weight)}"
         )
-    check_floating(x, "log_softmax_lastdim_kernel_impl")
+    check_floating(x, softmax_kernel_name("log_softmax", 1, ndim))
     check_label_smoothing(label_smoothing)
     if ndim == 1:
         return ProbRows(x.unsqueeze(0), target.unsqueeze(0), ())

@@ -36,16 +36,16 @@ def _softmax(
     dim = _args.as_int(name, "dim", 1, dim)
     if dtype is not None:
         input = input.to(dtype)  # torch casts before the op; the gradient flows back through it
-    _args.check_floating(input, f"{name}_lastdim_kernel_impl")
+    _args.check_floating(input, _args.softmax_kernel_name(name, dim, input.dim()))
     d = _args.wrap_dim(dim, input.dim())
+    opts = SoftmaxOptions(resolve(backend, input), log)
     if input.numel() == 0:
         return input.clone(memory_format=torch.contiguous_format)
     if input.dim() == 0:
-        x = input.reshape(1, 1)
-        return Softmax.apply(x, SoftmaxOptions(resolve(backend, input), log)).reshape(())
+        return Softmax.apply(input.reshape(1, 1), opts).reshape(())
     moved = input if d == input.dim() - 1 else input.movedim(d, -1)
     rows = moved.reshape(-1, moved.shape[-1])  # (M, V); a copy only if not viewable
-    out = Softmax.apply(rows, SoftmaxOptions(resolve(backend, input), log)).view(moved.shape)
+    out = Softmax.apply(rows, opts).view(moved.shape)
     if d != input.dim() - 1:
         out = out.movedim(-1, d).contiguous()  # torch returns contiguous output
     return out
@@ -95,7 +95,7 @@ def nll_loss(
         _args.check_floating(input, frame)
     rows = _args.index_rows(input, target, weight, ii, "nll_loss")
     opts = LossOptions(resolve(backend, input), RowOptions(ignore_index=ii), red)
-    loss = NllLoss.apply(rows.x, rows.target, weight, opts)
+    loss = NllLoss.apply(rows.x, rows.target, rows.weight, opts)
     return loss.view(rows.out_shape) if red == "none" else loss
 
 
@@ -125,12 +125,12 @@ def cross_entropy(
         loss = CrossEntropyProb.apply(prob.x, prob.target, weight, opts)
         return loss.view(prob.out_shape) if red == "none" else loss
     _args.check_label_smoothing(ls)
-    _args.check_floating(input, "log_softmax_lastdim_kernel_impl")
+    _args.check_floating(input, _args.softmax_kernel_name("log_softmax", 1, input.dim()))
     _args.wrap_dim(0 if input.dim() == 1 else 1, input.dim())
     rows = _args.index_rows(input, target, weight, ii, "nll_loss")
     row_opts = RowOptions(ignore_index=ii, label_smoothing=_args.effective_smoothing(ls))
     opts = LossOptions(resolve(backend, input), row_opts, red, torch.is_grad_enabled())
-    loss = CrossEntropyIndex.apply(rows.x, rows.target, weight, opts)
+    loss = CrossEntropyIndex.apply(rows.x, rows.target, rows.weight, opts)
     return loss.view(rows.out_shape) if red == "none" else loss
 
 

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .. import reference as ref
 from .base import Backend, RowOptions, RowStats, acc_dtype
+from .torch import no_classes, prob_acc_dtype
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -46,9 +47,9 @@ class ReferenceBackend(Backend):
     def softmax_backward(self, grad: Tensor, out: Tensor, log: bool) -> Tensor:
         # The oracle differentiates from the input; recover an input with the same output.
         o = _np(out)
-        x = o if log else np.log(o)
         fn = ref.log_softmax_grad if log else ref.softmax_grad
         with np.errstate(divide="ignore"):
+            x = o if log else np.log(o)  # an underflowed p = 0 becomes -inf: still p = 0
             return _back(fn(x, 1, _np(grad)), grad, out.dtype)
 
     def cross_entropy_forward(
@@ -61,6 +62,8 @@ class ReferenceBackend(Backend):
         grad_scale: Tensor | None = None,
     ) -> RowStats:
         acc = acc_dtype(x.dtype)
+        if x.shape[1] == 0:  # no classes: every row is ignored (targets were range-checked)
+            return no_classes(x.shape[0], acc, x.device)
         xn, tn, wn = _np(x), _np(target), _np_opt(weight)
         ii, eps = opts.ignore_index, opts.label_smoothing
         loss = ref.cross_entropy(xn, tn, wn, ii, "none", eps)
@@ -83,9 +86,9 @@ class ReferenceBackend(Backend):
         grad_out: Tensor | None = None,
         grad_scale: Tensor | None = None,
     ) -> RowStats:
-        from .torch import prob_acc_dtype
-
         acc = prob_acc_dtype(x, target, weight)
+        if x.shape[1] == 0:
+            return no_classes(x.shape[0], acc, x.device)
         xn, tn, wn = _np(x), _np(target), _np_opt(weight)
         eps = opts.label_smoothing
         loss = ref.cross_entropy(xn, tn, wn, -100, "none", eps)

@@ -50,6 +50,8 @@ class TorchBackend(Backend):
     ) -> RowStats:
         m, v = x.shape
         acc = acc_dtype(x.dtype)
+        if v == 0:  # no classes: every row is ignored (targets were range-checked)
+            return no_classes(m, acc, x.device)
         loss = torch.empty(m, dtype=acc, device=x.device)
         lse = torch.empty(m, dtype=acc, device=x.device)
         eps = opts.label_smoothing
@@ -106,6 +108,8 @@ class TorchBackend(Backend):
     ) -> RowStats:
         m, v = x.shape
         acc = prob_acc_dtype(x, target, weight)
+        if v == 0:
+            return no_classes(m, acc, x.device)
         loss = torch.empty(m, dtype=acc, device=x.device)
         lse = torch.empty(m, dtype=acc, device=x.device)
         eps = opts.label_smoothing
@@ -173,6 +177,8 @@ class TorchBackend(Backend):
         self, x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int
     ) -> Tensor:
         acc = acc_dtype(x.dtype)
+        if x.shape[1] == 0:
+            return no_classes(x.shape[0], acc, x.device).loss
         keep = target != ignore_index
         tc = torch.where(keep, target, 0)
         picked = x.gather(1, tc.unsqueeze(1)).squeeze(1).to(acc)  # (M,)
@@ -190,6 +196,8 @@ class TorchBackend(Backend):
         dtype: torch.dtype,
     ) -> Tensor:
         m = target.shape[0]
+        if num_classes == 0:
+            return torch.zeros(m, 0, dtype=dtype, device=target.device)
         keep = target != ignore_index
         tc = torch.where(keep, target, 0)
         acc = acc_dtype(dtype)
@@ -199,6 +207,12 @@ class TorchBackend(Backend):
         grad = torch.zeros(m, num_classes, dtype=dtype, device=target.device)
         grad.scatter_(1, tc.unsqueeze(1), val.masked_fill(~keep, 0.0).to(dtype).unsqueeze(1))
         return grad
+
+
+def no_classes(m: int, acc: torch.dtype, device: torch.device) -> RowStats:
+    """Rows of a ``(M, 0)`` block: loss 0 (all rows are ignored) and lse = log 0 = -inf."""
+    zeros = torch.zeros(m, dtype=acc, device=device)
+    return RowStats(zeros, torch.full((m,), -torch.inf, dtype=acc, device=device))
 
 
 def prob_acc_dtype(x: Tensor, target: Tensor, weight: Tensor | None) -> torch.dtype:
