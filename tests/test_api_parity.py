@@ -461,7 +461,7 @@ IGNORE_INDICES = [torch.tensor(2), torch.tensor(2, dtype=torch.int32),
 
 @pytest.mark.parametrize("ignore_index", IGNORE_INDICES, ids=repr)
 @pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
-def test_ignore_index_conversions(request: pytest.FixtureRequest, backend: str, fn: str,
+def test_ignore_index_conversions(backend: str, fn: str,
                                   ignore_index: Any) -> None:
     ours, theirs = check_same_exception(
         fn, logits(4, 3), T(2, 0, 2, 1), ignore_index=ignore_index, backend=backend, grad=True
@@ -704,7 +704,7 @@ def _valid_call(name: str, x: torch.Tensor, **kw: Any) -> Any:
 @pytest.mark.parametrize("x", [X23, logits(0, 3)], ids=["2x3", "0x3"])
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_unknown_backend_raises_value_error_listing_names(
-    request: pytest.FixtureRequest, name: str, x: torch.Tensor
+    name: str, x: torch.Tensor
 ) -> None:
     with pytest.raises(ValueError) as info:
         _valid_call(name, x, backend="nope")
@@ -735,7 +735,7 @@ def test_every_available_backend_runs(name: str) -> None:
 
 
 def test_softmax_backward_with_underflowed_half_output_warns_nothing(
-    backend: str, request: pytest.FixtureRequest
+    backend: str,
 ) -> None:
     x = torch.tensor([[0.0, -20.0, 5.0]], dtype=torch.float16)  # exp(-25) underflows to 0
     check_same("softmax", x, 1, backend=backend)
