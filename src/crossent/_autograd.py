@@ -44,10 +44,16 @@ def _kept_weight(
     return weight.to(acc)[torch.where(keep, target, 0)].masked_fill_(~keep, 0.0)
 
 
+def _denominator(target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
+    """The 'mean' denominator: summed weight of the non-ignored targets, in float64."""
+    return _kept_weight(target, weight, ignore_index, torch.float64).sum()
+
+
 def _reduce(rows: Tensor, reduction: str, denom: Tensor | float | None) -> Tensor:
+    """Reduce per-row losses; sums of M row values are accumulated in float64."""
     if reduction == "none":
         return rows
-    total = rows.sum()
+    total = rows.sum(dtype=torch.float64)
     if reduction == "sum":
         return total
     assert denom is not None
@@ -79,10 +85,10 @@ class CrossEntropyIndex(torch.autograd.Function):
         denom = None
         scale = None
         if opts.reduction == "mean":
-            denom = _kept_weight(target, weight, opts.rows.ignore_index, acc).sum()
+            denom = _denominator(target, weight, opts.rows.ignore_index)
             # A zero total weight makes torch's mean 0/0: NaN loss and NaN gradient on every
             # kept row (ignored rows stay exactly 0). Written without a host synchronisation.
-            scale = torch.where(denom == 0, torch.nan, 1.0 / denom)
+            scale = torch.where(denom == 0, torch.nan, 1.0 / denom).to(acc)
             denom = torch.where(denom == 0, torch.nan, denom)
         need_x = ctx.needs_input_grad[0] and opts.grad_enabled  # type: ignore[attr-defined]
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
@@ -162,11 +168,10 @@ class NllLoss(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
     ) -> Tensor:
-        acc = acc_dtype(x.dtype)
         rows = opts.backend.nll_forward(x, target, weight, opts.rows.ignore_index)
         denom = None
         if opts.reduction == "mean":
-            denom = _kept_weight(target, weight, opts.rows.ignore_index, acc).sum()
+            denom = _denominator(target, weight, opts.rows.ignore_index)
         ctx.save_for_backward(target, weight, denom)  # type: ignore[arg-type]
         ctx.opts = opts  # type: ignore[attr-defined]
         ctx.shape = x.shape  # type: ignore[attr-defined]

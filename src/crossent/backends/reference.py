@@ -70,10 +70,12 @@ class ReferenceBackend(Backend):
         if grad_out is not None:
             ones = np.ones(x.shape[0])
             g = ref.cross_entropy_grad(xn, tn, ones, wn, ii, "none", eps).input
-            if grad_scale is not None:
-                keep = (tn != opts.ignore_index)[:, None]
-                with np.errstate(invalid="ignore"):
-                    g = np.where(keep, g * float(grad_scale), 0.0)
+            scale = 1.0 if grad_scale is None else float(grad_scale)
+            keep = (tn != opts.ignore_index)[:, None]
+            with np.errstate(invalid="ignore"):
+                # ignored rows are exactly 0, even when all -inf (the oracle, like torch,
+                # gives NaN there: see the README's deliberate differences)
+                g = np.where(keep, g * scale, 0.0)
             grad_out.copy_(_back(g, x, grad_out.dtype))
         return RowStats(_back(loss, x, acc), _back(_lse(xn), x, acc))
 

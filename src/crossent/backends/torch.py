@@ -29,13 +29,20 @@ class TorchBackend(Backend):
 
     # ---- softmax / log_softmax: torch's own kernels on the (M, V) block ----------------------
 
+    # Half precision is computed in float32 and rounded once (torch's last-dim half kernels
+    # round intermediate values and can land an ulp further from the exact result).
+
     def softmax_forward(self, x: Tensor, log: bool) -> Tensor:
-        return torch._log_softmax(x, -1, False) if log else torch._softmax(x, -1, False)
+        xc = x.to(acc_dtype(x.dtype))
+        out = torch._log_softmax(xc, -1, False) if log else torch._softmax(xc, -1, False)
+        return out.to(x.dtype)
 
     def softmax_backward(self, grad: Tensor, out: Tensor, log: bool) -> Tensor:
+        acc = acc_dtype(out.dtype)
+        g, o = grad.to(acc), out.to(acc)
         if log:
-            return torch._log_softmax_backward_data(grad, out, -1, out.dtype)
-        return torch._softmax_backward_data(grad, out, -1, out.dtype)
+            return torch._log_softmax_backward_data(g, o, -1, acc).to(out.dtype)
+        return torch._softmax_backward_data(g, o, -1, acc).to(out.dtype)
 
     # ---- cross entropy, class-index targets --------------------------------------------------
 
@@ -159,7 +166,11 @@ class TorchBackend(Backend):
         step = chunk_rows(m, v)
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
-            lp = x[r0:r1].to(acc) - lse[r0:r1].unsqueeze(1)  # (m', V) log-probabilities
+            # (m', V) log-probabilities as (x - max) - log Σ exp(x - max): forming x - lse
+            # instead would lose an ulp of the largest logit (this rare path pays one more exp)
+            z = x[r0:r1].to(acc)
+            z = z - z.amax(1, keepdim=True)
+            lp = z - torch.log(torch.exp(z).sum(1, keepdim=True))
             if d_target is not None:
                 # d row / d t = -(1-ε)·w ⊙ lp
                 dt = lp * (-(1.0 - eps)) * rg[r0:r1]
