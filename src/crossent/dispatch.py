@@ -13,10 +13,11 @@ from torch import Tensor
 
 from .backends.base import Backend
 
-BackendName = Literal["auto", "torch", "reference"]
+BackendName = Literal["auto", "cpu", "torch", "reference"]
 
 # name -> (module, class). Modules are imported on first use only.
 _REGISTRY: dict[str, tuple[str, str]] = {
+    "cpu": ("crossent.backends.cpu", "CpuBackend"),
     "torch": ("crossent.backends.torch", "TorchBackend"),
     "reference": ("crossent.backends.reference", "ReferenceBackend"),
 }
@@ -29,8 +30,8 @@ def available() -> tuple[str, ...]:
 
 
 def auto_name(tensor: Tensor) -> str:
-    """The backend ``"auto"`` selects for ``tensor``: the portable torch backend on every device."""
-    return "torch"
+    """The backend ``"auto"`` selects for ``tensor``: fused kernels on CPU, else portable torch."""
+    return "cpu" if tensor.device.type == "cpu" else "torch"
 
 
 def resolve(backend: str, tensor: Tensor) -> Backend:

@@ -1,0 +1,194 @@
+"""The fused CPU backend: Numba kernels (:mod:`._kernels`) behind the primitive protocol.
+
+Tensors are handed to the kernels as NumPy views, without copies: float32 and float64 as
+they are, bfloat16 as ``int16`` bits and float16 as ``uint16`` bits (converted to float32
+inside the kernels, element by element). Kernels run on ``torch.get_num_threads()`` threads,
+so crossent never uses more cores than torch is allowed.
+
+``nll_loss`` and the extra gradients of probability targets (target, weight) come from the
+portable torch backend: the first is a gather and a scatter of ``M`` elements with nothing to
+fuse, the second is rare and runs chunked.
+
+Kernels are compiled on first use and cached on disk by Numba (``cache=True``): next to the
+sources when that directory is writable, else in Numba's per-user cache directory
+(``NUMBA_CACHE_DIR`` overrides both). When no location is writable, a private temporary
+directory is used, so a read-only installation still works (compiling once per process).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..base import RowOptions, RowStats, acc_dtype
+from ..torch import TorchBackend, no_classes, prob_acc_dtype
+
+try:
+    from . import _kernels
+except RuntimeError as exc:
+    # Numba found no writable cache location (read-only install, unwritable home): cache in
+    # a private temporary directory instead, for this process.
+    if "cannot cache" not in str(exc):
+        raise
+    numba.config.CACHE_DIR = tempfile.mkdtemp(prefix="crossent-numba-")  # type: ignore[attr-defined]
+    from . import _kernels
+
+_NUMPY_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def as_numpy(t: Tensor) -> np.ndarray:
+    """A NumPy view of a contiguous CPU tensor; 16-bit floats as their bit patterns."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy()  # int16 bits mean bfloat16 to the kernels
+    if t.dtype == torch.float16:
+        return t.view(torch.int16).numpy().view(np.uint16)  # uint16 bits mean float16
+    return t.numpy()
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _set_threads() -> None:
+    """Use the threads torch may use (numba's pool is capped at its own start-up size)."""
+    cap = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), cap)))
+
+
+def _check_cpu(*tensors: Tensor | None) -> None:
+    for t in tensors:
+        if t is not None and t.device.type != "cpu":
+            raise RuntimeError(
+                f"backend 'cpu' runs on CPU tensors only, got a tensor on {t.device}; "
+                "use backend='auto' or move the tensor to the CPU"
+            )
+
+
+class CpuBackend(TorchBackend):
+    """Fused Numba kernels for CPU tensors; float16/bfloat16/float32/float64 logits."""
+
+    name = "cpu"
+
+    # ---- softmax / log_softmax ---------------------------------------------------------------
+
+    def softmax_forward(self, x: Tensor, log: bool) -> Tensor:
+        _check_cpu(x)
+        x = _rows(x.detach())
+        out = torch.empty_like(x)
+        _set_threads()
+        proto = np.empty(0, dtype=np.float64 if x.dtype == torch.float64 else np.float32)
+        _kernels.softmax_fwd(as_numpy(x), as_numpy(out), log, proto)
+        return out
+
+    def softmax_backward(self, grad: Tensor, out: Tensor, log: bool) -> Tensor:
+        _check_cpu(grad, out)
+        grad, out = _rows(grad), _rows(out)
+        gx = torch.empty_like(out)
+        _set_threads()
+        _kernels.softmax_bwd(as_numpy(grad), as_numpy(out), as_numpy(gx), log)
+        return gx
+
+    # ---- cross entropy -------------------------------------------------------------------------
+
+    def cross_entropy_forward(
+        self,
+        x: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        opts: RowOptions,
+        grad_out: Tensor | None = None,
+        grad_scale: Tensor | None = None,
+    ) -> RowStats:
+        _check_cpu(x, target, weight)
+        m, v = x.shape
+        acc = acc_dtype(x.dtype)
+        if v == 0 or m == 0:
+            return no_classes(m, acc, x.device) if v == 0 else _empty_stats(acc)
+        x = _rows(x.detach())
+        loss = torch.empty(m, dtype=acc)
+        lse = torch.empty(m, dtype=acc)
+        w, w_total = _weight(weight, acc)
+        grad, want = _grad_target(grad_out, x)
+        _set_threads()
+        eps = opts.label_smoothing
+        _kernels.ce_index(
+            as_numpy(x), _rows(target).numpy(), w, weight is not None, w_total,
+            opts.ignore_index, eps > 0, _scalar(1.0 - eps, acc), _scalar(eps / v, acc),
+            _scale(grad_scale, acc), as_numpy(loss), as_numpy(lse), as_numpy(grad), want,
+        )
+        _finish_grad(grad_out, grad)
+        return RowStats(loss, lse)
+
+    def cross_entropy_prob_forward(
+        self,
+        x: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        opts: RowOptions,
+        grad_out: Tensor | None = None,
+        grad_scale: Tensor | None = None,
+    ) -> RowStats:
+        _check_cpu(x, target, weight)
+        m, v = x.shape
+        acc = prob_acc_dtype(x, target, weight)
+        if acc != acc_dtype(x.dtype) or acc != acc_dtype(target.dtype):
+            # mixed precisions (e.g. float32 logits, float64 targets): the portable path
+            return super().cross_entropy_prob_forward(x, target, weight, opts, grad_out, grad_scale)
+        if v == 0 or m == 0:
+            return no_classes(m, acc, x.device) if v == 0 else _empty_stats(acc)
+        x, target = _rows(x.detach()), _rows(target.detach())
+        loss = torch.empty(m, dtype=acc)
+        lse = torch.empty(m, dtype=acc)
+        w, _ = _weight(weight, acc)
+        grad, want = _grad_target(grad_out, x)
+        _set_threads()
+        eps = opts.label_smoothing
+        _kernels.ce_prob(
+            as_numpy(x), as_numpy(target), w, weight is not None,
+            _scalar(1.0 - eps, acc), _scalar(eps / v, acc), _scale(grad_scale, acc),
+            as_numpy(loss), as_numpy(lse), as_numpy(grad), want,
+        )
+        _finish_grad(grad_out, grad)
+        return RowStats(loss, lse)
+
+
+def _np_dtype(acc: torch.dtype) -> type:
+    return np.float64 if acc == torch.float64 else np.float32
+
+
+def _scalar(value: float, acc: torch.dtype) -> np.floating:
+    return _np_dtype(acc)(value)
+
+
+def _scale(grad_scale: Tensor | None, acc: torch.dtype) -> np.floating:
+    return _scalar(1.0 if grad_scale is None else float(grad_scale), acc)
+
+
+def _weight(weight: Tensor | None, acc: torch.dtype) -> tuple[np.ndarray, np.floating]:
+    """Weights in the compute dtype (an empty array when there are none) and their sum."""
+    if weight is None:
+        return np.empty(0, dtype=_np_dtype(acc)), _scalar(0.0, acc)
+    w = weight.detach().to(acc).contiguous().numpy()
+    return w, w.sum(dtype=_np_dtype(acc))
+
+
+def _grad_target(grad_out: Tensor | None, x: Tensor) -> tuple[Tensor, bool]:
+    """The contiguous buffer the kernel writes (``grad_out`` itself when possible)."""
+    if grad_out is None:
+        return torch.empty((x.shape[0], 0), dtype=x.dtype), False
+    if grad_out.is_contiguous():
+        return grad_out, True
+    return torch.empty(grad_out.shape, dtype=grad_out.dtype), True
+
+
+def _finish_grad(grad_out: Tensor | None, grad: Tensor) -> None:
+    if grad_out is not None and grad_out.data_ptr() != grad.data_ptr():
+        grad_out.copy_(grad)
+
+
+def _empty_stats(acc: torch.dtype) -> RowStats:
+    return RowStats(torch.empty(0, dtype=acc), torch.empty(0, dtype=acc))

@@ -1,0 +1,190 @@
+"""The fused CPU backend's own building blocks: exp accuracy, 16-bit conversions, caching,
+threads, and memory safety at the edges (the parity grids run it on every option too)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from numba import njit
+
+import crossent
+from crossent.backends.cpu import _math, as_numpy
+from crossent.testing import assert_close_to_oracle, make_logits, make_targets
+
+
+@njit
+def _exp_all(t, out):
+    for i in range(t.shape[0]):
+        out[i] = _math.fast_exp(t[i])
+
+
+def _ulp_error(got: np.ndarray, t: np.ndarray, dtype: type) -> float:
+    exact = np.exp(t.astype(np.longdouble))
+    ulp = np.spacing(exact.astype(dtype)).astype(np.longdouble)
+    return float(np.max(np.abs(got.astype(np.longdouble) - exact) / ulp))
+
+
+# The documented bounds: 1 ulp (float32) and 2 ulp (float64) over the range of shifted logits
+# whose exponential is a normal number; a dense sweep plus random points.
+@pytest.mark.parametrize(
+    ("dtype", "low", "bound"), [(np.float32, -87.0, 1.0), (np.float64, -708.0, 2.0)]
+)
+def test_fast_exp_max_ulp_error(dtype: type, low: float, bound: float) -> None:
+    rng = np.random.default_rng(0)
+    t = np.concatenate([np.linspace(low, 0.0, 1_000_001), rng.uniform(low, 0.0, 1_000_000)])
+    t = t.astype(dtype)
+    out = np.empty_like(t)
+    _exp_all(t, out)
+    assert _ulp_error(out, t, dtype) <= bound
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_exp_special_values(dtype: type) -> None:
+    t = np.array([0.0, -np.inf, np.nan, -1e30, -800.0, -100.0, 1e-30], dtype=dtype)
+    out = np.empty_like(t)
+    _exp_all(t, out)
+    assert out[0] == 1.0 and out[1] == 0.0 and np.isnan(out[2]) and out[3] == 0.0
+    assert out[4] == 0.0  # below every normal result: exactly 0
+    assert out[6] == 1.0
+
+
+@njit
+def _roundtrip(src, dst):
+    for i in range(src.shape[0]):
+        _math.store(dst, i, _math.load(src, i))
+
+
+@njit
+def _store_f32(src, dst):
+    for i in range(src.shape[0]):
+        _math.store(dst, i, src[i])
+
+
+# float32 -> bfloat16/float16 must round exactly as torch's .to() does (nearest even),
+# including ties, subnormals, overflow to inf, infinities and NaN.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_store_rounds_like_torch(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    vals = torch.cat([
+        torch.randn(100_000, generator=g) * 10.0 ** torch.randint(-8, 6, (100_000,), generator=g),
+        torch.tensor([0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-9, 65519.0, 65520.0, 1e-8,
+                      float("inf"), float("-inf"), 3.0e38]),
+    ])
+    out = torch.empty(vals.shape, dtype=dtype)
+    _store_f32(vals.numpy(), as_numpy(out))
+    expected = vals.to(dtype)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    nan_out = torch.empty(1, dtype=dtype)
+    _store_f32(np.array([np.nan], np.float32), as_numpy(nan_out))
+    assert torch.isnan(nan_out).all()
+    # and every 16-bit pattern widens exactly (load), then stores back to itself
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    finite = bits[~torch.isnan(bits)]
+    back = torch.empty_like(finite)
+    _roundtrip(as_numpy(finite), as_numpy(back))
+    assert torch.equal(back.view(torch.int16), finite.view(torch.int16))
+
+
+def test_auto_selects_cpu_backend_for_cpu_tensors() -> None:
+    from crossent import dispatch
+
+    assert dispatch.resolve("auto", torch.zeros(1)).name == "cpu"
+
+
+# Numba indexes without bounds checks: every target is validated before a kernel runs.
+@pytest.mark.parametrize("bad", [5, -1, -101, 2**40])
+def test_out_of_range_targets_raise_before_any_kernel(bad: int) -> None:
+    x = make_logits((4, 5))
+    t = torch.tensor([0, 4, bad, 1])
+    with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+        crossent.cross_entropy(x, t, backend="cpu")
+    with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+        crossent.nll_loss(x, t, backend="cpu")
+
+
+# Targets at both edges of the class range, ignore_index at the edges, V = 1, empty blocks.
+@pytest.mark.parametrize(("shape", "targets", "ignore_index"), [
+    ((3, 1), [0, 0, 0], -100),             # V = 1: loss 0, gradient 0
+    ((4, 7), [0, 6, 0, 6], -100),          # first and last class
+    ((4, 7), [0, 6, 6, 0], 6),             # ignore_index is the last class
+    ((4, 7), [-1, 0, -1, 6], -1),          # negative ignore_index
+    ((4, 7), [7, 7, 7, 7], 7),             # every target ignored, ignore_index = V
+    ((0, 7), [], -100),                    # no rows
+])
+def test_edges_match_torch(shape: tuple[int, int], targets: list[int], ignore_index: int) -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        x = make_logits(shape, dtype)
+        t = torch.tensor(targets, dtype=torch.int64)
+        for reduction in ("none", "sum", "mean"):
+            xs = [x.clone().requires_grad_() for _ in range(2)]
+            ours = crossent.cross_entropy(xs[0], t, ignore_index=ignore_index,
+                                          reduction=reduction, backend="cpu")
+            theirs = F.cross_entropy(xs[1], t, ignore_index=ignore_index, reduction=reduction)
+            torch.testing.assert_close(ours, theirs, equal_nan=True)
+            ours.sum().backward()
+            theirs.sum().backward()
+            torch.testing.assert_close(xs[0].grad, xs[1].grad, equal_nan=True)
+
+
+# V of real vocabularies, and one above the largest, against the oracle with torch's own error.
+@pytest.mark.parametrize("v", [32000, 50257, 262144])
+def test_large_vocabularies_float32(v: int) -> None:
+    from crossent import reference
+
+    x = make_logits((3, v), torch.float32, seed=v)
+    t = make_targets((3,), v, seed=v)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ours = crossent.cross_entropy(xs[0], t, reduction="sum", label_smoothing=0.1, backend="cpu")
+    theirs = F.cross_entropy(xs[1], t, reduction="sum", label_smoothing=0.1)
+    ours.backward()
+    theirs.backward()
+    xn, tn = x.double().numpy(), t.numpy()
+    kw = dict(reduction="sum", label_smoothing=0.1)
+    assert_close_to_oracle(ours, reference.cross_entropy(xn, tn, **kw), theirs, what="loss")
+    grad = reference.cross_entropy_grad(xn, tn, np.float64(1.0), **kw).input
+    assert_close_to_oracle(xs[0].grad, grad, xs[1].grad, what="grad")
+
+
+def test_threads_follow_torch() -> None:
+    import numba
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        crossent.cross_entropy(make_logits((4, 9)), make_targets((4,), 9), backend="cpu")
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_kernels_work_without_any_writable_cache_location() -> None:
+    # A read-only installation with an unwritable home: Numba's in-tree and per-user cache
+    # locations both refuse (simulated: they raise as an unwritable directory does).
+    code = textwrap.dedent("""
+        from numba.core import caching
+
+        def refuse(self):
+            raise PermissionError("read-only")
+
+        for name in ("InTreeCacheLocator", "UserWideCacheLocator"):
+            cls = getattr(caching, name, None) or getattr(caching, "_" + name)
+            cls.ensure_cache_path = refuse
+        import torch, crossent, torch.nn.functional as F
+        x = torch.randn(3, 11); t = torch.tensor([0, 5, 10])
+        a = crossent.cross_entropy(x, t, backend="cpu"); b = F.cross_entropy(x, t)
+        assert torch.allclose(a, b), (a, b)
+        import numba
+        print("ok", numba.config.CACHE_DIR)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok ") and "crossent-numba-" in out.stdout
