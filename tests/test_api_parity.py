@@ -66,16 +66,23 @@ def _param_spec(p: inspect.Parameter) -> tuple[str, Any, Any]:
     return (p.name, p.kind, p.default)
 
 
-def _assert_torch_signature_plus_backend(ours: Any, theirs: Any) -> None:
+# crossent's own keyword-only arguments, after torch's parameters
+EXTRAS: dict[str, list[tuple[str, Any, Any]]] = {
+    "cross_entropy": [("backend", KW, "auto"), ("inplace_backward", KW, False)],
+}
+
+
+def _assert_torch_signature_plus_backend(ours: Any, theirs: Any, name: str = "") -> None:
     o = list(inspect.signature(ours).parameters.values())
     t = list(inspect.signature(theirs).parameters.values())
-    assert [_param_spec(p) for p in o[:-1]] == [_param_spec(p) for p in t]
-    assert _param_spec(o[-1]) == ("backend", KW, "auto")
+    extras = EXTRAS.get(name, [("backend", KW, "auto")])
+    assert [_param_spec(p) for p in o[: len(t)]] == [_param_spec(p) for p in t]
+    assert [_param_spec(p) for p in o[len(t):]] == extras
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_function_signature_is_torchs_plus_backend(name: str) -> None:
-    _assert_torch_signature_plus_backend(getattr(crossent, name), getattr(F, name))
+    _assert_torch_signature_plus_backend(getattr(crossent, name), getattr(F, name), name)
     assert getattr(crossent, name) is getattr(crossent.functional, name)
 
 

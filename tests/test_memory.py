@@ -70,3 +70,49 @@ def test_caller_tensors_are_never_modified() -> None:
     crossent.log_softmax(x, 1).sum().backward()
     for a, b in zip((x, t, w, probs), before, strict=True):
         assert torch.equal(a.detach(), b)
+
+
+# inplace_backward: the gradient is written over the logits (no second logits-sized buffer);
+# values and gradients equal the default path's. Logits come out of a matmul (not a leaf), as
+# in a language-model head.
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_inplace_backward_matches_and_reuses_the_logits(backend: str, dtype: torch.dtype,
+                                                         kind: str) -> None:
+    h = make_logits((6, 16), dtype, seed=1, scale=1.0)
+    w = make_logits((40, 16), dtype, seed=2, scale=0.3)
+    target = (make_targets((6,), 40) if kind == "index"
+              else torch.softmax(make_logits((6, 40), seed=3), 1).to(dtype))
+    grads = []
+    for inplace in (False, True):
+        hh = h.clone().requires_grad_()
+        logits = hh @ w.T
+        ptr = logits.data_ptr()
+        loss = crossent.cross_entropy(logits, target, label_smoothing=0.1, backend=backend,
+                                      inplace_backward=inplace)
+        if inplace:
+            (saved,) = [t for t in loss.grad_fn.saved_tensors if t is not None]
+            assert saved.data_ptr() == ptr  # the gradient lives in the logits' storage
+        loss.backward()
+        grads.append((loss.detach(), hh.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_inplace_backward_refuses_a_leaf_and_target_gradients() -> None:
+    x = make_logits((3, 5), requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf"):
+        crossent.cross_entropy(x, make_targets((3,), 5), inplace_backward=True)
+    logits = x * 1.0
+    probs = torch.softmax(make_logits((3, 5), seed=4), 1).requires_grad_()
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        crossent.cross_entropy(logits, probs, inplace_backward=True)
+
+
+def test_inplace_backward_without_grad_leaves_the_logits_alone() -> None:
+    x = make_logits((3, 5))
+    before = x.clone()
+    loss = crossent.cross_entropy(x, make_targets((3,), 5), inplace_backward=True)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(loss, F.cross_entropy(before, make_targets((3,), 5)))

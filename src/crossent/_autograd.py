@@ -32,6 +32,24 @@ class LossOptions:
     # Grad mode at the call: Function.forward always runs with grad disabled and its
     # needs_input_grad ignores no_grad(), so inference would otherwise pay for a gradient.
     grad_enabled: bool = True
+    # Write the gradient over the logits (opt-in): the forward then also returns the logits,
+    # marked dirty, so autograd knows they changed.
+    inplace: bool = False
+
+
+def _grad_buffer(ctx: Any, x: Tensor, opts: LossOptions, need: bool) -> Tensor | None:
+    """Where the forward writes the gradient: a new buffer, the logits themselves, or nowhere."""
+    if not need:
+        return None
+    if opts.inplace:
+        ctx.mark_dirty(x)
+        return x
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _outputs(loss: Tensor, x: Tensor, grad: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
+    # a tensor marked dirty must be returned by the forward
+    return (loss, x) if grad is not None and grad is x else loss
 
 
 def _kept_weight(
@@ -91,15 +109,15 @@ class CrossEntropyIndex(torch.autograd.Function):
             scale = torch.where(denom == 0, torch.nan, 1.0 / denom).to(acc)
             denom = torch.where(denom == 0, torch.nan, denom)
         need_x = ctx.needs_input_grad[0] and opts.grad_enabled  # type: ignore[attr-defined]
-        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+        grad = _grad_buffer(ctx, x, opts, need_x)
         stats = opts.backend.cross_entropy_forward(x, target, weight, opts.rows, grad, scale)
         ctx.save_for_backward(grad)  # type: ignore[arg-type]
         ctx.reduction = opts.reduction  # type: ignore[attr-defined]
-        return _reduce(stats.loss, opts.reduction, denom).to(x.dtype)
+        return _outputs(_reduce(stats.loss, opts.reduction, denom).to(x.dtype), x, grad)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:
+    def backward(ctx: Any, g: Tensor, *_: Any) -> tuple[Tensor | None, None, None, None]:
         (grad,) = ctx.saved_tensors
         if grad is None:
             return None, None, None, None
@@ -127,20 +145,25 @@ class CrossEntropyProb(torch.autograd.Function):
         if opts.reduction == "mean":
             # 'mean' divides by the number of rows, never by the weights (0 rows: 0/0 = NaN).
             scale = torch.tensor(1.0 / m if m else float("inf"), dtype=torch.float64)
-        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
-        stats = opts.backend.cross_entropy_prob_forward(x, target, weight, opts.rows, grad, scale)
         extra = need_t or need_w
+        if extra and need_x and opts.inplace:
+            raise RuntimeError(
+                "inplace_backward=True cannot be used when the target or the weight requires "
+                "grad: their gradients need the logits, which it overwrites"
+            )
+        grad = _grad_buffer(ctx, x, opts, need_x)
+        stats = opts.backend.cross_entropy_prob_forward(x, target, weight, opts.rows, grad, scale)
         saved = (x, target, weight, stats.lse) if extra else (None, None, None, None)
         ctx.save_for_backward(grad, *saved)  # type: ignore[arg-type]
         ctx.opts = opts  # type: ignore[attr-defined]
         ctx.m = m  # type: ignore[attr-defined]
         denom = float(m) if m else float("nan")
-        return _reduce(stats.loss, opts.reduction, denom).to(out_dtype)
+        return _outputs(_reduce(stats.loss, opts.reduction, denom).to(out_dtype), x, grad)
 
     @staticmethod
     @once_differentiable
     def backward(
-        ctx: Any, g: Tensor
+        ctx: Any, g: Tensor, *_: Any
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         grad, x, target, weight, lse = ctx.saved_tensors
         opts: LossOptions = ctx.opts

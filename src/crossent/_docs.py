@@ -132,6 +132,12 @@ CROSS_ENTROPY = rf"""Compute the cross entropy between input logits and target, 
             becomes :math:`(1-\varepsilon)\,\text{{onehot}}(y) + \varepsilon / C`. Values
             :math:`\le 0` mean no smoothing. Default: :math:`0.0`
         {BACKEND}
+        inplace_backward (bool, keyword-only): write the gradient over the input logits
+            instead of a new buffer, saving one logits-sized tensor. The logits then hold
+            the gradient and must not be used afterwards; autograd is told (the input is
+            marked dirty), so it raises if something else saved them for backward. Not
+            allowed on a leaf tensor that requires grad, nor when a probability target or
+            the weight requires grad. Default: ``False``
 
     {_SHAPE}
         - Target (probabilities): same shape as the input

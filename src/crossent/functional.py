@@ -110,6 +110,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     *,
     backend: BackendName = "auto",
+    inplace_backward: bool = False,
 ) -> Tensor:
     red = _args.reduction_string(size_average, reduce, reduction)
     fn = "cross_entropy_loss"
@@ -121,17 +122,26 @@ def cross_entropy(
     if input.shape == target.shape:
         prob = _args.prob_rows(input, target, weight, ii, ls)
         row_opts = RowOptions(label_smoothing=_args.effective_smoothing(ls))
-        opts = LossOptions(resolve(backend, input), row_opts, red, torch.is_grad_enabled())
-        loss = CrossEntropyProb.apply(prob.x, prob.target, weight, opts)
+        opts = LossOptions(
+            resolve(backend, input), row_opts, red, torch.is_grad_enabled(), inplace_backward
+        )
+        loss = _first(CrossEntropyProb.apply(prob.x, prob.target, weight, opts))
         return loss.view(prob.out_shape) if red == "none" else loss
     _args.check_label_smoothing(ls)
     _args.check_floating(input, _args.softmax_kernel_name("log_softmax", 1, input.dim()))
     _args.wrap_dim(0 if input.dim() == 1 else 1, input.dim())
     rows = _args.index_rows(input, target, weight, ii, "nll_loss")
     row_opts = RowOptions(ignore_index=ii, label_smoothing=_args.effective_smoothing(ls))
-    opts = LossOptions(resolve(backend, input), row_opts, red, torch.is_grad_enabled())
-    loss = CrossEntropyIndex.apply(rows.x, rows.target, rows.weight, opts)
+    opts = LossOptions(
+        resolve(backend, input), row_opts, red, torch.is_grad_enabled(), inplace_backward
+    )
+    loss = _first(CrossEntropyIndex.apply(rows.x, rows.target, rows.weight, opts))
     return loss.view(rows.out_shape) if red == "none" else loss
+
+
+def _first(out: Tensor | tuple[Tensor, ...]) -> Tensor:
+    # with inplace_backward the Function also returns the (now overwritten) logits
+    return out[0] if isinstance(out, tuple) else out
 
 
 softmax.__doc__ = _docs.SOFTMAX
