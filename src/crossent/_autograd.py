@@ -98,7 +98,7 @@ class CrossEntropyIndex(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: FunctionCtx, x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
-    ) -> Tensor:
+    ) -> Tensor | tuple[Tensor, Tensor]:
         acc = acc_dtype(x.dtype)
         denom = None
         scale = None
@@ -133,7 +133,7 @@ class CrossEntropyProb(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: FunctionCtx, x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
-    ) -> Tensor:
+    ) -> Tensor | tuple[Tensor, Tensor]:
         need_x, need_t, need_w = (
             need and opts.grad_enabled for need in ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
         )
