@@ -30,8 +30,9 @@ FM_EXP = {"contract"}
 
 
 # ---- row helpers ------------------------------------------------------------------------
-# Reductions start from element 0 (rows have V >= 1) so that every accumulator keeps the
-# compute dtype: a float32 row is summed in float32 lanes, not promoted to float64.
+# Sums accumulate in float64 lanes (the rows are cache-hot, so this costs little) and are
+# rounded to the compute dtype once: float32 sums over V = 262144 terms stay within the
+# tolerance rule. Reductions start from element 0 (rows have V >= 1).
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
@@ -52,28 +53,28 @@ def _row_exp(xr, m, e):
 
 @njit(fastmath=FM_REDUCE, cache=True)
 def _sum(e):
-    s = e[0]
+    s = np.float64(e[0])
     for j in range(1, e.shape[0]):
-        s += e[j]
-    return s
+        s += np.float64(e[j])
+    return like(s, e[0])
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
 def _shifted_sum(xr, m):
     """``Σ_j (x[j] - m)``."""
-    s = load(xr, 0) - m
+    s = np.float64(load(xr, 0) - m)
     for j in range(1, xr.shape[0]):
-        s += load(xr, j) - m
-    return s
+        s += np.float64(load(xr, j) - m)
+    return like(s, m)
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
 def _shifted_wsum(xr, m, w):
     """``Σ_j w[j]·(x[j] - m)`` (a zero weight on a -inf logit gives NaN, as in torch)."""
-    s = w[0] * (load(xr, 0) - m)
+    s = np.float64(w[0] * (load(xr, 0) - m))
     for j in range(1, xr.shape[0]):
-        s += w[j] * (load(xr, j) - m)
-    return s
+        s += np.float64(w[j] * (load(xr, j) - m))
+    return like(s, m)
 
 
 def _exp_buffer(g, buf):
@@ -203,15 +204,15 @@ def _prob_dots(xr, tr, m, w, has_w, c_t, c_s):
     tj = c_t * load(tr, 0) + c_s
     if has_w:
         tj = tj * w[0]
-    total = tj
-    dot = tj * (load(xr, 0) - m)
+    total = np.float64(tj)
+    dot = np.float64(tj * (load(xr, 0) - m))
     for j in range(1, xr.shape[0]):
         tj = c_t * load(tr, j) + c_s
         if has_w:
             tj = tj * w[j]
-        total += tj
-        dot += tj * (load(xr, j) - m)
-    return total, dot
+        total += np.float64(tj)
+        dot += np.float64(tj * (load(xr, j) - m))
+    return like(total, m), like(dot, m)
 
 
 @njit(fastmath=FM_EXP, cache=True)
@@ -298,18 +299,18 @@ def softmax_fwd(x, out, log, proto):
 
 @njit(fastmath=FM_REDUCE, cache=True)
 def _dot(g, y):
-    s = load(g, 0) * load(y, 0)
+    s = np.float64(load(g, 0)) * np.float64(load(y, 0))
     for j in range(1, g.shape[0]):
-        s += load(g, j) * load(y, j)
-    return s
+        s += np.float64(load(g, j)) * np.float64(load(y, j))
+    return like(s, load(g, 0))
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
 def _lsum(g):
-    s = load(g, 0)
+    s = np.float64(load(g, 0))
     for j in range(1, g.shape[0]):
-        s += load(g, j)
-    return s
+        s += np.float64(load(g, j))
+    return like(s, load(g, 0))
 
 
 @njit(fastmath=FM_EXP, cache=True)
