@@ -1,6 +1,7 @@
 """Side-by-side demonstration that crossent is a drop-in replacement for PyTorch's losses.
 
-The demo reproduces the worked examples from the seed documents:
+The demo walks through the standard worked examples of how cross entropy relates to
+softmax, log_softmax and the negative log-likelihood:
 
 (a) A 4-7-3 tanh network (``Linear(4, 7) -> tanh -> Linear(7, 3)``) trained on the Iris data set
     with full-batch SGD three ways, from identical initial weights:
@@ -16,7 +17,7 @@ The demo reproduces the worked examples from the seed documents:
     where exponentiating before normalising overflows while the fused form does not.
 (d) Predicted class probabilities, from logits (softmax) and from log-probabilities (exp).
 
-Everything runs in float32, as the seed documents do, and needs no network access: the Iris
+Everything runs in float32, as those examples do, and needs no network access: the Iris
 data ships with the package (``crossent/data/iris.csv``).
 
 Run it with ``python -m crossent demo`` or call :func:`run_demo`.
@@ -67,8 +68,8 @@ DEFAULT_SEED = 0
 #: Iris class labels, in the order of the integer codes in ``iris.csv``.
 CLASS_NAMES = ("setosa", "versicolor", "virginica")
 
-#: The 5x3 logits printed in seed 001 (Yang Zhang, "How is Pytorch's Cross Entropy function
-#: related to softmax, log softmax, and NLL"), copied literally.
+#: The 5x3 logits of a widely shared worked example (Yang Zhang, 2018, "How is Pytorch's Cross
+#: Entropy function related to softmax, log softmax, and NLL"), copied literally.
 WORKED_X = (
     (0.9826, 1.0630, -0.4096),
     (-0.6213, 0.2511, 0.5659),
@@ -76,12 +77,12 @@ WORKED_X = (
     (-0.4638, -1.4961, -1.0877),
     (1.8186, -0.2998, 0.1128),
 )
-#: The targets printed in seed 001.
+#: The targets of that example.
 WORKED_TARGET = (1, 0, 1, 1, 1)
-#: The value every formulation prints in seed 001.
+#: The value every formulation prints in that example.
 WORKED_EXPECTED = 1.4904
 
-#: The large-logit batch of seed 000.
+#: The large-logit batch of the numerical-stability example.
 LARGE_LOGITS = ((1000.0, 999.0, 998.0), (1005.0, 1002.0, 1000.0))
 #: Its targets.
 LARGE_TARGET = (0, 0)
@@ -187,7 +188,7 @@ def _standardise(features: torch.Tensor) -> torch.Tensor:
 
 
 class _IrisNet(nn.Module):
-    """The 4-7-3 tanh network of seed 003, optionally ending in a ``LogSoftmax`` module."""
+    """The 4-7-3 tanh Iris network, optionally ending in a ``LogSoftmax`` module."""
 
     def __init__(self, log_softmax_output: bool = False) -> None:
         super().__init__()
@@ -295,17 +296,17 @@ def _lse_reference(logits: tuple[tuple[float, ...], ...], target: tuple[int, ...
 
 
 def _naive_softmax(x: torch.Tensor) -> torch.Tensor:
-    """Seed 001's textbook softmax: exponentiate, then normalise (overflows for large x)."""
+    """The textbook softmax: exponentiate, then normalise (overflows for large x)."""
     return x.exp() / (x.exp().sum(-1)).unsqueeze(-1)
 
 
 def _naive_nl(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Seed 001's negative likelihood: -mean(log(p[i, target[i]]))."""
+    """The textbook negative likelihood: -mean(log(p[i, target[i]]))."""
     return -probs[range(target.shape[0]), target].log().mean()
 
 
 def _naive_log_softmax(x: torch.Tensor) -> torch.Tensor:
-    """Seed 001's hand-written log_softmax: x - log(sum(exp(x)))."""
+    """The hand-written log_softmax: x - log(sum(exp(x)))."""
     return x - x.exp().sum(-1).log().unsqueeze(-1)
 
 
@@ -345,7 +346,7 @@ def _library_formulations(x: torch.Tensor, t: torch.Tensor) -> list[Formulation]
 
 
 def _worked_example() -> tuple[list[Formulation], float]:
-    """Example (b): every formulation of seed 001's 5x3 example, plus a float64 reference."""
+    """Example (b): every formulation of the 5x3 worked example, plus a float64 reference."""
     x = torch.tensor(WORKED_X, dtype=torch.float32)
     t = torch.tensor(WORKED_TARGET, dtype=torch.int64)
     rows = [
@@ -459,7 +460,7 @@ def _print_formulations(rows: tuple[Formulation, ...], out: TextIO) -> None:
 
 def _print_examples(result: DemoResult, out: TextIO) -> None:
     print(
-        f"(b) Worked example (seed 001): 5x3 logits, targets {list(WORKED_TARGET)}; "
+        f"(b) Worked example: 5x3 logits, targets {list(WORKED_TARGET)}; "
         f"every formulation gives {WORKED_EXPECTED}",
         file=out,
     )
@@ -472,7 +473,7 @@ def _print_examples(result: DemoResult, out: TextIO) -> None:
     print(file=out)
 
     print(
-        f"(c) Large logits (seed 000): {[list(r) for r in LARGE_LOGITS]}, "
+        f"(c) Large logits: {[list(r) for r in LARGE_LOGITS]}, "
         f"targets {list(LARGE_TARGET)}",
         file=out,
     )
