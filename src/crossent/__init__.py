@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from .backends.buffers import empty_cache
 from .functional import cross_entropy, log_softmax, nll_loss, softmax
 from .nn import CrossEntropyLoss, LogSoftmax, NLLLoss, Softmax
 
@@ -17,5 +18,6 @@ __all__ = [
     "NLLLoss",
     "Softmax",
     "LogSoftmax",
+    "empty_cache",
     "__version__",
 ]

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from .backends import buffers
 from .backends.base import Backend, RowOptions, acc_dtype
 
 
@@ -44,7 +45,7 @@ def _grad_buffer(ctx: Any, x: Tensor, opts: LossOptions, need: bool) -> Tensor |
     if opts.inplace:
         ctx.mark_dirty(x)
         return x
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return buffers.empty(x.shape, x.dtype, x.device)
 
 
 def _outputs(loss: Tensor, x: Tensor, grad: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:

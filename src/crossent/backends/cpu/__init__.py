@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import buffers
 from ..base import RowOptions, RowStats, acc_dtype
 from ..torch import TorchBackend, no_classes, prob_acc_dtype
 
@@ -78,7 +79,7 @@ class CpuBackend(TorchBackend):
     def softmax_forward(self, x: Tensor, log: bool) -> Tensor:
         _check_cpu(x)
         x = _rows(x.detach())
-        out = torch.empty_like(x)
+        out = buffers.empty(x.shape, x.dtype, x.device)
         _set_threads()
         proto = np.empty(0, dtype=np.float64 if x.dtype == torch.float64 else np.float32)
         _kernels.softmax_fwd(as_numpy(x), as_numpy(out), log, proto)
@@ -87,7 +88,7 @@ class CpuBackend(TorchBackend):
     def softmax_backward(self, grad: Tensor, out: Tensor, log: bool) -> Tensor:
         _check_cpu(grad, out)
         grad, out = _rows(grad), _rows(out)
-        gx = torch.empty_like(out)
+        gx = buffers.empty(out.shape, out.dtype, out.device)
         _set_threads()
         _kernels.softmax_bwd(as_numpy(grad), as_numpy(out), as_numpy(gx), log)
         return gx
