@@ -38,11 +38,6 @@ FUZZ = settings(
 )
 
 
-# A known numpy warning from outside these tests (reported): crossent.testing.compare subtracts
-# inf - inf before it masks the non-finite positions out. Harmless; silenced here only.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:invalid value encountered:RuntimeWarning:crossent.testing"
-)
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

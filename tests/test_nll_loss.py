@@ -26,11 +26,6 @@ REDUCTIONS = ["none", "mean", "sum"]
 C = 7  # odd and not a power of two
 
 
-# A known numpy warning from outside these tests (reported): crossent.testing.compare subtracts
-# inf - inf before it masks the non-finite positions out. Harmless; silenced here only.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:invalid value encountered:RuntimeWarning:crossent.testing"
-)
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

@@ -71,8 +71,8 @@ def compare(
     mask = np.isfinite(a) & fin_r
     if t is not None:
         mask &= np.isfinite(t)
-    err = np.abs(a - r)[mask]
-    torch_err = float(np.abs(t - r)[mask].max()) if t is not None and err.size else 0.0
+    err = np.abs(a[mask] - r[mask])
+    torch_err = float(np.abs(t[mask] - r[mask]).max()) if t is not None and err.size else 0.0
     allowed = torch_err + atol + rtol * np.abs(r[mask])
     max_abs = float(err.max()) if err.size else 0.0
     rel = err / np.maximum(np.abs(r[mask]), np.finfo(np.float64).tiny)
