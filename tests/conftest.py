@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import torch
 
 from crossent import dispatch
 
@@ -10,3 +13,17 @@ from crossent import dispatch
 @pytest.fixture(params=dispatch.available())
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Run a module's tiny-tensor tests on one torch thread.
+
+    Tiny tensors gain nothing from torch's intra-op pool; its wake-up latency reached ~15 ms
+    per op on a loaded 2-core machine (measured) and dominated the runtime. Results are
+    compared with torch's in the same process, so nothing else changes.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -38,15 +38,7 @@ C = 7  # odd and not a power of two, so no size lines up with anything by accide
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: torch's intra-op thread pool only adds wake-up latency, which
-    # on a loaded 2-core machine reaches ~15 ms per op (measured) and dominated the runtime.
-    # Results are checked against torch's own in the same process, so nothing else changes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,14 +31,7 @@ OPS = {
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: torch's intra-op thread pool only adds wake-up latency (~15 ms per op on a
-    # loaded 2-core machine, measured). Results are compared with torch's in the same process.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
