@@ -33,14 +33,6 @@ def _i32_as_f32(typingctx, v):
 
 
 @intrinsic
-def _f32_as_i32(typingctx, v):
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
-
-
-@intrinsic
 def _i64_as_f64(typingctx, v):
     def codegen(context, builder, sig, args):
         return builder.bitcast(args[0], ir.DoubleType())
@@ -62,6 +54,41 @@ def _f32_to_half_bits(typingctx, v):
         return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
     return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _bf16_bits_to_f32(typingctx, v):
+    """bfloat16 bits (int16) to float32: the bits become the high half of a float32."""
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _f32_to_bf16_bits(typingctx, v):
+    """float32 to bfloat16 bits, rounding to nearest even; NaN stays a (quiet) NaN.
+
+    Written as 32-bit integer IR: Numba's own integer arithmetic widens to 64 bits, which
+    halves the vector width of the store loops.
+    """
+
+    def codegen(context, builder, sig, args):
+        i32, i16 = ir.IntType(32), ir.IntType(16)
+        bits = builder.bitcast(args[0], i32)
+        high = builder.lshr(bits, ir.Constant(i32, 16))
+        odd = builder.and_(high, ir.Constant(i32, 1))
+        rounded = builder.lshr(
+            builder.add(builder.add(bits, ir.Constant(i32, 0x7FFF)), odd), ir.Constant(i32, 16)
+        )
+        quiet_nan = builder.or_(high, ir.Constant(i32, 0x40))
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.trunc(builder.select(is_nan, quiet_nan, rounded), i16)
+
+    return types.int16(types.float32), codegen
 
 
 # ---- exp --------------------------------------------------------------------------------
@@ -148,7 +175,7 @@ def _load(a, i):
     if dt in (types.float32, types.float64):
         return lambda a, i: a[i]
     if dt == types.int16:  # bfloat16 bits: the high half of a float32
-        return lambda a, i: _i32_as_f32(np.uint32(np.uint32(np.uint16(a[i])) << np.uint32(16)))
+        return lambda a, i: _bf16_bits_to_f32(a[i])
     if dt == types.uint16:  # float16 bits
         return lambda a, i: _half_bits_to_f32(a[i])
     return None
@@ -171,11 +198,7 @@ def _store(a, i, v):
     if dt == types.int16:
 
         def impl_bf16(a, i, v):
-            bits = np.uint32(_f32_as_i32(np.float32(v)))
-            odd = np.uint32((bits >> np.uint32(16)) & np.uint32(1))
-            rounded = np.uint32((bits + np.uint32(0x7FFF) + odd) >> np.uint32(16))
-            nan = np.uint32(np.uint32(0x7FC0) | ((bits >> np.uint32(16)) & np.uint32(0x8000)))
-            a[i] = np.int16(np.uint16(nan if v != v else rounded))
+            a[i] = _f32_to_bf16_bits(np.float32(v))
 
         return impl_bf16
     if dt == types.uint16:
