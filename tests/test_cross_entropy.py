@@ -35,9 +35,6 @@ REDUCTIONS = ["none", "mean", "sum"]
 C = 7  # odd and not a power of two, so no size lines up with anything by accident
 
 
-
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

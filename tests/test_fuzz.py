@@ -38,7 +38,6 @@ FUZZ = settings(
 )
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -26,7 +26,6 @@ REDUCTIONS = ["none", "mean", "sum"]
 C = 7  # odd and not a power of two
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -30,7 +30,6 @@ OPS = {
 }
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
