@@ -62,3 +62,26 @@ def test_softmax_output_and_gradient_never_share_memory() -> None:
         torch.softmax(x2, 1).backward(g)
         torch.testing.assert_close(x.grad, x2.grad)
         torch.testing.assert_close(y, torch.softmax(x.detach(), 1))
+
+
+def test_reused_gradients_behave_as_plain_tensors() -> None:
+    # Three SGD steps with zero_grad(set_to_none=False), which detaches and zeroes .grad in
+    # place: the reused buffers behave as ordinary tensors, and training matches torch's.
+    crossent.empty_cache()
+    h = make_logits((64, 16))
+    t = make_targets((64,), SHAPE[1])
+    weights = []
+    for loss_fn in (crossent.cross_entropy, F.cross_entropy):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, SHAPE[1], bias=False)  # logits (64, 8192): cached size
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=False)
+            logits = model(h)
+            logits.retain_grad()
+            loss_fn(logits, t).backward()
+            assert logits.grad is not None and logits.grad._base is None
+            opt.step()
+        weights.append(model.weight.detach())
+    torch.testing.assert_close(weights[0], weights[1])
+    assert buffers.cached_bytes() >= 64 * SHAPE[1] * 4

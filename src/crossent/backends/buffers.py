@@ -51,12 +51,21 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch
         slots = _cache.setdefault(key, [])
         for buf in slots:
             if _use_count(buf) == 1:  # only the cache holds it
-                return buf.view(shape)
+                return _share(buf, shape)
         buf = torch.empty(numel, dtype=dtype)
         slots.append(buf)
         if len(slots) > SLOTS_PER_SIZE:
             slots.pop(0)  # forget the oldest (its user keeps it alive as long as needed)
-        return buf.view(shape)
+        return _share(buf, shape)
+
+
+def _share(buf: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """A contiguous tensor of ``shape`` on ``buf``'s storage that is not a view of it (callers
+    may ``detach_()`` it, as ``zero_grad`` does with gradients)."""
+    out = torch.empty(0, dtype=buf.dtype)
+    with torch.no_grad():
+        out.set_(buf.untyped_storage(), 0, tuple(shape))
+    return out
 
 
 def empty_cache() -> None:
