@@ -62,9 +62,13 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch
 def _share(buf: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
     """A contiguous tensor of ``shape`` on ``buf``'s storage that is not a view of it (callers
     may ``detach_()`` it, as ``zero_grad`` does with gradients)."""
+    sizes = list(shape)
+    strides = [1] * len(sizes)
+    for i in range(len(sizes) - 2, -1, -1):
+        strides[i] = strides[i + 1] * sizes[i + 1]
     out = torch.empty(0, dtype=buf.dtype)
     with torch.no_grad():
-        out.set_(buf.untyped_storage(), 0, tuple(shape))
+        out.set_(buf.untyped_storage(), 0, sizes, strides)
     return out
 
 
