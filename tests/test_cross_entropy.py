@@ -13,10 +13,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle_inputs import _np, class_dim, grad_output_for, target_shape
 
 import crossent
 from crossent import dispatch, reference
@@ -49,21 +49,6 @@ class Result:
     d_input: torch.Tensor | None
     d_target: torch.Tensor | None
     d_weight: torch.Tensor | None
-
-
-def _np(t: torch.Tensor | None) -> np.ndarray | None:
-    if t is None:
-        return None
-    dt = torch.float64 if t.dtype.is_floating_point else torch.int64
-    return t.detach().to(dt).numpy()
-
-
-def grad_output_for(loss: torch.Tensor, reduction: str, seed: int = 0) -> torch.Tensor:
-    """Non-uniform signed gradient for 'none'; 1 for 'mean' (the usual ``loss.backward()``,
-    which crossent hands over without a multiply); 0.75 (exact in every dtype) for 'sum'."""
-    if reduction == "none":
-        return make_logits(tuple(loss.shape), loss.dtype, seed=seed + 11, scale=1.0)
-    return torch.tensor(1.0 if reduction == "mean" else 0.75, dtype=loss.dtype)
 
 
 def run(
@@ -138,14 +123,6 @@ def check_cross_entropy(
         assert ours.d_weight is not None and ours.d_weight.dtype == weight.dtype
         assert_close_to_oracle(ours.d_weight, grads.weight, theirs.d_weight, what="d weight")
     return ours
-
-
-def target_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return () if len(shape) == 1 else shape[:1] + shape[2:]
-
-
-def class_dim(shape: tuple[int, ...]) -> int:
-    return 0 if len(shape) == 1 else 1
 
 
 # --------------------------------------------------------------------------------------------

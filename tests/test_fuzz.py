@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from oracle_inputs import _np
 
 import crossent
 from crossent import reference
@@ -39,13 +40,6 @@ FUZZ = settings(
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _np(t: torch.Tensor | None) -> np.ndarray | None:
-    if t is None:
-        return None
-    dt = torch.float64 if t.dtype.is_floating_point else torch.int64
-    return t.detach().to(dt).numpy()
 
 
 def _grad_output(out: torch.Tensor, reduction: str, seed: int) -> torch.Tensor:

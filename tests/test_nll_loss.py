@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle_inputs import _np, class_dim, grad_output_for, target_shape
 
 import crossent
 from crossent import reference
@@ -38,20 +38,6 @@ class Result:
     loss: torch.Tensor
     grad_out: torch.Tensor
     d_input: torch.Tensor
-
-
-def _np(t: torch.Tensor | None) -> np.ndarray | None:
-    if t is None:
-        return None
-    dt = torch.float64 if t.dtype.is_floating_point else torch.int64
-    return t.detach().to(dt).numpy()
-
-
-def grad_output_for(loss: torch.Tensor, reduction: str, seed: int = 0) -> torch.Tensor:
-    """Non-uniform signed gradient for 'none'; 1 for 'mean'; 0.75 (exact) for 'sum'."""
-    if reduction == "none":
-        return make_logits(tuple(loss.shape), loss.dtype, seed=seed + 11, scale=1.0)
-    return torch.tensor(1.0 if reduction == "mean" else 0.75, dtype=loss.dtype)
 
 
 def run(fn: Any, x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
@@ -93,14 +79,6 @@ def check_nll(
     grad = reference.nll_loss_grad(xn, tn, _np(ours.grad_out), **okw)
     assert_close_to_oracle(ours.d_input, grad, theirs.d_input, what="d input")
     return ours
-
-
-def target_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return () if len(shape) == 1 else shape[:1] + shape[2:]
-
-
-def class_dim(shape: tuple[int, ...]) -> int:
-    return 0 if len(shape) == 1 else 1
 
 
 # --------------------------------------------------------------------------------------------
