@@ -53,19 +53,13 @@ def _outputs(loss: Tensor, x: Tensor, grad: Tensor | None) -> Tensor | tuple[Ten
     return (loss, x) if grad is not None and grad is x else loss
 
 
-def _kept_weight(
-    target: Tensor, weight: Tensor | None, ignore_index: int, acc: torch.dtype
-) -> Tensor:
-    """``(M,)`` weight of each row's target class, 0 on ignored rows (the mean's denominators)."""
-    keep = target != ignore_index
-    if weight is None:
-        return keep.to(acc)
-    return weight.to(acc)[torch.where(keep, target, 0)].masked_fill_(~keep, 0.0)
-
-
 def _denominator(target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
     """The 'mean' denominator: summed weight of the non-ignored targets, in float64."""
-    return _kept_weight(target, weight, ignore_index, torch.float64).sum()
+    keep = target != ignore_index
+    if weight is None:
+        return keep.sum(dtype=torch.float64)
+    kept = weight.to(torch.float64)[torch.where(keep, target, 0)].masked_fill_(~keep, 0.0)
+    return kept.sum()
 
 
 def _reduce(rows: Tensor, reduction: str, denom: Tensor | float | None) -> Tensor:
