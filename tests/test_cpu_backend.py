@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from numba import njit
 
 import crossent
-from crossent.backends.cpu import _math, as_numpy
+from crossent.backends.cpu import _math, _memory, as_numpy
 from crossent.testing import assert_close_to_oracle, make_logits, make_targets
 
 
@@ -23,6 +23,18 @@ from crossent.testing import assert_close_to_oracle, make_logits, make_targets
 def _exp_all(t, out):
     for i in range(t.shape[0]):
         out[i] = _math.fast_exp(t[i])
+
+
+@njit(fastmath={"reassoc", "nsz", "contract", "arcp"})
+def _exp_all_reassociated(t, out):
+    # the kernels evaluate exp inside loops that may be reassociated (to vectorise a sum);
+    # the sum here makes this loop one of them
+    s = t[0] * 0
+    for i in range(t.shape[0]):
+        v = _math.fast_exp(t[i])
+        out[i] = v
+        s += v
+    return s
 
 
 def _ulp_error(got: np.ndarray, t: np.ndarray, dtype: type) -> float:
@@ -43,16 +55,19 @@ def test_fast_exp_max_ulp_error(dtype: type, low: float, bound: float) -> None:
     out = np.empty_like(t)
     _exp_all(t, out)
     assert _ulp_error(out, t, dtype) <= bound
+    _exp_all_reassociated(t, out)
+    assert _ulp_error(out, t, dtype) <= bound
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fast_exp_special_values(dtype: type) -> None:
     t = np.array([0.0, -np.inf, np.nan, -1e30, -800.0, -100.0, 1e-30], dtype=dtype)
-    out = np.empty_like(t)
-    _exp_all(t, out)
-    assert out[0] == 1.0 and out[1] == 0.0 and np.isnan(out[2]) and out[3] == 0.0
-    assert out[4] == 0.0  # below every normal result: exactly 0
-    assert out[6] == 1.0
+    for run in (_exp_all, _exp_all_reassociated):
+        out = np.full_like(t, 7.0)
+        run(t, out)
+        assert out[0] == 1.0 and out[1] == 0.0 and np.isnan(out[2]) and out[3] == 0.0
+        assert out[4] == 0.0  # below every normal result: exactly 0
+        assert out[6] == 1.0
 
 
 @njit
@@ -90,6 +105,32 @@ def test_half_store_rounds_like_torch(dtype: torch.dtype) -> None:
     back = torch.empty_like(finite)
     _roundtrip(as_numpy(finite), as_numpy(back))
     assert torch.equal(back.view(torch.int16), finite.view(torch.int16))
+
+
+@njit
+def _stream(src, dst):
+    _memory.stream_row(src, dst)
+    _memory.fence()
+
+
+# Rows are streamed with 64-byte-aligned non-temporal stores between an ordinary head and
+# tail: every start offset within a cache line and lengths around whole lines must write
+# exactly the row (rounded like torch's .to()) and nothing beside it.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_stream_row_writes_exactly_the_row(dtype: torch.dtype) -> None:
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    per_line = 64 // dtype.itemsize
+    g = torch.Generator().manual_seed(0)
+    for start in range(per_line):
+        for length in (0, 1, per_line - 1, per_line, per_line + 1, 3 * per_line + 5, 1000):
+            src = torch.randn(length, generator=g, dtype=compute)
+            src[::7] = float("nan") if length > 3 else src[::7]
+            dst = torch.full((start + length + per_line,), 5.0, dtype=dtype)
+            _stream(as_numpy(src), as_numpy(dst)[start : start + length])
+            got = dst[start : start + length]
+            assert torch.equal(got.isnan(), src.isnan())
+            assert torch.equal(got.nan_to_num(), src.to(dtype).nan_to_num())
+            assert (dst[:start] == 5.0).all() and (dst[start + length :] == 5.0).all()
 
 
 def test_auto_selects_cpu_backend_for_cpu_tensors() -> None:

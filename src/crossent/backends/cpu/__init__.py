@@ -90,7 +90,8 @@ class CpuBackend(TorchBackend):
         grad, out = _rows(grad), _rows(out)
         gx = buffers.empty(out.shape, out.dtype, out.device)
         _set_threads()
-        _kernels.softmax_bwd(as_numpy(grad), as_numpy(out), as_numpy(gx), log)
+        proto = np.empty(0, dtype=np.float64 if out.dtype == torch.float64 else np.float32)
+        _kernels.softmax_bwd(as_numpy(grad), as_numpy(out), as_numpy(gx), log, proto)
         return gx
 
     # ---- cross entropy -------------------------------------------------------------------------

@@ -1,13 +1,17 @@
 """Fused CPU kernels: softmax, log_softmax and cross entropy on ``(M, V)`` row blocks.
 
-Each row is read once for its max, once to evaluate every exponential exactly once, and the
-result (probabilities, or the gradient of the loss) is written in a third, cache-hot pass.
-Rows are spread over threads with ``prange``; each thread owns one float scratch row.
+Per row: one read for the max; one pass that evaluates every exponential exactly once and
+sums them, keeping the exponentials in a per-thread float scratch row; one pass over that
+(cache-hot) scratch row turning it into the output (probabilities, or the gradient of the
+loss); and one streaming copy of the finished row to memory (:mod:`._memory`), which skips
+the read-for-ownership of ordinary stores. While a row's exponentials are computed, the next
+row is prefetched when rows are small enough for both to stay in L2. Rows are spread over
+threads with ``prange``.
 
-Fast-math is chosen per loop: reductions (max, sums, dot products) may be reassociated so
-LLVM vectorises them; the loops that evaluate ``exp`` only allow fused multiply-adds, so the
-Cody–Waite range reduction of :mod:`._math` is never reassociated. LLVM keeps these flags per
-instruction when it inlines the helpers into the kernels.
+Fast-math is chosen per loop: reductions (max, sums, dot products) and the exp-and-sum loop
+may be reassociated so LLVM vectorises them — the exponential of :mod:`._math` is written with
+explicit fused multiply-adds, which reassociation leaves alone; loops that produce outputs only
+allow contraction, so their rounding is that of the formula as written.
 
 Rows containing NaN or +inf, or only -inf, give NaN everywhere (loss, lse, gradient), which is
 what torch's ``log_softmax`` produces for them; -inf entries in an otherwise finite row are
@@ -21,47 +25,72 @@ import math
 
 import numpy as np
 from numba import njit, prange
-from numba.core.extending import overload
 
 from ._math import fast_exp, fmax, like, load, store
+from ._memory import fence, prefetch, stream_row, wide_vectors
 
 FM_REDUCE = {"reassoc", "nsz", "contract", "arcp"}
-FM_EXP = {"contract"}
+FM_WRITE = {"contract"}
+
+BLOCK = 1024  # elements per step of the exp-and-sum loop: its float32 sum stays short
+PREFETCH_ROW_BYTES = 128 * 1024  # prefetch the next row while the current one is computed
+LINE = 64  # bytes per cache line
 
 
 # ---- row helpers ------------------------------------------------------------------------
-# Sums accumulate in float64 lanes (the rows are cache-hot, so this costs little) and are
-# rounded to the compute dtype once: float32 sums over V = 262144 terms stay within the
-# tolerance rule. Reductions start from element 0 (rows have V >= 1).
+# Sums accumulate per block in the compute dtype (vector lanes of at most BLOCK/16 terms each)
+# and across blocks in float64, then round to the compute dtype once: float32 sums over
+# V = 262144 terms stay within the tolerance rule. Reductions start from element 0 (V >= 1).
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
 def _row_max(xr):
     """Max of a row (maxNum: NaNs are skipped here and caught by the sum of exponentials)."""
+    wide_vectors()
     m = load(xr, 0)
     for j in range(1, xr.shape[0]):
         m = fmax(m, load(xr, j))
     return m
 
 
-@njit(fastmath=FM_EXP, cache=True)
-def _row_exp(xr, m, e):
-    """``e[j] = exp(x[j] - m)``: the one exponential of each element (NaN stays NaN)."""
-    for j in range(xr.shape[0]):
-        e[j] = fast_exp(load(xr, j) - m)
-
-
 @njit(fastmath=FM_REDUCE, cache=True)
-def _sum(e):
-    s = np.float64(e[0])
-    for j in range(1, e.shape[0]):
-        s += np.float64(e[j])
-    return like(s, e[0])
+def _exp_sum_block(xr, m, e):
+    """``e[j] = exp(x[j] - m)`` (the one exponential of each element) and their sum."""
+    wide_vectors()
+    s = like(0, m)
+    for j in range(xr.shape[0]):
+        v = fast_exp(load(xr, j) - m)
+        e[j] = v
+        s += v
+    return s
+
+
+@njit(cache=True)
+def _exp_sum(xr, m, e, nxt, ahead):
+    """Exponentials of a row into ``e`` and their sum (NaN if the row holds NaN); prefetches
+    row ``nxt`` alongside when ``ahead``."""
+    v = xr.shape[0]
+    per_line = LINE // nxt.itemsize
+    s = 0.0
+    for lo in range(0, v, BLOCK):
+        hi = min(lo + BLOCK, v)
+        if ahead:
+            for j in range(lo, hi, per_line):
+                prefetch(nxt, j)
+        s += _exp_sum_block(xr[lo:hi], m, e[lo:hi])
+    return like(s, m)
+
+
+@njit(inline="always", cache=True)
+def _next_row(x, i, last):
+    """The row after ``i`` (``i`` itself when it is the last) and whether to prefetch it."""
+    return x[min(i + 1, last)], x.shape[1] * x.itemsize <= PREFETCH_ROW_BYTES and i < last
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
 def _shifted_sum(xr, m):
     """``Σ_j (x[j] - m)``."""
+    wide_vectors()
     s = np.float64(load(xr, 0) - m)
     for j in range(1, xr.shape[0]):
         s += np.float64(load(xr, j) - m)
@@ -71,36 +100,27 @@ def _shifted_sum(xr, m):
 @njit(fastmath=FM_REDUCE, cache=True)
 def _shifted_wsum(xr, m, w):
     """``Σ_j w[j]·(x[j] - m)`` (a zero weight on a -inf logit gives NaN, as in torch)."""
+    wide_vectors()
     s = np.float64(w[0] * (load(xr, 0) - m))
     for j in range(1, xr.shape[0]):
         s += np.float64(w[j] * (load(xr, j) - m))
     return like(s, m)
 
 
-def _exp_buffer(g, buf):
-    """The row the exponentials go to: the gradient row itself when it has the compute dtype."""
-    raise NotImplementedError
-
-
-@overload(_exp_buffer, inline="always")
-def _exp_buffer_impl(g, buf):
-    if g.dtype == buf.dtype:
-        return lambda g, buf: g
-    return lambda g, buf: buf
-
-
-@njit(fastmath=FM_EXP, cache=True)
-def _write_grad(e, a, b, g):
-    """``g[j] = e[j]·a - b`` in g's storage dtype."""
+@njit(fastmath=FM_WRITE, cache=True)
+def _affine(e, a, b):
+    """``e[j] = e[j]·a - b`` in place."""
+    wide_vectors()
     for j in range(e.shape[0]):
-        store(g, j, e[j] * a - b)
+        e[j] = e[j] * a - b
 
 
-@njit(fastmath=FM_EXP, cache=True)
-def _write_wgrad(e, a, b, w, g):
-    """``g[j] = e[j]·a - b·w[j]`` in g's storage dtype."""
+@njit(fastmath=FM_WRITE, cache=True)
+def _waffine(e, a, b, w):
+    """``e[j] = e[j]·a - b·w[j]`` in place."""
+    wide_vectors()
     for j in range(e.shape[0]):
-        store(g, j, e[j] * a - b * w[j])
+        e[j] = e[j] * a - b * w[j]
 
 
 @njit(cache=True)
@@ -124,7 +144,9 @@ def _nblocks(m, per_block):
 
 
 @njit(cache=True)
-def _ce_index_row(xr, y, w, has_w, w_total, smoothing, c_t, c_s, scale, e, g, want_grad):
+def _ce_index_row(
+    xr, y, w, has_w, w_total, smoothing, c_t, c_s, scale, e, nxt, ahead, g, want_grad
+):
     """One row: returns ``(loss, lse)`` and, if ``want_grad``, writes ``scale·d loss/d x``.
 
     With z = x - max, s = Σ exp(z), c_t = 1-ε, c_s = ε/V and W = Σ_c w_c:
@@ -140,8 +162,7 @@ def _ce_index_row(xr, y, w, has_w, w_total, smoothing, c_t, c_s, scale, e, g, wa
     if smoothing:  # -Σ_c w_c z_c; the W·log s part is added below
         neg_wz = -(_shifted_wsum(xr, m, w) if has_w else _shifted_sum(xr, m))
     zy = load(xr, y) - m  # read before the gradient may overwrite the row (in-place mode)
-    _row_exp(xr, m, e)
-    s = _sum(e)
+    s = _exp_sum(xr, m, e, nxt, ahead)
     if _bad(m, s):
         if want_grad:
             _fill(g, math.nan)
@@ -151,14 +172,14 @@ def _ce_index_row(xr, y, w, has_w, w_total, smoothing, c_t, c_s, scale, e, g, wa
     if smoothing:
         loss += c_s * (wt * log_s + neg_wz)
     if want_grad:
-        ey = e[y]
         a = scale * (c_t * wy + c_s * wt) / s
         b = scale * c_s
         if has_w:
-            _write_wgrad(e, a, b, w, g)
+            _waffine(e, a, b, w)
         else:
-            _write_grad(e, a, b, g)
-        store(g, y, ey * a - b * wy - scale * c_t * wy)
+            _affine(e, a, b)
+        e[y] -= scale * c_t * wy
+        stream_row(e, g)
     return loss, m + log_s
 
 
@@ -169,13 +190,14 @@ def ce_index(
 ):
     """Cross entropy with class indices over rows of ``x`` (see :func:`_ce_index_row`).
 
-    Reads M·V·b bytes of logits (plus cache-hot re-reads), writes M·V·b of gradient.
+    Reads M·V·b bytes of logits (plus cache-hot re-reads), streams M·V·b of gradient.
     """
     m_rows, v = x.shape
     nb = _nblocks(m_rows, 8)
     for b in prange(nb):
-        buf = np.empty(v, dtype=loss.dtype)
-        for i in range(b * m_rows // nb, (b + 1) * m_rows // nb):
+        e = np.empty(v, dtype=loss.dtype)
+        last = (b + 1) * m_rows // nb - 1
+        for i in range(b * m_rows // nb, last + 1):
             y = target[i]
             if y == ignore_index:
                 loss[i] = 0
@@ -183,16 +205,13 @@ def ce_index(
                 if want_grad:
                     _fill(grad[i], 0.0)
                 continue
-            if want_grad:
-                g = grad[i]
-                e = _exp_buffer(g, buf)
-                loss[i], lse[i] = _ce_index_row(
-                    x[i], y, w, has_w, w_total, smoothing, c_t, c_s, scale, e, g, True
-                )
-            else:
-                loss[i], lse[i] = _ce_index_row(
-                    x[i], y, w, has_w, w_total, smoothing, c_t, c_s, scale, buf, buf, False
-                )
+            nxt, ahead = _next_row(x, i, last)
+            g = grad[i]  # an empty row when no gradient is wanted
+            loss[i], lse[i] = _ce_index_row(
+                x[i], y, w, has_w, w_total, smoothing, c_t, c_s, scale, e, nxt, ahead, g,
+                want_grad,
+            )
+        fence()
 
 
 # ---- cross entropy, probability targets -------------------------------------------------
@@ -201,6 +220,7 @@ def ce_index(
 @njit(fastmath=FM_REDUCE, cache=True)
 def _prob_dots(xr, tr, m, w, has_w, c_t, c_s):
     """``(Σ_j w_j t'_j, Σ_j w_j t'_j (x_j - m))`` with ``t' = c_t·t + c_s``."""
+    wide_vectors()
     tj = c_t * load(tr, 0) + c_s
     if has_w:
         tj = tj * w[0]
@@ -215,64 +235,66 @@ def _prob_dots(xr, tr, m, w, has_w, c_t, c_s):
     return like(total, m), like(dot, m)
 
 
-@njit(fastmath=FM_EXP, cache=True)
-def _write_prob_grad(e, tr, w, has_w, c_t, c_s, a, b, g):
-    """``g[j] = e[j]·a - b·w_j·t'_j``."""
+@njit(fastmath=FM_WRITE, cache=True)
+def _prob_grad(e, tr, w, has_w, c_t, c_s, a, b):
+    """``e[j] = e[j]·a - b·w_j·t'_j`` in place."""
+    wide_vectors()
     for j in range(e.shape[0]):
         tj = c_t * load(tr, j) + c_s
         if has_w:
             tj = tj * w[j]
-        store(g, j, e[j] * a - b * tj)
+        e[j] = e[j] * a - b * tj
 
 
 @njit(cache=True)
-def _ce_prob_row(xr, tr, w, has_w, c_t, c_s, scale, e, g, want_grad):
+def _ce_prob_row(xr, tr, w, has_w, c_t, c_s, scale, e, nxt, ahead, g, want_grad):
     """loss = -Σ_j w_j t'_j (z_j - log s); d loss/d x_j = p_j·Σ w t' - w_j t'_j."""
     m = _row_max(xr)
     total, dot = _prob_dots(xr, tr, m, w, has_w, c_t, c_s)
-    _row_exp(xr, m, e)
-    s = _sum(e)
+    s = _exp_sum(xr, m, e, nxt, ahead)
     if _bad(m, s):
         if want_grad:
             _fill(g, math.nan)
         return math.nan, math.nan
     log_s = like(math.log(s), m)
     if want_grad:
-        _write_prob_grad(e, tr, w, has_w, c_t, c_s, scale * total / s, scale, g)
+        _prob_grad(e, tr, w, has_w, c_t, c_s, scale * total / s, scale)
+        stream_row(e, g)
     return log_s * total - dot, m + log_s
 
 
 @njit(parallel=True, cache=True)
 def ce_prob(x, t, w, has_w, c_t, c_s, scale, loss, lse, grad, want_grad):
-    """Cross entropy with probability targets; reads x and t once each, writes the gradient."""
+    """Cross entropy with probability targets; reads x and t once each, streams the gradient."""
     m_rows, v = x.shape
     nb = _nblocks(m_rows, 8)
     for b in prange(nb):
-        buf = np.empty(v, dtype=loss.dtype)
-        for i in range(b * m_rows // nb, (b + 1) * m_rows // nb):
-            if want_grad:
-                g = grad[i]
-                e = _exp_buffer(g, buf)
-                loss[i], lse[i] = _ce_prob_row(x[i], t[i], w, has_w, c_t, c_s, scale, e, g, True)
-            else:
-                loss[i], lse[i] = _ce_prob_row(
-                    x[i], t[i], w, has_w, c_t, c_s, scale, buf, buf, False
-                )
+        e = np.empty(v, dtype=loss.dtype)
+        last = (b + 1) * m_rows // nb - 1
+        for i in range(b * m_rows // nb, last + 1):
+            nxt, ahead = _next_row(x, i, last)
+            g = grad[i]  # an empty row when no gradient is wanted
+            loss[i], lse[i] = _ce_prob_row(
+                x[i], t[i], w, has_w, c_t, c_s, scale, e, nxt, ahead, g, want_grad
+            )
+        fence()
 
 
 # ---- softmax / log_softmax --------------------------------------------------------------
 
 
-@njit(fastmath=FM_EXP, cache=True)
-def _write_div(e, s, out):
+@njit(fastmath=FM_WRITE, cache=True)
+def _divide(e, s):
+    wide_vectors()
     for j in range(e.shape[0]):
-        store(out, j, e[j] / s)
+        e[j] = e[j] / s
 
 
-@njit(fastmath=FM_EXP, cache=True)
-def _write_log(xr, m, log_s, out):
+@njit(fastmath=FM_WRITE, cache=True)
+def _log_probs(xr, m, log_s, e):
+    wide_vectors()
     for j in range(xr.shape[0]):
-        store(out, j, (load(xr, j) - m) - log_s)
+        e[j] = (load(xr, j) - m) - log_s
 
 
 @njit(parallel=True, cache=True)
@@ -281,24 +303,27 @@ def softmax_fwd(x, out, log, proto):
     m_rows, v = x.shape
     nb = _nblocks(m_rows, 8)
     for b in prange(nb):
-        buf = np.empty(v, dtype=proto.dtype)
-        for i in range(b * m_rows // nb, (b + 1) * m_rows // nb):
+        e = np.empty(v, dtype=proto.dtype)
+        last = (b + 1) * m_rows // nb - 1
+        for i in range(b * m_rows // nb, last + 1):
             xr = x[i]
-            o = out[i]
+            nxt, ahead = _next_row(x, i, last)
             m = _row_max(xr)
-            e = buf if log else _exp_buffer(o, buf)
-            _row_exp(xr, m, e)
-            s = _sum(e)
+            s = _exp_sum(xr, m, e, nxt, ahead)
             if _bad(m, s):
-                _fill(o, math.nan)
-            elif log:
-                _write_log(xr, m, like(math.log(s), m), o)
+                _fill(out[i], math.nan)
+                continue
+            if log:
+                _log_probs(xr, m, like(math.log(s), m), e)
             else:
-                _write_div(e, s, o)
+                _divide(e, s)
+            stream_row(e, out[i])
+        fence()
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
 def _dot(g, y):
+    wide_vectors()
     s = np.float64(load(g, 0)) * np.float64(load(y, 0))
     for j in range(1, g.shape[0]):
         s += np.float64(load(g, j)) * np.float64(load(y, j))
@@ -307,32 +332,38 @@ def _dot(g, y):
 
 @njit(fastmath=FM_REDUCE, cache=True)
 def _lsum(g):
+    wide_vectors()
     s = np.float64(load(g, 0))
     for j in range(1, g.shape[0]):
         s += np.float64(load(g, j))
     return like(s, load(g, 0))
 
 
-@njit(fastmath=FM_EXP, cache=True)
-def _softmax_bwd_row(g, y, d, gx):
+@njit(fastmath=FM_WRITE, cache=True)
+def _softmax_bwd_row(g, y, d, e):
+    wide_vectors()
     for j in range(g.shape[0]):
-        store(gx, j, load(y, j) * (load(g, j) - d))
+        e[j] = load(y, j) * (load(g, j) - d)
 
 
-@njit(fastmath=FM_EXP, cache=True)
-def _log_softmax_bwd_row(g, y, d, gx):
+@njit(fastmath=FM_WRITE, cache=True)
+def _log_softmax_bwd_row(g, y, d, e):
+    wide_vectors()
     for j in range(g.shape[0]):
-        store(gx, j, load(g, j) - fast_exp(load(y, j)) * d)
+        e[j] = load(g, j) - fast_exp(load(y, j)) * d
 
 
 @njit(parallel=True, cache=True)
-def softmax_bwd(g, y, gx, log):
+def softmax_bwd(g, y, gx, log, proto):
     """softmax: ``gx = y·(g - Σ g·y)``; log_softmax: ``gx = g - exp(y)·Σ g``."""
     m_rows, v = g.shape
     nb = _nblocks(m_rows, 8)
     for b in prange(nb):
+        e = np.empty(v, dtype=proto.dtype)
         for i in range(b * m_rows // nb, (b + 1) * m_rows // nb):
             if log:
-                _log_softmax_bwd_row(g[i], y[i], _lsum(g[i]), gx[i])
+                _log_softmax_bwd_row(g[i], y[i], _lsum(g[i]), e)
             else:
-                _softmax_bwd_row(g[i], y[i], _dot(g[i], y[i]), gx[i])
+                _softmax_bwd_row(g[i], y[i], _dot(g[i], y[i]), e)
+            stream_row(e, gx[i])
+        fence()
