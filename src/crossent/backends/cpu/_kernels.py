@@ -324,33 +324,71 @@ def softmax_fwd(x, out, log, proto):
 @njit(fastmath=FM_REDUCE, cache=True)
 def _dot(g, y):
     wide_vectors()
-    s = np.float64(load(g, 0)) * np.float64(load(y, 0))
-    for j in range(1, g.shape[0]):
+    s = np.float64(0)
+    for j in range(g.shape[0]):
         s += np.float64(load(g, j)) * np.float64(load(y, j))
-    return like(s, load(g, 0))
+    return s
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
 def _lsum(g):
     wide_vectors()
-    s = np.float64(load(g, 0))
-    for j in range(1, g.shape[0]):
+    s = np.float64(0)
+    for j in range(g.shape[0]):
         s += np.float64(load(g, j))
+    return s
+
+
+@njit(cache=True)
+def _prefetch_lines(a, lo, hi):
+    for j in range(lo, hi, LINE // a.itemsize):
+        prefetch(a, j)
+
+
+@njit(cache=True)
+def _bwd_reduce(g, y, log, ahead):
+    """``Σ g`` (log_softmax, prefetching y for the next pass) or ``Σ g·y`` (softmax)."""
+    v = g.shape[0]
+    s = 0.0
+    for lo in range(0, v, BLOCK):
+        hi = min(lo + BLOCK, v)
+        if log:
+            if ahead:
+                _prefetch_lines(y, lo, hi)
+            s += _lsum(g[lo:hi])
+        else:
+            s += _dot(g[lo:hi], y[lo:hi])
     return like(s, load(g, 0))
 
 
 @njit(fastmath=FM_WRITE, cache=True)
-def _softmax_bwd_row(g, y, d, e):
+def _softmax_bwd_block(g, y, d, e):
     wide_vectors()
     for j in range(g.shape[0]):
         e[j] = load(y, j) * (load(g, j) - d)
 
 
 @njit(fastmath=FM_WRITE, cache=True)
-def _log_softmax_bwd_row(g, y, d, e):
+def _log_softmax_bwd_block(g, y, d, e):
     wide_vectors()
     for j in range(g.shape[0]):
         e[j] = load(g, j) - fast_exp(load(y, j)) * d
+
+
+@njit(cache=True)
+def _bwd_row(g, y, d, e, g_next, y_next, log, ahead):
+    """One row of the input gradient into ``e``, prefetching the next row's inputs."""
+    v = g.shape[0]
+    for lo in range(0, v, BLOCK):
+        hi = min(lo + BLOCK, v)
+        if ahead:
+            _prefetch_lines(g_next, lo, hi)
+            if not log:
+                _prefetch_lines(y_next, lo, hi)
+        if log:
+            _log_softmax_bwd_block(g[lo:hi], y[lo:hi], d, e[lo:hi])
+        else:
+            _softmax_bwd_block(g[lo:hi], y[lo:hi], d, e[lo:hi])
 
 
 @njit(parallel=True, cache=True)
@@ -360,10 +398,11 @@ def softmax_bwd(g, y, gx, log, proto):
     nb = _nblocks(m_rows, 8)
     for b in prange(nb):
         e = np.empty(v, dtype=proto.dtype)
-        for i in range(b * m_rows // nb, (b + 1) * m_rows // nb):
-            if log:
-                _log_softmax_bwd_row(g[i], y[i], _lsum(g[i]), e)
-            else:
-                _softmax_bwd_row(g[i], y[i], _dot(g[i], y[i]), e)
+        last = (b + 1) * m_rows // nb - 1
+        for i in range(b * m_rows // nb, last + 1):
+            g_next, ahead = _next_row(g, i, last)
+            y_next = y[min(i + 1, last)]
+            d = _bwd_reduce(g[i], y[i], log, ahead)
+            _bwd_row(g[i], y[i], d, e, g_next, y_next, log, ahead)
             stream_row(e, gx[i])
         fence()
