@@ -44,8 +44,10 @@ import crossent
 import crossent.nn
 from crossent import testing
 
-OPS = ("softmax", "log_softmax", "nll_loss", "cross_entropy")
-MODULES = ("CrossEntropyLoss", "NLLLoss", "Softmax", "LogSoftmax")
+OPS = ("softmax", "log_softmax", "nll_loss", "cross_entropy", "linear_cross_entropy")
+MODULES = (
+    "CrossEntropyLoss", "NLLLoss", "Softmax", "LogSoftmax", "LinearCrossEntropyLoss"
+)
 
 # torch.testing.assert_close's own defaults per dtype, written out so the rule is visible:
 # (rtol, atol). Two implementations that each round correctly differ by an ulp or two.
@@ -71,7 +73,7 @@ TORCH = SimpleNamespace(
 
 @functools.cache
 def crossent_lib(backend: str = "auto") -> SimpleNamespace:
-    """crossent's four functions and four modules, with ``backend=`` bound."""
+    """crossent's functions and modules, with ``backend=`` bound."""
     return SimpleNamespace(
         name=f"crossent[{backend}]",
         **{op: functools.partial(getattr(crossent, op), backend=backend) for op in OPS},

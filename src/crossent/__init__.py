@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from .backends.buffers import empty_cache
-from .functional import cross_entropy, log_softmax, nll_loss, softmax
-from .nn import CrossEntropyLoss, LogSoftmax, NLLLoss, Softmax
+from .functional import cross_entropy, linear_cross_entropy, log_softmax, nll_loss, softmax
+from .nn import CrossEntropyLoss, LinearCrossEntropyLoss, LogSoftmax, NLLLoss, Softmax
 
 __version__ = "0.1.0"
 
@@ -14,7 +14,9 @@ __all__ = [
     "log_softmax",
     "nll_loss",
     "cross_entropy",
+    "linear_cross_entropy",
     "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
     "NLLLoss",
     "Softmax",
     "LogSoftmax",

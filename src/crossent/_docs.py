@@ -160,3 +160,55 @@ MODULE_BACKEND_NOTE = r"""The module takes the same constructor arguments as its
     Args:
         backend (str, keyword-only): see :func:`crossent.{fn}`. Default: ``"auto"``
     """
+
+LINEAR_CROSS_ENTROPY = rf"""Compute the cross entropy of ``input @ linear_weight.T + linear_bias``
+    and ``target`` exactly as :func:`torch.nn.functional.linear_cross_entropy`, without
+    materialising the logits.
+
+    Rows are processed in chunks whose logits fit :attr:`chunk_bytes`: a matmul writes a
+    chunk's logits into one reused buffer, the fused cross-entropy pass turns them into the
+    gradient of the logits in place, and two more matmuls add that chunk's share of the
+    input and weight gradients. Peak memory above the inputs is the two gradients (plus a
+    float32 accumulator for float16/bfloat16 weights) and one chunk. Rows whose target is
+    :attr:`ignore_index` are dropped before the projection. Gradients are exact and
+    deterministic. With ``reduction='none'`` the backward pass recomputes each chunk's
+    logits, because the per-row incoming gradient is needed to form the weight gradient.
+
+    Args:
+        input (Tensor): ``(N, in_features)`` or unbatched ``(in_features,)``.
+        linear_weight (Tensor): ``(C, in_features)``, or ``(C, d_1, ..., d_K, in_features)``
+            for a K-dimensional loss (that case, and targets or class weights that require
+            grad, are computed through materialised logits, as torch's reference path).
+        target (Tensor): class indices ``(N,)``, or class probabilities of the logits' shape.
+        linear_bias (Tensor, optional, keyword-only): ``(C,)`` (or ``(C, d_1, ..., d_K)``)
+            added to the projection. Default: ``None``
+        {WEIGHT}
+        {REDUCTION}
+        ignore_index (int, optional): a class-index target value that is ignored; ``None``
+            means ``-100``. Must stay ``None`` for probability targets. Default: ``None``
+        label_smoothing (float, optional): :math:`\varepsilon` in :math:`[0, 1]`, as in
+            :func:`crossent.cross_entropy`. Default: :math:`0.0`
+        options (LinearCrossEntropyOptions, optional): accepted for torch compatibility;
+            crossent always chunks, and uses its ``batch_chunk_size`` as the rows per
+            chunk when set. Default: ``None``
+        {BACKEND}
+        chunk_bytes (int, keyword-only): memory budget for one chunk's logits, which sets
+            the rows per chunk. Default: ``None`` (32 MiB)
+
+    Shape:
+        - Output: scalar, or ``(N,)`` (``()`` unbatched) with ``reduction='none'``
+
+    {PRECISION_NOTE}
+    """
+
+LINEAR_MODULE_NOTE = r"""The module takes the same constructor arguments as its torch
+    counterpart (it subclasses it, so ``isinstance`` checks, ``state_dict`` and ``repr`` are
+    torch's) plus keyword-only ``backend`` and ``chunk_bytes``; see
+    :func:`crossent.linear_cross_entropy` for the computation.
+
+    Args:
+        backend (str, keyword-only): see :func:`crossent.linear_cross_entropy`.
+            Default: ``"auto"``
+        chunk_bytes (int, keyword-only): see :func:`crossent.linear_cross_entropy`.
+            Default: ``None``
+    """

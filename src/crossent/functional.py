@@ -7,9 +7,11 @@ autograd Function (:mod:`crossent._autograd`).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _args, _docs
@@ -21,10 +23,11 @@ from ._autograd import (
     Softmax,
     SoftmaxOptions,
 )
+from ._linear import LinearCrossEntropy, LinearOptions, chunk_rows
 from .backends.base import RowOptions
 from .dispatch import BackendName, resolve
 
-__all__ = ["softmax", "log_softmax", "nll_loss", "cross_entropy"]
+__all__ = ["softmax", "log_softmax", "nll_loss", "cross_entropy", "linear_cross_entropy"]
 
 
 def _softmax(
@@ -139,6 +142,107 @@ def cross_entropy(
     return loss.view(rows.out_shape) if red == "none" else loss
 
 
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    options: Any = None,
+    backend: BackendName = "auto",
+    chunk_bytes: int | None = None,
+) -> Tensor:
+    if input.dim() < 1 or input.dim() > 2:
+        raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
+    if linear_weight.dim() < 2:
+        raise RuntimeError(
+            "expected linear_weight with dimensionality at least 2, got "
+            f"{linear_weight.dim()}"
+        )
+    batch = tuple(input.shape[:-1])
+    d = input.shape[-1]
+    if d != linear_weight.shape[-1]:
+        raise RuntimeError(
+            "expected equal input and linear_weight last dimensions (in_features), "
+            f"got {d} and {linear_weight.shape[-1]}, respectively"
+        )
+    v = linear_weight.shape[0]
+    out_features = tuple(linear_weight.shape[1:-1])
+    if linear_bias is not None and tuple(linear_bias.shape) != (v, *out_features):
+        raise RuntimeError(
+            f"expected linear_bias shape {(v, *out_features)}, got {tuple(linear_bias.shape)}"
+        )
+    if out_features and not batch:
+        raise RuntimeError(
+            f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} "
+            f"requires batched input, (N, {d}), got unbatched input with shape "
+            f"{tuple(input.shape)}"
+        )
+    logits_shape = (*batch, v, *out_features)
+    prob = tuple(target.shape) == logits_shape
+    if prob and ignore_index is not None:
+        raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
+    ii = -100 if ignore_index is None else ignore_index
+    _check_linear_dtypes(input, linear_weight, linear_bias)
+    fused = not out_features and not target.requires_grad and not (
+        weight is not None and weight.requires_grad
+    )
+    if not fused:
+        # what torch computes, with the logits materialised (K-dimensional loss, or gradients
+        # wanted for the target or the class weights)
+        w2 = linear_weight.reshape(math.prod(out_features, start=v), d)
+        b2 = None if linear_bias is None else linear_bias.reshape(-1)
+        logits = F.linear(input, w2, b2).reshape(logits_shape)
+        return cross_entropy(
+            logits, target, weight, ignore_index=ii, reduction=reduction,
+            label_smoothing=label_smoothing, backend=backend,
+        )
+    red = _args.reduction_string(None, None, reduction)
+    fn = "cross_entropy_loss"
+    _args.check_tensor(fn, "target", 2, target)
+    _args.check_tensor(fn, "weight", 3, weight, optional=True)
+    ls = _args.as_float(fn, "label_smoothing", 6, label_smoothing)
+    virtual = torch.empty((), dtype=input.dtype, device=input.device).expand(logits_shape)
+    if prob:
+        checked = _args.prob_rows(virtual, target, weight, ii, ls)
+        t2 = checked.target
+        out_shape = checked.out_shape
+    else:
+        _args.check_label_smoothing(ls)
+        _args.check_floating(virtual, _args.softmax_kernel_name("log_softmax", 1, virtual.dim()))
+        rows = _args.index_rows(virtual, target, weight, ii, "nll_loss")
+        t2, out_shape = rows.target, rows.out_shape
+        weight = rows.weight
+    chunk = getattr(options, "batch_chunk_size", None) if options is not None else None
+    opts = LinearOptions(
+        backend=resolve(backend, input),
+        rows=RowOptions(ignore_index=ii, label_smoothing=_args.effective_smoothing(ls)),
+        reduction=red,
+        chunk_rows=chunk_rows(v, input.element_size(), chunk_bytes, chunk),
+        grad_enabled=torch.is_grad_enabled(),
+    )
+    x2 = input.reshape(-1, d)
+    loss = LinearCrossEntropy.apply(x2, linear_weight, linear_bias, t2, weight, opts)
+    return loss.view(out_shape) if red == "none" else loss
+
+
+def _check_linear_dtypes(x: Tensor, w: Tensor, b: Tensor | None) -> None:
+    if x.dtype != w.dtype:
+        raise RuntimeError(
+            f"expected m1 and m2 to have the same dtype, but got: {_args.dtype_name(x.dtype)} "
+            f"!= {_args.dtype_name(w.dtype)}"
+        )
+    if b is not None and b.dtype != x.dtype:
+        raise RuntimeError(
+            f"expected bias to have the dtype of the input, {_args.dtype_name(x.dtype)}, "
+            f"got {_args.dtype_name(b.dtype)}"
+        )
+
+
 def _first(out: Tensor | tuple[Tensor, ...]) -> Tensor:
     # with inplace_backward the Function also returns the (now overwritten) logits
     return out[0] if isinstance(out, tuple) else out
@@ -148,3 +252,4 @@ softmax.__doc__ = _docs.SOFTMAX
 log_softmax.__doc__ = _docs.LOG_SOFTMAX
 nll_loss.__doc__ = _docs.NLL_LOSS
 cross_entropy.__doc__ = _docs.CROSS_ENTROPY
+linear_cross_entropy.__doc__ = _docs.LINEAR_CROSS_ENTROPY

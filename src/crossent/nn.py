@@ -16,7 +16,7 @@ from torch import Tensor
 from . import _docs, functional
 from .dispatch import BackendName
 
-__all__ = ["CrossEntropyLoss", "NLLLoss", "LogSoftmax", "Softmax"]
+__all__ = ["CrossEntropyLoss", "NLLLoss", "LogSoftmax", "Softmax", "LinearCrossEntropyLoss"]
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -89,6 +89,61 @@ class LogSoftmax(torch.nn.LogSoftmax):
         return functional.log_softmax(input, self.dim, _stacklevel=5, backend=self.backend)
 
 
+class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        out_features: tuple[int, ...] = (),
+        bias: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+        reduction: str = "mean",
+        weight: Tensor | None = None,
+        ignore_index: int | None = None,
+        label_smoothing: float = 0.0,
+        options: Any = None,
+        backend: BackendName = "auto",
+        chunk_bytes: int | None = None,
+    ) -> None:
+        super().__init__(
+            in_features,
+            num_classes,
+            out_features=out_features,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+            reduction=reduction,
+            weight=weight,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            options=options,
+        )
+        self.backend = backend
+        self.chunk_bytes = chunk_bytes
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        linear_weight = self.linear.weight.reshape(
+            (self.num_classes, *self.out_features, self.linear.in_features)
+        )
+        bias = self.linear.bias
+        linear_bias = None if bias is None else bias.reshape((self.num_classes, *self.out_features))
+        return functional.linear_cross_entropy(
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            options=self.options,
+            backend=self.backend,
+            chunk_bytes=self.chunk_bytes,
+        )
+
+
 def _module_doc(cls: type, torch_cls: type, fn: str) -> str:
     head = f"Drop-in :class:`torch.nn.{torch_cls.__name__}` computed by :func:`crossent.{fn}`."
     head += "\n\n    "
@@ -99,3 +154,10 @@ CrossEntropyLoss.__doc__ = _module_doc(CrossEntropyLoss, torch.nn.CrossEntropyLo
 NLLLoss.__doc__ = _module_doc(NLLLoss, torch.nn.NLLLoss, "nll_loss")
 Softmax.__doc__ = _module_doc(Softmax, torch.nn.Softmax, "softmax")
 LogSoftmax.__doc__ = _module_doc(LogSoftmax, torch.nn.LogSoftmax, "log_softmax")
+LinearCrossEntropyLoss.__doc__ = (
+    "Drop-in :class:`torch.nn.LinearCrossEntropyLoss` computed by "
+    ":func:`crossent.linear_cross_entropy`.\n\n    "
+    + _docs.LINEAR_MODULE_NOTE
+    + "\n    "
+    + (torch.nn.LinearCrossEntropyLoss.__doc__ or "")
+)

@@ -81,7 +81,8 @@ class Backend:
         """Per-row cross entropy with class-index targets (optionally writing the gradient).
 
         ``loss[n] = (1-ε)·w[y]·(lse - x[n,y]) + (ε/V)·Σ_c w_c·(lse - x[n,c])``, 0 where
-        ``y == ignore_index``. ``grad_scale`` is a 0-d tensor (``None`` means 1).
+        ``y == ignore_index``. ``grad_scale`` is a 0-d tensor, or an ``(M,)`` tensor of per-row
+        scales (``None`` means 1).
         """
         raise NotImplementedError
 

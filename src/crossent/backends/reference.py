@@ -27,6 +27,13 @@ def _back(a: np.ndarray, like: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.tensor(a, dtype=torch.float64).to(device=like.device, dtype=dtype)
 
 
+def _scale(grad_scale: Tensor) -> float | np.ndarray:
+    """A 0-d scale as a float, per-row scales as an ``(M, 1)`` column."""
+    if grad_scale.dim() == 0:
+        return float(grad_scale)
+    return _np(grad_scale).reshape(-1, 1)
+
+
 def _lse(x: np.ndarray) -> np.ndarray:
     # log Σ exp(x) per row, from the oracle's own log_softmax: lse = x - log_softmax(x)
     if x.shape[1] == 0:
@@ -70,7 +77,7 @@ class ReferenceBackend(Backend):
         if grad_out is not None:
             ones = np.ones(x.shape[0])
             g = ref.cross_entropy_grad(xn, tn, ones, wn, ii, "none", eps).input
-            scale = 1.0 if grad_scale is None else float(grad_scale)
+            scale = 1.0 if grad_scale is None else _scale(grad_scale)
             keep = (tn != opts.ignore_index)[:, None]
             with np.errstate(invalid="ignore"):
                 # ignored rows are exactly 0, even when all -inf (the oracle, like torch,
@@ -97,7 +104,7 @@ class ReferenceBackend(Backend):
         if grad_out is not None:
             g = ref.cross_entropy_grad(xn, tn, np.ones(x.shape[0]), wn, -100, "none", eps).input
             if grad_scale is not None:
-                g = g * float(grad_scale)
+                g = g * _scale(grad_scale)
             grad_out.copy_(_back(g, x, grad_out.dtype))
         return RowStats(_back(loss, x, acc), _back(_lse(xn), x, acc))
 

@@ -97,7 +97,7 @@ class TorchBackend(Backend):
             target_term = torch.full_like(mx, -(1.0 - eps)) if w is None else -(1.0 - eps) * w[tc]
             g.scatter_add_(1, tc, target_term)
             if grad_scale is not None:
-                g.mul_(grad_scale.to(acc))
+                g.mul_(row_scale(grad_scale, r0, r1, acc))
             # Masking (not multiplying by 0) keeps ignored rows exactly 0 even with -inf logits.
             grad_out[r0:r1] = g.masked_fill_(~keep, 0.0)
         return RowStats(loss, lse)
@@ -141,7 +141,7 @@ class TorchBackend(Backend):
             # d row / d x = p·Σ_c w_c t'_c − w ⊙ t'
             g = e.div_(s).mul_(ts.sum(1, keepdim=True)).sub_(ts)
             if grad_scale is not None:
-                g.mul_(grad_scale.to(acc))
+                g.mul_(row_scale(grad_scale, r0, r1, acc))
             grad_out[r0:r1] = g
         return RowStats(loss, lse)
 
@@ -218,6 +218,13 @@ class TorchBackend(Backend):
         grad = torch.zeros(m, num_classes, dtype=dtype, device=target.device)
         grad.scatter_(1, tc.unsqueeze(1), val.masked_fill(~keep, 0.0).to(dtype).unsqueeze(1))
         return grad
+
+
+def row_scale(grad_scale: Tensor, r0: int, r1: int, acc: torch.dtype) -> Tensor:
+    """Rows ``r0:r1`` of a gradient scale: a 0-d tensor, or one value per row."""
+    if grad_scale.dim() == 0:
+        return grad_scale.to(acc)
+    return grad_scale[r0:r1].to(acc).unsqueeze(1)
 
 
 def no_classes(m: int, acc: torch.dtype, device: torch.device) -> RowStats:

@@ -166,8 +166,11 @@ def _scalar(value: float, acc: torch.dtype) -> np.floating:
     return _np_dtype(acc)(value)
 
 
-def _scale(grad_scale: Tensor | None, acc: torch.dtype) -> np.floating:
-    return _scalar(1.0 if grad_scale is None else float(grad_scale), acc)
+def _scale(grad_scale: Tensor | None, acc: torch.dtype) -> np.ndarray:
+    """The gradient scales as the kernels take them: one value, or one per row."""
+    if grad_scale is None:
+        return np.ones(1, dtype=_np_dtype(acc))
+    return grad_scale.detach().to(acc).reshape(-1).contiguous().numpy()
 
 
 def _weight(weight: Tensor | None, acc: torch.dtype) -> tuple[np.ndarray, np.floating]:

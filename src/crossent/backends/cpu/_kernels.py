@@ -185,10 +185,11 @@ def _ce_index_row(
 
 @njit(parallel=True, cache=True)
 def ce_index(
-    x, target, w, has_w, w_total, ignore_index, smoothing, c_t, c_s, scale, loss, lse, grad,
+    x, target, w, has_w, w_total, ignore_index, smoothing, c_t, c_s, scales, loss, lse, grad,
     want_grad,
 ):
-    """Cross entropy with class indices over rows of ``x`` (see :func:`_ce_index_row`).
+    """Cross entropy with class indices over rows of ``x`` (see :func:`_ce_index_row`);
+    ``scales`` holds one gradient scale for every row, or one per row.
 
     Reads M·V·b bytes of logits (plus cache-hot re-reads), streams M·V·b of gradient.
     """
@@ -207,6 +208,7 @@ def ce_index(
                 continue
             nxt, ahead = _next_row(x, i, last)
             g = grad[i]  # an empty row when no gradient is wanted
+            scale = scales[i] if scales.shape[0] > 1 else scales[0]
             loss[i], lse[i] = _ce_index_row(
                 x[i], y, w, has_w, w_total, smoothing, c_t, c_s, scale, e, nxt, ahead, g,
                 want_grad,
@@ -264,8 +266,9 @@ def _ce_prob_row(xr, tr, w, has_w, c_t, c_s, scale, e, nxt, ahead, g, want_grad)
 
 
 @njit(parallel=True, cache=True)
-def ce_prob(x, t, w, has_w, c_t, c_s, scale, loss, lse, grad, want_grad):
-    """Cross entropy with probability targets; reads x and t once each, streams the gradient."""
+def ce_prob(x, t, w, has_w, c_t, c_s, scales, loss, lse, grad, want_grad):
+    """Cross entropy with probability targets; reads x and t once each, streams the gradient.
+    ``scales`` as in :func:`ce_index`."""
     m_rows, v = x.shape
     nb = _nblocks(m_rows, 8)
     for b in prange(nb):
@@ -274,6 +277,7 @@ def ce_prob(x, t, w, has_w, c_t, c_s, scale, loss, lse, grad, want_grad):
         for i in range(b * m_rows // nb, last + 1):
             nxt, ahead = _next_row(x, i, last)
             g = grad[i]  # an empty row when no gradient is wanted
+            scale = scales[i] if scales.shape[0] > 1 else scales[0]
             loss[i], lse[i] = _ce_prob_row(
                 x[i], t[i], w, has_w, c_t, c_s, scale, e, nxt, ahead, g, want_grad
             )

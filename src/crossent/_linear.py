@@ -1,0 +1,221 @@
+"""Fused linear + cross entropy: ``cross_entropy(input @ W.T + b, target)`` without the logits.
+
+Rows are processed in chunks whose logits fit a memory budget. For each chunk, one matmul
+writes its logits into a reused buffer; the backend's cross-entropy primitive turns them, in
+place, into the gradient of the logits (already scaled for the reduction); two more matmuls
+add that chunk's share of d(input) and d(weight). The full ``(N, V)`` logits never exist, and
+the forward pass leaves only the gradients behind: backward multiplies them by the incoming
+gradient, or hands them over unchanged when it is 1.
+
+``reduction='none'`` cannot fold its (not yet known) per-row incoming gradient into a weight
+gradient summed over rows, so its forward computes losses only and its backward recomputes the
+chunks' logits with the incoming gradient at hand. Rows whose target is ``ignore_index`` are
+dropped before the projection. d(weight) and d(bias) of float16/bfloat16 parameters accumulate
+in float32 and are rounded once at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from ._autograd import _denominator, _is_one, _reduce
+from .backends import buffers
+from .backends.base import Backend, RowOptions, acc_dtype
+
+DEFAULT_CHUNK_BYTES = 32 * 2**20  # logits of one chunk of rows
+SLICE_BYTES = 8 * 2**20  # float32 copy of one slice of a 16-bit chunk gradient
+
+
+@dataclass(frozen=True)
+class LinearOptions:
+    backend: Backend
+    rows: RowOptions
+    reduction: str  # 'none' | 'mean' | 'sum'
+    chunk_rows: int
+    grad_enabled: bool = True
+
+
+def chunk_rows(num_classes: int, itemsize: int, chunk_bytes: int | None, rows: int | None) -> int:
+    """Rows per chunk: ``rows`` when given, else as many as ``chunk_bytes`` of logits hold."""
+    if rows is not None:
+        return max(1, rows)
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    return max(1, budget // max(1, num_classes * itemsize))
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator dtype of a parameter gradient: float32 for 16-bit floats."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _Chunks:
+    """The row chunks of one call: which rows of ``x`` and ``target`` each chunk covers."""
+
+    def __init__(self, target: Tensor, prob: bool, ignore_index: int, size: int) -> None:
+        n = target.shape[0]
+        self.kept: Tensor | None = None
+        if not prob:
+            keep = target != ignore_index
+            if not bool(keep.all()):
+                self.kept = keep.nonzero().squeeze(1)
+        self.count = n if self.kept is None else int(self.kept.numel())
+        self.size = size
+
+    def __iter__(self) -> Iterator[tuple[int, int, slice | Tensor]]:
+        for lo in range(0, self.count, self.size):
+            hi = min(lo + self.size, self.count)
+            yield lo, hi, (slice(lo, hi) if self.kept is None else self.kept[lo:hi])
+
+
+def _take(t: Tensor, rows: slice | Tensor) -> Tensor:
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
+def _logits(buf: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``x @ w.T (+ b)`` written into ``buf`` (its first ``len(x)`` rows)."""
+    out = buf[: x.shape[0]]
+    if b is None:
+        torch.mm(x, w.t(), out=out)
+    else:
+        torch.addmm(b, x, w.t(), out=out)
+    return out
+
+
+def _add_weight_grad(acc: Tensor, g: Tensor, x: Tensor) -> None:
+    """``acc += g.T @ x``.
+
+    For float16/bfloat16 g and x the product is formed in float32 (torch's CPU matmuls
+    have no float32 output for 16-bit inputs, and rounding each chunk's partial product to
+    16 bits would add an error per chunk), in slices of ``acc``'s rows to bound the copies.
+    """
+    if acc.dtype == g.dtype:
+        acc.addmm_(g.t(), x)
+        return
+    xf = x.to(acc.dtype)
+    step = max(1, SLICE_BYTES // max(1, g.shape[0] * acc.element_size()))
+    for lo in range(0, acc.shape[0], step):
+        acc[lo : lo + step].addmm_(g[:, lo : lo + step].t().to(acc.dtype), xf)
+
+
+def _run(
+    x: Tensor,
+    w: Tensor,
+    b: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    opts: LinearOptions,
+    scale: Tensor | None,
+    row_grad: Tensor | None,
+    need: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """One pass over the chunks: per-row losses and, for the ``need``-ed inputs, gradients.
+
+    ``scale``: the reduction's scalar factor of the gradient; ``row_grad``: per-row incoming
+    gradient (``reduction='none'`` backward) — at most one of them is given.
+    """
+    n, v = x.shape[0], w.shape[0]
+    prob = target.dim() == 2
+    acc = acc_dtype(x.dtype)
+    want = any(need)
+    loss = torch.zeros(n, dtype=acc)
+    dx = torch.zeros_like(x) if need[0] else None
+    dw = torch.zeros(w.shape, dtype=_wide(w.dtype)) if need[1] else None
+    db = torch.zeros(v, dtype=_wide(b.dtype)) if need[2] and b is not None else None
+    chunks = _Chunks(target, prob, opts.rows.ignore_index, opts.chunk_rows)
+    buf = buffers.empty((min(chunks.size, max(chunks.count, 1)), v), x.dtype, x.device)
+    be = opts.backend
+    forward = be.cross_entropy_prob_forward if prob else be.cross_entropy_forward
+    for _, _, rows in chunks:
+        xc = _take(x, rows)
+        logits = _logits(buf, xc, w, b)
+        # per-row incoming gradients go into the kernel: the gradient is rounded only once
+        sc = scale if row_grad is None else _take(row_grad, rows)
+        grad_out = logits if want else None
+        stats = forward(logits, _take(target, rows), weight, opts.rows, grad_out, sc)
+        if isinstance(rows, slice):
+            loss[rows] = stats.loss
+        else:
+            loss.index_copy_(0, rows, stats.loss)
+        if not want:
+            continue
+        g = logits  # now the gradient of the chunk's logits
+        if dx is not None:
+            if isinstance(rows, slice):
+                torch.mm(g, w, out=dx[rows])
+            else:
+                dx.index_copy_(0, rows, torch.mm(g, w))
+        if dw is not None:
+            _add_weight_grad(dw, g, xc)
+        if db is not None:
+            db.add_(g.sum(0, dtype=db.dtype))
+    del buf
+    return loss, dx, dw, db
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """``(N, D)`` input, ``(V, D)`` weight, ``(V,)`` bias or None, ``(N,)`` class indices or
+    ``(N, V)`` probabilities; returns the reduced loss (or ``(N,)`` losses)."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor | None,
+        target: Tensor,
+        weight: Tensor | None,
+        opts: LinearOptions,
+    ) -> Tensor:
+        need = tuple(
+            bool(n) and opts.grad_enabled
+            for n in ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+        )
+        need = (need[0], need[1], need[2] and b is not None)
+        prob = target.dim() == 2
+        n = x.shape[0]
+        acc = acc_dtype(x.dtype)
+        denom: Tensor | float | None = None
+        scale = None
+        if opts.reduction == "mean":
+            if prob:
+                denom = float(n) if n else float("nan")
+                scale = torch.tensor(1.0 / n if n else float("inf"), dtype=torch.float64)
+            else:
+                d = _denominator(target, weight, opts.rows.ignore_index)
+                scale = torch.where(d == 0, torch.nan, 1.0 / d).to(acc)
+                denom = torch.where(d == 0, torch.nan, d)
+        ctx.opts = opts  # type: ignore[attr-defined]
+        ctx.need = need  # type: ignore[attr-defined]
+        if opts.reduction == "none":
+            loss, _, _, _ = _run(x, w, b, target, weight, opts, None, None, (False,) * 3)
+            ctx.save_for_backward(x, w, b, target, weight)  # type: ignore[arg-type]
+            return loss.to(x.dtype)
+        loss, dx, dw, db = _run(x, w, b, target, weight, opts, scale, None, need)
+        dw = None if dw is None else dw.to(w.dtype)
+        db = None if db is None or b is None else db.to(b.dtype)
+        ctx.save_for_backward(dx, dw, db)  # type: ignore[arg-type]
+        return _reduce(loss, opts.reduction, denom).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        opts: LinearOptions = ctx.opts
+        if opts.reduction == "none":
+            x, w, b, target, weight = ctx.saved_tensors
+            acc = acc_dtype(x.dtype)
+            _, dx, dw, db = _run(
+                x, w, b, target, weight, opts, None, g.to(acc), ctx.need
+            )
+            dw = None if dw is None else dw.to(w.dtype)
+            db = None if db is None or b is None else db.to(b.dtype)
+        else:
+            dx, dw, db = ctx.saved_tensors
+            if not _is_one(g):
+                dx, dw, db = (None if t is None else t * g.to(t.dtype) for t in (dx, dw, db))
+        return dx, dw, db, None, None, None

@@ -1,0 +1,290 @@
+"""``linear_cross_entropy``: torch's results (values, and gradients of the input, the linear
+weight and the bias) on every option, through the chunked path; torch's errors; the module."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from parity import check_same, check_same_exception
+
+import crossent
+import crossent.nn
+from crossent import testing
+
+N, D, V = 29, 12, 41
+KW = inspect.Parameter.KEYWORD_ONLY
+
+
+def lce(lib: Any, *args: Any, chunk_bytes: int | None = None, **kwargs: Any) -> Any:
+    """``linear_cross_entropy`` through either library; crossent also gets ``chunk_bytes``."""
+    if lib.name != "torch":
+        kwargs["chunk_bytes"] = chunk_bytes
+    return lib.linear_cross_entropy(*args, **kwargs)
+
+
+def hidden(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    return testing.make_logits(shape, dtype, seed)
+
+
+def problem(dtype: torch.dtype, bias: bool, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    x = hidden(N, D, dtype=dtype, seed=seed)
+    w = (hidden(V, D, dtype=torch.float64, seed=seed + 1) / D**0.5).to(dtype)
+    b = hidden(V, dtype=dtype, seed=seed + 2) if bias else None
+    return x, w, b
+
+
+def index_targets(ignore: int | None, seed: int = 0) -> torch.Tensor:
+    t = testing.make_targets((N,), V, seed)
+    if ignore is not None:
+        t[::4] = ignore
+    return t
+
+
+# Four rows of logits per chunk: 8 chunks, the last one ragged.
+FOUR_ROWS = 4 * V * 4
+
+
+def check_half(
+    backend: str, x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk_bytes: int,
+    **kw: Any,
+) -> None:
+    """bfloat16: crossent against an oracle that is exact *for the operation torch defines*.
+
+    torch's linear_cross_entropy rounds the logits to the input dtype (``linear`` in
+    bfloat16); both libraries then compute from those logits, so a float64 evaluation of the
+    unrounded logits measures mostly that shared rounding, and comparing two maxima of it is
+    a coin toss. The oracle here takes torch's bfloat16 logits and computes the loss and the
+    gradients from them in float64; crossent must be within the tolerance rule of it, with
+    torch's own error (same inputs, same incoming gradient) as the reference.
+    """
+    b = kw.pop("linear_bias", None)
+    g = torch.Generator().manual_seed(5)
+    go = None
+    results = []
+    for lib in ("crossent", "torch"):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        bs = None if b is None else b.detach().clone().requires_grad_()
+        if lib == "torch":
+            out = F.linear_cross_entropy(xs, ws, t, linear_bias=bs, **kw)
+        else:
+            out = crossent.linear_cross_entropy(xs, ws, t, linear_bias=bs, backend=backend,
+                                                chunk_bytes=chunk_bytes, **kw)
+        if go is None:
+            go = (torch.randn(out.shape, generator=g) * 0.5 + 1).to(out.dtype)
+        out.backward(go)
+        results.append([out, xs.grad, ws.grad] + ([] if bs is None else [bs.grad]))
+    logits = F.linear(x, w, None if b is None else b.detach()).double().requires_grad_()
+    ckw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    ckw = {k: v for k, v in ckw.items() if k != "options"}
+    tt = t.double() if t.is_floating_point() else t
+    if ckw.get("ignore_index") is None:
+        ckw.pop("ignore_index", None)
+    loss = F.cross_entropy(logits, tt, **ckw)
+    loss.backward(go.double())  # type: ignore[union-attr]
+    gl = logits.grad
+    oracle = [loss.detach(), gl @ w.double(), gl.t() @ x.double()]
+    if b is not None:
+        oracle.append(gl.sum(0))
+    names = ["loss", "d input", "d linear_weight", "d linear_bias"]
+    for ours, theirs, exact, what in zip(*results, oracle, names, strict=False):
+        testing.assert_close_to_oracle(ours, exact, theirs, what=what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignore", [None, -100, 3], ids=["all", "ignored", "ignore3"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "weight"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_index_targets_match_torch(
+    backend: str, dtype: torch.dtype, reduction: str, ignore: int | None, bias: bool,
+    weighted: bool, smoothing: float,
+) -> None:
+    x, w, b = problem(dtype, bias)
+    kw: dict[str, Any] = {"reduction": reduction, "label_smoothing": smoothing}
+    if ignore is not None:
+        kw["ignore_index"] = ignore
+    if weighted:
+        kw["weight"] = testing.make_weight(V, dtype)
+    t = index_targets(ignore)
+    if b is not None:
+        kw["linear_bias"] = b.requires_grad_()
+    chunk = FOUR_ROWS * dtype.itemsize // 4
+    if dtype == torch.bfloat16:
+        check_half(backend, x, w, t, chunk, **kw)
+    else:
+        check_same(lce, x, w, t, backend=backend, chunk_bytes=chunk, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "weight"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_probability_targets_match_torch(
+    backend: str, dtype: torch.dtype, reduction: str, bias: bool, weighted: bool,
+    smoothing: float,
+) -> None:
+    x, w, b = problem(dtype, bias)
+    kw: dict[str, Any] = {"reduction": reduction, "label_smoothing": smoothing}
+    if weighted:
+        kw["weight"] = testing.make_weight(V, dtype)
+    if b is not None:
+        kw["linear_bias"] = b.requires_grad_()
+    t = testing.make_probs((N, V), dtype)
+    if dtype == torch.bfloat16:
+        check_half(backend, x, w, t, FOUR_ROWS // 2, **kw)
+        return
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    check_same(lce, xr, wr, t, backend=backend, grad=False, chunk_bytes=FOUR_ROWS, **kw)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7 * V * 4, None], ids=["row", "seven", "default"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_any_chunking_gives_torchs_result(
+    backend: str, chunk_bytes: int | None, reduction: str
+) -> None:
+    x, w, b = problem(torch.float32, True)
+    check_same(lce, x, w, index_targets(-100), linear_bias=b.requires_grad_(),  # type: ignore[union-attr]
+               reduction=reduction, chunk_bytes=chunk_bytes, backend=backend)
+
+
+def test_options_batch_chunk_size_sets_the_rows_per_chunk(backend: str) -> None:
+    x, w, _ = problem(torch.float32, False)
+    opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=5, chunking_method=None)
+    check_same(lce, x, w, index_targets(None), options=opts, backend=backend)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_unbatched_input(backend: str, reduction: str) -> None:
+    x, w, b = problem(torch.float32, True)
+    check_same(lce, x[0], w, torch.tensor(5), linear_bias=b.requires_grad_(),  # type: ignore[union-attr]
+               reduction=reduction, backend=backend)
+    p = testing.make_probs((V,))
+    xr, wr = x[0].clone().requires_grad_(), w.clone().requires_grad_()
+    check_same(lce, xr, wr, p, reduction=reduction, backend=backend, grad=False)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_row_ignored_and_no_rows(backend: str, reduction: str) -> None:
+    x, w, _ = problem(torch.float32, False)
+    check_same(lce, x, w, torch.full((N,), -100), reduction=reduction, backend=backend)
+    check_same(lce, x[:0], w, torch.zeros(0, dtype=torch.int64), reduction=reduction,
+               backend=backend)
+
+
+def test_k_dimensional_loss_and_differentiable_targets(backend: str) -> None:
+    # computed through materialised logits, as torch's reference path
+    x = hidden(6, D)
+    w = hidden(V, 3, D) / D**0.5
+    t = testing.make_targets((6, 3), V)
+    check_same(lce, x, w, t, linear_bias=hidden(V, 3).requires_grad_(), backend=backend)
+    p = testing.make_probs((N, V)).requires_grad_()
+    xr, wr, _ = problem(torch.float32, False)
+    check_same(lce, xr.requires_grad_(), wr.requires_grad_(), p, backend=backend, grad=False)
+
+
+def test_retain_graph_second_backward(backend: str) -> None:
+    x, w, b = problem(torch.float32, True)
+    for reduction in ("mean", "none"):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = crossent.linear_cross_entropy(
+            xs, ws, index_targets(-100), reduction=reduction, backend=backend
+        ).sum()
+        loss.backward(retain_graph=True)
+        first = (xs.grad.clone(), ws.grad.clone())  # type: ignore[union-attr]
+        loss.backward()
+        assert torch.allclose(xs.grad, 2 * first[0]) and torch.allclose(ws.grad, 2 * first[1])  # type: ignore[arg-type]
+
+
+def test_only_the_inputs_that_require_grad_get_one(backend: str) -> None:
+    x, w, b = problem(torch.float32, True)
+    wr = w.clone().requires_grad_()
+    loss = crossent.linear_cross_entropy(x, wr, index_targets(None), linear_bias=b,
+                                         backend=backend)
+    loss.backward()
+    assert x.grad is None and b.grad is None and wr.grad is not None  # type: ignore[union-attr]
+    with torch.no_grad():
+        out = crossent.linear_cross_entropy(x, wr, index_targets(None), backend=backend)
+    assert not out.requires_grad
+
+
+def T(*v: Any) -> torch.Tensor:
+    return torch.tensor(v)
+
+
+X, W = hidden(4, D), hidden(V, D)
+ERRORS = [
+    pytest.param((hidden(2, 4, D), W, T(0, 1)), {}, id="3d-input"),
+    pytest.param((hidden(D), hidden(D), T(0)), {}, id="1d-weight"),
+    pytest.param((X, hidden(V, D + 1), T(0, 1, 2, 3)), {}, id="in-features"),
+    pytest.param((X, W, T(0, 1, 2, 3)), {"linear_bias": hidden(V + 1)}, id="bias-shape"),
+    pytest.param((hidden(D), hidden(V, 2, D), T(0, 1)), {}, id="k-dim-unbatched"),
+    pytest.param((X, W, testing.make_probs((4, V))), {"ignore_index": -100}, id="prob-ignore"),
+    pytest.param((X, W, T(0, 1, V, 3)), {}, id="target-out-of-range"),
+    pytest.param((X, W, T(0, 1, -5, 3)), {}, id="negative-target"),
+    pytest.param((X, W, T(0, 1, 2)), {}, id="batch-mismatch"),
+    pytest.param((X, W.double(), T(0, 1, 2, 3)), {}, id="weight-dtype"),
+    pytest.param((X, W, T(0, 1, 2, 3)), {"reduction": "avg"}, id="reduction"),
+    pytest.param((X, W, T(0, 1, 2, 3)), {"label_smoothing": 1.5}, id="smoothing"),
+    pytest.param((X, W, T(0, 1, 2, 3)), {"weight": torch.ones(V + 2)}, id="class-weight-shape"),
+    pytest.param((X, W, T(0, 1, 2, 3).float()), {}, id="float-index-target"),
+]
+
+
+@pytest.mark.parametrize(("args", "kwargs"), ERRORS)
+def test_bad_input_raises_torchs_error(backend: str, args: tuple, kwargs: dict) -> None:
+    ours, theirs = check_same_exception(lce, *args, backend=backend, **kwargs)
+    assert theirs is not None
+
+
+# ---- signature, docs, module ---------------------------------------------------------------
+
+
+def test_signature_is_torchs_plus_extras() -> None:
+    ours = list(inspect.signature(crossent.linear_cross_entropy).parameters.values())
+    theirs = list(inspect.signature(F.linear_cross_entropy).parameters.values())
+    spec = [(p.name, p.kind, p.default) for p in ours]
+    assert spec[: len(theirs)] == [(p.name, p.kind, p.default) for p in theirs]
+    assert spec[len(theirs):] == [("backend", KW, "auto"), ("chunk_bytes", KW, None)]
+    m_ours = list(inspect.signature(crossent.nn.LinearCrossEntropyLoss.__init__).parameters)
+    m_theirs = list(inspect.signature(torch.nn.LinearCrossEntropyLoss.__init__).parameters)
+    assert m_ours == [*m_theirs, "backend", "chunk_bytes"]
+
+
+def test_docs_name_every_parameter() -> None:
+    module, fn_ = crossent.nn.LinearCrossEntropyLoss, crossent.linear_cross_entropy
+    for fn, params in (
+        (fn_, inspect.signature(fn_).parameters),
+        (module, inspect.signature(module.__init__).parameters),
+    ):
+        missing = [p for p in params if p != "self" and p not in (fn.__doc__ or "")]
+        assert missing == []
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_module_matches_torchs(backend: str, bias: bool) -> None:
+    torch.manual_seed(0)
+    theirs = torch.nn.LinearCrossEntropyLoss(D, V, bias=bias, weight=testing.make_weight(V),
+                                             label_smoothing=0.1)
+    torch.manual_seed(0)
+    ours = crossent.nn.LinearCrossEntropyLoss(D, V, bias=bias, weight=testing.make_weight(V),
+                                              label_smoothing=0.1, backend=backend,
+                                              chunk_bytes=FOUR_ROWS)
+    assert isinstance(ours, torch.nn.LinearCrossEntropyLoss)
+    assert repr(ours) == repr(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x, t = hidden(N, D), index_targets(-100)
+    results = []
+    for m in (ours, theirs):
+        xs = x.clone().requires_grad_()
+        loss = m(xs, t)
+        loss.backward()
+        results.append((loss, xs.grad, m.linear.weight.grad))
+    for a, b_ in zip(*results, strict=True):
+        testing.assert_close_to_oracle(a, b_, dtype=torch.float32)
+    assert crossent.LinearCrossEntropyLoss is crossent.nn.LinearCrossEntropyLoss
