@@ -3,6 +3,7 @@ every derived number in a row is what its own columns say it is."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 import re
@@ -16,7 +17,8 @@ from crossent import dispatch
 from crossent.bench import report, worker
 from crossent.bench.cases import parse_dtypes, select_cases
 
-# --quick's cases: ce at a small V and at a real vocabulary, softmax and log_softmax, both dtypes.
+# --quick's cases on logits: ce at a small V and at a real vocabulary, softmax and log_softmax,
+# both dtypes (and one linear_ce case).
 QUICK_CASES = {"ce 256x1000", "ce 32x32000", "softmax 256x1000", "log_softmax 256x1000"}
 DTYPES = {"float32", "bfloat16"}
 ELEM = {"float32": 4, "bfloat16": 2}
@@ -44,8 +46,36 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, str, Path
 
 
 @pytest.fixture(scope="module")
-def rows(quick: tuple[int, str, str, Path]) -> list[dict[str, str]]:
+def all_rows(quick: tuple[int, str, str, Path]) -> list[dict[str, str]]:
     return report.read_csv(quick[3] / "bench-quick.csv")
+
+
+@pytest.fixture(scope="module")
+def rows(all_rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The families on materialised logits (linear_ce has tests of its own below)."""
+    return [r for r in all_rows if r["family"] != "linear_ce"]
+
+
+def test_linear_cross_entropy_rows(all_rows: list[dict[str, str]]) -> None:
+    lin = [r for r in all_rows if r["family"] == "linear_ce"]
+    peers = {"cut-cross-entropy"} if importlib.util.find_spec("cut_cross_entropy") else set()
+    for dt in DTYPES:
+        floor = f"floor (matmul3 {dt})"
+        got = {r["provider"] for r in lin if r["dtype"] == dt}
+        assert got == crossent_providers(getattr(torch, dt)) | peers | {
+            "torch-eager", "torch-linear-ce", "torch-linear-ce-chunked", floor
+        }
+        for r in lin:
+            if r["dtype"] != dt:
+                continue
+            assert r["case"] == "linear_ce 256x64x1000"
+            n, d, v = map(int, r["shape"].split("x"))
+            assert int(r["min_bytes"]) == 2 * (n * d + v * d) * ELEM[dt]
+            assert r["out_ok"] == "yes", r
+            assert r["grad_ok"] == ("" if r["provider"] == floor else "yes"), r
+            floor_ms = num(next(x for x in lin if x["provider"] == floor and x["dtype"] == dt),
+                           "fwdbwd_ms")
+            assert close(num(r, "pct_floor"), 100 * floor_ms / num(r, "fwdbwd_ms")), r
 
 
 def num(row: dict[str, str], key: str) -> float:
@@ -145,13 +175,13 @@ def test_peak_memory_counts_the_gradient_not_the_inputs(rows: list[dict[str, str
 
 
 def test_markdown_table_on_stdout(
-    quick: tuple[int, str, str, Path], rows: list[dict[str, str]]
+    quick: tuple[int, str, str, Path], all_rows: list[dict[str, str]]
 ) -> None:
     out = quick[1]
     lines = [line for line in out.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| case | dtype | provider | fwd ms | bwd ms | fwd+bwd ms |")
     assert "× torch" in lines[0] and "% of floor" in lines[0] and "peak MiB" in lines[0]
-    assert len(lines) == 1 + len(rows)
+    assert len(lines) == 1 + len(all_rows)
     assert out.strip() == (quick[3] / "bench-quick.md").read_text().strip()
 
 

@@ -193,7 +193,7 @@ LINEAR_CROSS_ENTROPY = rf"""Compute the cross entropy of ``input @ linear_weight
             chunk when set. Default: ``None``
         {BACKEND}
         chunk_bytes (int, keyword-only): memory budget for one chunk's logits, which sets
-            the rows per chunk. Default: ``None`` (32 MiB)
+            the rows per chunk. Default: ``None`` (48 MiB)
 
     Shape:
         - Output: scalar, or ``(N,)`` (``()`` unbatched) with ``reduction='none'``

@@ -28,7 +28,7 @@ from ._autograd import _denominator, _is_one, _reduce
 from .backends import buffers
 from .backends.base import Backend, RowOptions, acc_dtype
 
-DEFAULT_CHUNK_BYTES = 32 * 2**20  # logits of one chunk of rows
+DEFAULT_CHUNK_BYTES = 48 * 2**20  # logits of one chunk of rows
 SLICE_BYTES = 8 * 2**20  # float32 copy of one slice of a 16-bit chunk gradient
 
 

@@ -328,9 +328,11 @@ def header_lines(info: RunInfo) -> list[str]:
         "(case, provider) in a fresh process",
         "× torch = torch-eager fwd+bwd ms / this fwd+bwd ms (> 1 is faster); % of floor = "
         "floor ms / this fwd+bwd ms, the floor being torch.exp over N×V float32 into a "
-        "preallocated output (one exp per element); GB/s = minimum traffic (2·N·V·b for ce, "
-        "5·N·V·b for softmax) / fwd+bwd time; peak = resident memory above the inputs during "
-        "one fwd+bwd",
+        "preallocated output (one exp per element) for the families on logits, and the three "
+        "matmuls of that size for linear_ce (N×D×V; its baseline torch-eager is the matmul "
+        "followed by F.cross_entropy); GB/s = minimum traffic (2·N·V·b for ce, 5·N·V·b for "
+        "softmax, 2·(N·D + V·D)·b for linear_ce) / fwd+bwd time; peak = resident memory above "
+        "the inputs during one fwd+bwd",
     ]
 
 
