@@ -116,3 +116,44 @@ def test_inplace_backward_without_grad_leaves_the_logits_alone() -> None:
     loss = crossent.cross_entropy(x, make_targets((3,), 5), inplace_backward=True)
     assert torch.equal(x, before)
     torch.testing.assert_close(loss, F.cross_entropy(before, make_targets((3,), 5)))
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest storage (in elements) of any tensor a torch op returns while
+    active (expanded views, which own no memory of their size, count for what they own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                owned = t.untyped_storage().nbytes() // t.element_size()
+                self.largest = max(self.largest, owned)
+        return out
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_never_holds_the_logits(backend: str, reduction: str) -> None:
+    n, d, v, rows = 128, 16, 4000, 8
+    h = make_logits((n, d), requires_grad=True)
+    w = make_logits((v, d), requires_grad=True)
+    t = make_targets((n,), v)
+    with _LargestTensor() as seen:
+        loss = crossent.linear_cross_entropy(
+            h, w, t, reduction=reduction, backend=backend, chunk_bytes=rows * v * 4
+        )
+        if reduction == "mean":  # forward leaves only the two gradients behind
+            saved = [s for s in loss.grad_fn.saved_tensors if s is not None]
+            assert [s.shape for s in saved] == [h.shape, w.shape]
+            del saved
+        loss.sum().backward()
+    # the largest tensors are the weight gradient (V×D) and one chunk of logits (8×V)
+    assert seen.largest <= max(v * d, rows * v) < n * v // 4
+    expected = torch.autograd.grad(F.cross_entropy(h @ w.t(), t, reduction=reduction).sum(),
+                                   (h, w))
+    torch.testing.assert_close(h.grad, expected[0])
+    torch.testing.assert_close(w.grad, expected[1])
