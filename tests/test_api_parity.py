@@ -68,7 +68,10 @@ def _param_spec(p: inspect.Parameter) -> tuple[str, Any, Any]:
 
 # crossent's own keyword-only arguments, after torch's parameters
 EXTRAS: dict[str, list[tuple[str, Any, Any]]] = {
-    "cross_entropy": [("backend", KW, "auto"), ("inplace_backward", KW, False)],
+    "cross_entropy": [
+        ("backend", KW, "auto"), ("inplace_backward", KW, False), ("z_loss", KW, 0.0),
+        ("softcap", KW, None), ("temperature", KW, 1.0),
+    ],
 }
 
 

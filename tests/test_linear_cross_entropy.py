@@ -250,7 +250,10 @@ def test_signature_is_torchs_plus_extras() -> None:
     theirs = list(inspect.signature(F.linear_cross_entropy).parameters.values())
     spec = [(p.name, p.kind, p.default) for p in ours]
     assert spec[: len(theirs)] == [(p.name, p.kind, p.default) for p in theirs]
-    assert spec[len(theirs):] == [("backend", KW, "auto"), ("chunk_bytes", KW, None)]
+    assert spec[len(theirs):] == [
+        ("backend", KW, "auto"), ("chunk_bytes", KW, None), ("z_loss", KW, 0.0),
+        ("softcap", KW, None), ("temperature", KW, 1.0),
+    ]
     m_ours = list(inspect.signature(crossent.nn.LinearCrossEntropyLoss.__init__).parameters)
     m_theirs = list(inspect.signature(torch.nn.LinearCrossEntropyLoss.__init__).parameters)
     assert m_ours == [*m_theirs, "backend", "chunk_bytes"]

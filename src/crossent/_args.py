@@ -147,6 +147,30 @@ def check_label_smoothing(label_smoothing: float) -> None:
         )
 
 
+def check_extensions(
+    z_loss: Any, softcap: Any, temperature: Any
+) -> tuple[float, float | None, float]:
+    """Validate crossent's keyword-only extensions; return them as floats."""
+
+    def number(name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"{name} must be a real number, got {type(value).__name__} ({value!r})"
+            )
+        return float(value)
+
+    z = number("z_loss", z_loss)
+    if not math.isfinite(z) or z < 0.0:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    cap = None if softcap is None else number("softcap", softcap)
+    if cap is not None and not (math.isfinite(cap) and cap > 0.0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    t = number("temperature", temperature)
+    if not (math.isfinite(t) and t > 0.0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return z, cap, t
+
+
 def effective_smoothing(label_smoothing: float) -> float:
     """The smoothing actually applied: torch ignores values that are not ``> 0``."""
     return label_smoothing if label_smoothing > 0.0 else 0.0

@@ -24,6 +24,15 @@ REDUCTION = r"""reduction (str, optional): ``'none'`` | ``'mean'`` | ``'sum'``. 
             the summed loss by the summed weight of the non-ignored targets (by the number of
             rows for probability targets). Default: ``'mean'``"""
 
+EXTENSIONS = r"""z_loss (float, keyword-only): coefficient λ of the z-loss (PaLM): every
+            non-ignored row's loss gains ``λ·lse²``, ``lse`` being the log-sum-exp of its
+            logits; reduced like the loss itself. Default: ``0.0``
+        softcap (float, keyword-only): soft-capping (Gemma 2): the logits are read as
+            ``softcap·tanh(x / softcap)``. Default: ``None`` (no capping)
+        temperature (float, keyword-only): the logits (after capping) are divided by it.
+            Default: ``1.0``. With any of these three on, the ``cpu`` backend computes through
+            the chunked ``torch`` path."""
+
 PRECISION_NOTE = r""".. note::
         float16 and bfloat16 inputs are read as they are and computed in float32; float64
         is computed in float64. Results are deterministic: the same inputs give the same bits
@@ -138,6 +147,7 @@ CROSS_ENTROPY = rf"""Compute the cross entropy between input logits and target, 
             marked dirty), so it raises if something else saved them for backward. Not
             allowed on a leaf tensor that requires grad, nor when a probability target or
             the weight requires grad. Default: ``False``
+        {EXTENSIONS}
 
     {_SHAPE}
         - Target (probabilities): same shape as the input
@@ -194,6 +204,7 @@ LINEAR_CROSS_ENTROPY = rf"""Compute the cross entropy of ``input @ linear_weight
         {BACKEND}
         chunk_bytes (int, keyword-only): memory budget for one chunk's logits, which sets
             the rows per chunk. Default: ``None`` (48 MiB)
+        {EXTENSIONS}
 
     Shape:
         - Output: scalar, or ``(N,)`` (``()`` unbatched) with ``reduction='none'``

@@ -114,6 +114,9 @@ def cross_entropy(
     *,
     backend: BackendName = "auto",
     inplace_backward: bool = False,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
 ) -> Tensor:
     red = _args.reduction_string(size_average, reduce, reduction)
     fn = "cross_entropy_loss"
@@ -122,9 +125,13 @@ def cross_entropy(
     _args.check_tensor(fn, "weight", 3, weight, optional=True)
     ii = _args.as_int(fn, "ignore_index", 5, ignore_index)
     ls = _args.as_float(fn, "label_smoothing", 6, label_smoothing)
+    zl, cap, temp = _args.check_extensions(z_loss, softcap, temperature)
     if input.shape == target.shape:
         prob = _args.prob_rows(input, target, weight, ii, ls)
-        row_opts = RowOptions(label_smoothing=_args.effective_smoothing(ls))
+        row_opts = RowOptions(
+            label_smoothing=_args.effective_smoothing(ls), z_loss=zl, softcap=cap,
+            temperature=temp,
+        )
         opts = LossOptions(
             resolve(backend, input), row_opts, red, torch.is_grad_enabled(), inplace_backward
         )
@@ -134,7 +141,10 @@ def cross_entropy(
     _args.check_floating(input, _args.softmax_kernel_name("log_softmax", 1, input.dim()))
     _args.wrap_dim(0 if input.dim() == 1 else 1, input.dim())
     rows = _args.index_rows(input, target, weight, ii, "nll_loss")
-    row_opts = RowOptions(ignore_index=ii, label_smoothing=_args.effective_smoothing(ls))
+    row_opts = RowOptions(
+        ignore_index=ii, label_smoothing=_args.effective_smoothing(ls), z_loss=zl, softcap=cap,
+        temperature=temp,
+    )
     opts = LossOptions(
         resolve(backend, input), row_opts, red, torch.is_grad_enabled(), inplace_backward
     )
@@ -155,6 +165,9 @@ def linear_cross_entropy(
     options: Any = None,
     backend: BackendName = "auto",
     chunk_bytes: int | None = None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
 ) -> Tensor:
     if input.dim() < 1 or input.dim() > 2:
         raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
@@ -199,13 +212,15 @@ def linear_cross_entropy(
         logits = F.linear(input, w2, b2).reshape(logits_shape)
         return cross_entropy(
             logits, target, weight, ignore_index=ii, reduction=reduction,
-            label_smoothing=label_smoothing, backend=backend,
+            label_smoothing=label_smoothing, backend=backend, z_loss=z_loss, softcap=softcap,
+            temperature=temperature,
         )
     red = _args.reduction_string(None, None, reduction)
     fn = "cross_entropy_loss"
     _args.check_tensor(fn, "target", 2, target)
     _args.check_tensor(fn, "weight", 3, weight, optional=True)
     ls = _args.as_float(fn, "label_smoothing", 6, label_smoothing)
+    zl, cap, temp = _args.check_extensions(z_loss, softcap, temperature)
     virtual = torch.empty((), dtype=input.dtype, device=input.device).expand(logits_shape)
     if prob:
         checked = _args.prob_rows(virtual, target, weight, ii, ls)
@@ -220,7 +235,10 @@ def linear_cross_entropy(
     chunk = getattr(options, "batch_chunk_size", None) if options is not None else None
     opts = LinearOptions(
         backend=resolve(backend, input),
-        rows=RowOptions(ignore_index=ii, label_smoothing=_args.effective_smoothing(ls)),
+        rows=RowOptions(
+            ignore_index=ii, label_smoothing=_args.effective_smoothing(ls), z_loss=zl,
+            softcap=cap, temperature=temp,
+        ),
         reduction=red,
         chunk_rows=chunk_rows(v, input.element_size(), chunk_bytes, chunk),
         grad_enabled=torch.is_grad_enabled(),

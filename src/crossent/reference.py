@@ -264,7 +264,7 @@ def _smoothed_probs(t: np.ndarray, eps: float, n_classes: int) -> np.ndarray:
     return t * (1.0 - eps) + eps / n_classes if eps > 0.0 else t
 
 
-def cross_entropy(
+def _ce_value(
     input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0
 ) -> np.ndarray:
     r"""Return the cross entropy of logits ``input`` against class indices or probabilities.
@@ -307,7 +307,7 @@ class CrossEntropyGrads(NamedTuple):
     weight: np.ndarray | None
 
 
-def cross_entropy_grad(
+def _ce_grad(
     input,
     target,
     grad_output,
@@ -354,3 +354,89 @@ def cross_entropy_grad(
     #   dx[n, j] = keep_n s_n (p[n, j] Σ_c w_c q[n, c] - w_j q[n, j]),  q = (1 - ε)·onehot(y) + ε/C
     g_x = _log_softmax_vjp(lp, g_lp, axis=1)  # (M, C)
     return CrossEntropyGrads(_from_rows(g_x, x.shape), None, None)
+
+
+# --------------------------------------------------------------------------------------------
+# cross_entropy with crossent's extensions: temperature, soft-capping, z-loss
+# --------------------------------------------------------------------------------------------
+#
+# The logits are first transformed, u = c·tanh(x / c) when a soft cap c is given (Gemma 2),
+# then u = u / T for a temperature T; the cross entropy above is taken of u. The z-loss adds
+# λ·lse(u)² to every non-ignored row's loss (PaLM), reduced like the cross entropy itself
+# ('mean': divided by the same denominator).
+
+
+def _transform(x: np.ndarray, softcap, temperature) -> tuple[np.ndarray, np.ndarray]:
+    """The transformed logits u and du/dx, elementwise."""
+    u, du = x, np.ones_like(x)
+    if softcap is not None:
+        th = np.tanh(x / softcap)
+        u, du = softcap * th, 1.0 - th * th
+    if temperature != 1.0:
+        u, du = u / temperature, du / temperature
+    return u, du
+
+
+def _z_rows(u: np.ndarray, target, weight, ignore_index) -> tuple[np.ndarray, np.ndarray, object]:
+    """Per-row lse(u) and keep mask (rows, class dim last), and the 'mean' denominator."""
+    rows = _to_rows(u)
+    lse = np.log(np.sum(np.exp(rows - rows.max(axis=1, keepdims=True)), axis=1))
+    lse = lse + rows.max(axis=1)
+    if _is_prob_target(u, target):
+        return lse, np.ones(rows.shape[0], dtype=bool), rows.shape[0]
+    y, _ = _index_target(u, target)
+    pk = _pick(y, _weight(weight, rows.shape[1]), int(ignore_index))
+    return lse, pk.keep, pk.denom
+
+
+def cross_entropy(
+    input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+    z_loss=0.0, softcap=None, temperature=1.0,
+) -> np.ndarray:
+    r"""Return the cross entropy of logits ``input`` against class indices or probabilities.
+
+    ``target`` with the shape of ``input`` holds class probabilities (§4.4); otherwise class
+    indices, with optional label smoothing (§4.3). ``z_loss``, ``softcap`` and ``temperature``
+    as described above (all off by default).
+    """
+    x = _f64(input)
+    u, _ = _transform(x, softcap, temperature)
+    loss = _ce_value(u, target, weight, ignore_index, reduction, label_smoothing)
+    if z_loss == 0.0:
+        return loss
+    lse, keep, denom = _z_rows(u, target, weight, ignore_index)
+    z = np.where(keep, z_loss * lse * lse, 0.0)
+    out_shape = np.shape(loss) if reduction == "none" else ()
+    return np.asarray(loss + _reduce(z, reduction, denom, out_shape), dtype=np.float64)
+
+
+def cross_entropy_grad(
+    input,
+    target,
+    grad_output,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    temperature=1.0,
+) -> CrossEntropyGrads:
+    r"""Return the gradients of ``cross_entropy`` for ``grad_output`` (a CrossEntropyGrads).
+
+    Computed by the chain rule as torch does: first d loss / d lp, then the log_softmax VJP
+    ``dx = g_lp - p · Σ_c g_lp`` (§6), then, with the extensions, d lse² / d u = 2·lse·p and
+    d u / d x of the transform.
+    """
+    x = _f64(input)
+    u, du = _transform(x, softcap, temperature)
+    g = _ce_grad(u, target, grad_output, weight, ignore_index, reduction, label_smoothing)
+    g_u = g.input
+    if z_loss != 0.0:
+        lse, keep, denom = _z_rows(u, target, weight, ignore_index)
+        rows = _to_rows(u)
+        s = _row_scale(grad_output, reduction, denom, rows.shape[0])  # (M,)
+        p = np.exp(rows - lse[:, None])
+        g_z = np.where(keep[:, None], 2.0 * z_loss * (s * lse)[:, None] * p, 0.0)
+        g_u = g_u + _from_rows(g_z, x.shape)
+    return CrossEntropyGrads(g_u * du, g.target, g.weight)

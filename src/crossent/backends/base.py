@@ -37,11 +37,26 @@ class RowOptions:
 
     ``ignore_index``: rows whose target equals it get loss 0 and gradient 0 (class-index
     targets only). ``label_smoothing``: ``ε`` in ``[0, 1]``; already 0 when the user's value
-    was not ``> 0``.
+    was not ``> 0``. Extensions (off by default): the logits are read as
+    ``u = softcap·tanh(x / softcap)`` when ``softcap`` is set, then ``u / temperature``; each
+    kept row's loss gains ``z_loss·lse(u)²``; ``lse`` is that of ``u``.
     """
 
     ignore_index: int = -100
     label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    temperature: float = 1.0
+
+    @property
+    def transformed(self) -> bool:
+        """Whether the logits are soft-capped or scaled before the cross entropy."""
+        return self.softcap is not None or self.temperature != 1.0
+
+    @property
+    def extended(self) -> bool:
+        """Whether any extension is on."""
+        return self.transformed or self.z_loss != 0.0
 
 
 class RowStats(NamedTuple):

@@ -6,6 +6,8 @@ in the dtypes the other backends return. Its use is checking, not training.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -32,6 +34,17 @@ def _scale(grad_scale: Tensor) -> float | np.ndarray:
     if grad_scale.dim() == 0:
         return float(grad_scale)
     return _np(grad_scale).reshape(-1, 1)
+
+
+def _extensions(opts: RowOptions) -> dict[str, Any]:
+    return {"z_loss": opts.z_loss, "softcap": opts.softcap, "temperature": opts.temperature}
+
+
+def _u(x: np.ndarray, opts: RowOptions) -> np.ndarray:
+    """The logits as the loss reads them (for the lse the primitives report)."""
+    if opts.softcap is not None:
+        x = opts.softcap * np.tanh(x / opts.softcap)
+    return x / opts.temperature if opts.temperature != 1.0 else x
 
 
 def _lse(x: np.ndarray) -> np.ndarray:
@@ -73,10 +86,11 @@ class ReferenceBackend(Backend):
             return no_classes(x.shape[0], acc, x.device)
         xn, tn, wn = _np(x), _np(target), _np_opt(weight)
         ii, eps = opts.ignore_index, opts.label_smoothing
-        loss = ref.cross_entropy(xn, tn, wn, ii, "none", eps)
+        ext = _extensions(opts)
+        loss = ref.cross_entropy(xn, tn, wn, ii, "none", eps, **ext)
         if grad_out is not None:
             ones = np.ones(x.shape[0])
-            g = ref.cross_entropy_grad(xn, tn, ones, wn, ii, "none", eps).input
+            g = ref.cross_entropy_grad(xn, tn, ones, wn, ii, "none", eps, **ext).input
             scale = 1.0 if grad_scale is None else _scale(grad_scale)
             keep = (tn != opts.ignore_index)[:, None]
             with np.errstate(invalid="ignore"):
@@ -84,7 +98,7 @@ class ReferenceBackend(Backend):
                 # gives NaN there: see the README's deliberate differences)
                 g = np.where(keep, g * scale, 0.0)
             grad_out.copy_(_back(g, x, grad_out.dtype))
-        return RowStats(_back(loss, x, acc), _back(_lse(xn), x, acc))
+        return RowStats(_back(loss, x, acc), _back(_lse(_u(xn, opts)), x, acc))
 
     def cross_entropy_prob_forward(
         self,
@@ -100,13 +114,15 @@ class ReferenceBackend(Backend):
             return no_classes(x.shape[0], acc, x.device)
         xn, tn, wn = _np(x), _np(target), _np_opt(weight)
         eps = opts.label_smoothing
-        loss = ref.cross_entropy(xn, tn, wn, -100, "none", eps)
+        ext = _extensions(opts)
+        loss = ref.cross_entropy(xn, tn, wn, -100, "none", eps, **ext)
         if grad_out is not None:
-            g = ref.cross_entropy_grad(xn, tn, np.ones(x.shape[0]), wn, -100, "none", eps).input
+            ones = np.ones(x.shape[0])
+            g = ref.cross_entropy_grad(xn, tn, ones, wn, -100, "none", eps, **ext).input
             if grad_scale is not None:
                 g = g * _scale(grad_scale)
             grad_out.copy_(_back(g, x, grad_out.dtype))
-        return RowStats(_back(loss, x, acc), _back(_lse(xn), x, acc))
+        return RowStats(_back(loss, x, acc), _back(_lse(_u(xn, opts)), x, acc))
 
     def cross_entropy_prob_extra_grads(
         self,
@@ -121,7 +137,7 @@ class ReferenceBackend(Backend):
     ) -> tuple[Tensor | None, Tensor | None]:
         grads = ref.cross_entropy_grad(
             _np(x), _np(target), _np(row_grad), _np_opt(weight), -100, "none",
-            opts.label_smoothing,
+            opts.label_smoothing, **_extensions(opts),
         )
         dt = None
         if want_target and grads.target is not None:

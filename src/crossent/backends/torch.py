@@ -67,7 +67,7 @@ class TorchBackend(Backend):
         step = chunk_rows(m, v)
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
-            xs = x[r0:r1].to(acc)  # (m', V) upcast chunk
+            xs, du = transform(x[r0:r1].to(acc), opts)  # (m', V) upcast chunk
             t = target[r0:r1]
             keep = (t != opts.ignore_index).unsqueeze(1)  # (m', 1)
             tc = torch.where(keep.squeeze(1), t, 0).unsqueeze(1)  # ignored rows read class 0
@@ -82,22 +82,30 @@ class TorchBackend(Backend):
                 dev = log_s - z  # (m', V): -log p
                 smooth = dev.sum(1, keepdim=True) if w is None else (dev * w).sum(1, keepdim=True)
                 row = (1.0 - eps) * row + (eps / v) * smooth
+            row_lse = mx + log_s
+            if opts.z_loss:
+                row = row + opts.z_loss * row_lse * row_lse
             loss[r0:r1] = row.squeeze(1).masked_fill(~keep.squeeze(1), 0.0)
-            lse[r0:r1] = (mx + log_s).squeeze(1)
+            lse[r0:r1] = row_lse.squeeze(1)
             if grad_out is None:
                 continue
-            # d row / d x_j = p_j·Σ_c w_c q_c − w_j q_j with q = (1−ε)·onehot(y) + ε/V.
+            # d row / d x_j = p_j·(Σ_c w_c q_c + 2λ·lse) − w_j q_j with q = (1−ε)·onehot(y) + ε/V.
             p = e.div_(s)
+            z_coef = 2.0 * opts.z_loss * row_lse if opts.z_loss else None
             if eps > 0.0:
                 coef = (1.0 - eps) * wt + (eps / v) * (v if w_total is None else w_total)
-                g = p.mul_(coef)
+                g = p.mul_(coef if z_coef is None else coef + z_coef)
                 g.sub_((eps / v) * (1.0 if w is None else w))
+            elif z_coef is not None:
+                g = p.mul_(wt + z_coef)
             else:
                 g = p.mul_(wt) if w is not None else p
             target_term = torch.full_like(mx, -(1.0 - eps)) if w is None else -(1.0 - eps) * w[tc]
             g.scatter_add_(1, tc, target_term)
             if grad_scale is not None:
                 g.mul_(row_scale(grad_scale, r0, r1, acc))
+            if du is not None:
+                g.mul_(du)
             # Masking (not multiplying by 0) keeps ignored rows exactly 0 even with -inf logits.
             grad_out[r0:r1] = g.masked_fill_(~keep, 0.0)
         return RowStats(loss, lse)
@@ -124,7 +132,7 @@ class TorchBackend(Backend):
         step = chunk_rows(m, v)
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
-            xs = x[r0:r1].to(acc)
+            xs, du = transform(x[r0:r1].to(acc), opts)
             ts = smoothed(target[r0:r1].to(acc), eps, v)  # (m', V) t'
             if w is not None:
                 ts = ts * w  # w ⊙ t'
@@ -134,14 +142,23 @@ class TorchBackend(Backend):
             s = e.sum(1, keepdim=True)
             log_s = torch.log(s)
             # -Σ_c w_c t'_c log p_c: product first, as torch does (0·(-inf) is NaN there too)
-            loss[r0:r1] = -(ts * (z - log_s)).sum(1)
-            lse[r0:r1] = (mx + log_s).squeeze(1)
+            row_lse = mx + log_s
+            row = -(ts * (z - log_s)).sum(1)
+            if opts.z_loss:
+                row = row + opts.z_loss * (row_lse * row_lse).squeeze(1)
+            loss[r0:r1] = row
+            lse[r0:r1] = row_lse.squeeze(1)
             if grad_out is None:
                 continue
-            # d row / d x = p·Σ_c w_c t'_c − w ⊙ t'
-            g = e.div_(s).mul_(ts.sum(1, keepdim=True)).sub_(ts)
+            # d row / d x = p·(Σ_c w_c t'_c + 2λ·lse) − w ⊙ t'
+            coef = ts.sum(1, keepdim=True)
+            if opts.z_loss:
+                coef = coef + 2.0 * opts.z_loss * row_lse
+            g = e.div_(s).mul_(coef).sub_(ts)
             if grad_scale is not None:
                 g.mul_(row_scale(grad_scale, r0, r1, acc))
+            if du is not None:
+                g.mul_(du)
             grad_out[r0:r1] = g
         return RowStats(loss, lse)
 
@@ -168,7 +185,7 @@ class TorchBackend(Backend):
             r1 = min(m, r0 + step)
             # (m', V) log-probabilities as (x - max) - log Σ exp(x - max): forming x - lse
             # instead would lose an ulp of the largest logit (this rare path pays one more exp)
-            z = x[r0:r1].to(acc)
+            z, _ = transform(x[r0:r1].to(acc), opts)
             z = z - z.amax(1, keepdim=True)
             lp = z - torch.log(torch.exp(z).sum(1, keepdim=True))
             if d_target is not None:
@@ -218,6 +235,21 @@ class TorchBackend(Backend):
         grad = torch.zeros(m, num_classes, dtype=dtype, device=target.device)
         grad.scatter_(1, tc.unsqueeze(1), val.masked_fill(~keep, 0.0).to(dtype).unsqueeze(1))
         return grad
+
+
+def transform(xs: Tensor, opts: RowOptions) -> tuple[Tensor, Tensor | None]:
+    """The logits as the loss reads them (soft-capped, then divided by the temperature) and
+    their derivative d u / d x, or ``(xs, None)`` when neither is asked for."""
+    if not opts.transformed:
+        return xs, None
+    u, du = xs, None
+    if opts.softcap is not None:
+        th = torch.tanh(xs / opts.softcap)
+        u, du = th * opts.softcap, 1.0 - th * th
+    if opts.temperature != 1.0:
+        u = u / opts.temperature
+        du = torch.full_like(u, 1.0 / opts.temperature) if du is None else du / opts.temperature
+    return u, du
 
 
 def row_scale(grad_scale: Tensor, r0: int, r1: int, acc: torch.dtype) -> Tensor:

@@ -106,6 +106,8 @@ class CpuBackend(TorchBackend):
         grad_scale: Tensor | None = None,
     ) -> RowStats:
         _check_cpu(x, target, weight)
+        if opts.extended:  # z-loss, soft-capping and temperature: the chunked torch path
+            return super().cross_entropy_forward(x, target, weight, opts, grad_out, grad_scale)
         m, v = x.shape
         acc = acc_dtype(x.dtype)
         if v == 0 or m == 0:
@@ -137,8 +139,9 @@ class CpuBackend(TorchBackend):
         _check_cpu(x, target, weight)
         m, v = x.shape
         acc = prob_acc_dtype(x, target, weight)
-        if acc != acc_dtype(x.dtype) or acc != acc_dtype(target.dtype):
-            # mixed precisions (e.g. float32 logits, float64 targets): the portable path
+        if opts.extended or acc != acc_dtype(x.dtype) or acc != acc_dtype(target.dtype):
+            # mixed precisions (e.g. float32 logits, float64 targets) or extensions: the
+            # portable path
             return super().cross_entropy_prob_forward(x, target, weight, opts, grad_out, grad_scale)
         if v == 0 or m == 0:
             return no_classes(m, acc, x.device) if v == 0 else _empty_stats(acc)
