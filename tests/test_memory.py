@@ -157,3 +157,14 @@ def test_linear_cross_entropy_never_holds_the_logits(backend: str, reduction: st
                                    (h, w))
     torch.testing.assert_close(h.grad, expected[0])
     torch.testing.assert_close(w.grad, expected[1])
+
+
+def test_linear_token_stats_never_holds_the_logits() -> None:
+    n, d, v, rows = 128, 16, 4000, 8
+    h = make_logits((n, d), requires_grad=True)
+    w = make_logits((v, d), requires_grad=True)
+    t = make_targets((n,), v)
+    with _LargestTensor() as seen:
+        stats = crossent.linear_token_stats(h, w, t, chunk_bytes=rows * v * 4)
+        (stats.logprob.sum() + 0.1 * stats.entropy.sum()).backward()
+    assert seen.largest <= max(v * d, rows * v) < n * v // 4

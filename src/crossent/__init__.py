@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from ._token_stats import TokenStats, linear_token_stats, token_stats
 from .backends.buffers import empty_cache
 from .functional import cross_entropy, linear_cross_entropy, log_softmax, nll_loss, softmax
 from .nn import CrossEntropyLoss, LinearCrossEntropyLoss, LogSoftmax, NLLLoss, Softmax
@@ -17,6 +18,9 @@ __all__ = [
     "linear_cross_entropy",
     "CrossEntropyLoss",
     "LinearCrossEntropyLoss",
+    "token_stats",
+    "linear_token_stats",
+    "TokenStats",
     "NLLLoss",
     "Softmax",
     "LogSoftmax",

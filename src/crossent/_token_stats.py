@@ -1,0 +1,313 @@
+"""Per-token statistics of a softmax over the last dim, without a log-probability tensor:
+the target's log-probability, the entropy, the log-sum-exp and the argmax.
+
+What policy-gradient fine-tuning needs (log π(a|s) and an entropy bonus), computed a chunk
+of rows at a time. ``token_stats`` reads given logits; ``linear_token_stats`` forms each
+chunk's logits from hidden states and a classifier weight and never holds more than one
+chunk of them. The log-probability and the entropy are differentiable; backward recomputes
+each chunk's probabilities from the saved inputs.
+
+With u the logits as read (``softcap·tanh(x / softcap)``, then divided by ``temperature``),
+p = softmax(u):
+
+    logprob = u_y - lse,   entropy = lse - Σ_j p_j u_j,
+    d logprob / d u_j = [j = y] - p_j,   d entropy / d u_j = -p_j (u_j - Σ_k p_k u_k).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from ._linear import _add_weight_grad, _logits, _wide, chunk_rows
+from .backends.base import RowOptions, acc_dtype
+from .backends.torch import CHUNK_ELEMENTS, transform
+
+
+class TokenStats(NamedTuple):
+    """Per-token results, each of the target's shape.
+
+    ``logprob``: log-probability of the target (0 where it is ``ignore_index``);
+    ``entropy``: entropy of the predicted distribution; ``lse``: log-sum-exp of the logits as
+    read; ``argmax``: the most likely class (int64). ``logprob`` and ``entropy`` are
+    differentiable.
+    """
+
+    logprob: Tensor
+    entropy: Tensor
+    lse: Tensor
+    argmax: Tensor
+
+
+@dataclass(frozen=True)
+class StatsOptions:
+    ignore_index: int
+    softcap: float | None
+    temperature: float
+    chunk_rows: int
+    grad_enabled: bool = True
+
+    @property
+    def rows(self) -> RowOptions:
+        return RowOptions(softcap=self.softcap, temperature=self.temperature)
+
+
+def _chunk_stats(
+    x: Tensor, target: Tensor, opts: StatsOptions
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Stats of one chunk of logits ``(r, V)`` (any float dtype), in the accumulation dtype."""
+    u, _ = transform(x.to(acc_dtype(x.dtype)), opts.rows)
+    mx = u.amax(1, keepdim=True)
+    z = u - mx  # shifted: the sums below then cancel little
+    e = torch.exp(z)
+    s = e.sum(1, keepdim=True)
+    log_s = torch.log(s)
+    p = e.div_(s)
+    keep = target != opts.ignore_index
+    picked = z.gather(1, torch.where(keep, target, 0).unsqueeze(1))
+    logprob = torch.where(keep, (picked - log_s).squeeze(1), 0.0)
+    entropy = (log_s - (p * z).sum(1, keepdim=True)).squeeze(1)
+    return logprob, entropy, (mx + log_s).squeeze(1), u.argmax(1)
+
+
+def _chunk_grad(x: Tensor, target: Tensor, g_lp: Tensor, g_h: Tensor, opts: StatsOptions) -> Tensor:
+    """d(Σ g_lp·logprob + g_h·entropy) / d x for one chunk, in x's dtype."""
+    u, du = transform(x.to(acc_dtype(x.dtype)), opts.rows)
+    z = u - u.amax(1, keepdim=True)
+    e = torch.exp(z)  # recomputed as in forward: exp(z - log Σ) would round twice
+    p = e.div_(e.sum(1, keepdim=True))
+    mean_z = (p * z).sum(1, keepdim=True)
+    keep = target != opts.ignore_index
+    g_lp = torch.where(keep, g_lp, 0.0)  # an ignored token's logprob is the constant 0
+    g = p * (-(g_lp.unsqueeze(1)) - g_h.unsqueeze(1) * (z - mean_z))
+    tc = torch.where(keep, target, 0).unsqueeze(1)
+    g.scatter_add_(1, tc, g_lp.unsqueeze(1))
+    if du is not None:
+        g.mul_(du)
+    return g.to(x.dtype)
+
+
+def _check_target(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    from ._args import check_target_range, dtype_name
+
+    if target.dtype != torch.int64:
+        raise RuntimeError(f"expected target dtype to be Long, but got {dtype_name(target.dtype)}")
+    check_target_range(target, num_classes, ignore_index)
+
+
+class TokenStatsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, x: Tensor, target: Tensor, opts: StatsOptions
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        m = x.shape[0]
+        acc = acc_dtype(x.dtype)
+        out = [torch.empty(m, dtype=acc, device=x.device) for _ in range(3)]
+        argmax = torch.empty(m, dtype=torch.int64, device=x.device)
+        for lo in range(0, m, opts.chunk_rows):
+            hi = min(m, lo + opts.chunk_rows)
+            lp, h, lse, am = _chunk_stats(x[lo:hi], target[lo:hi], opts)
+            out[0][lo:hi], out[1][lo:hi], out[2][lo:hi], argmax[lo:hi] = lp, h, lse, am
+        ctx.save_for_backward(x, target)
+        ctx.opts = opts  # type: ignore[attr-defined]
+        ctx.mark_non_differentiable(argmax)
+        lp, h, lse = (t.to(x.dtype) for t in out)
+        ctx.mark_non_differentiable(lse)
+        return lp, h, lse, argmax
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g_lp: Tensor, g_h: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        x, target = ctx.saved_tensors
+        opts: StatsOptions = ctx.opts
+        acc = acc_dtype(x.dtype)
+        g_lp, g_h = g_lp.to(acc), g_h.to(acc)
+        dx = torch.empty_like(x)
+        for lo in range(0, x.shape[0], opts.chunk_rows):
+            hi = min(x.shape[0], lo + opts.chunk_rows)
+            dx[lo:hi] = _chunk_grad(x[lo:hi], target[lo:hi], g_lp[lo:hi], g_h[lo:hi], opts)
+        return dx, None, None
+
+
+class LinearTokenStatsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        h: Tensor,
+        w: Tensor,
+        b: Tensor | None,
+        target: Tensor,
+        opts: StatsOptions,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        m, v = h.shape[0], w.shape[0]
+        acc = acc_dtype(h.dtype)
+        out = [torch.empty(m, dtype=acc, device=h.device) for _ in range(3)]
+        argmax = torch.empty(m, dtype=torch.int64, device=h.device)
+        buf = torch.empty((min(opts.chunk_rows, max(m, 1)), v), dtype=h.dtype, device=h.device)
+        for lo in range(0, m, opts.chunk_rows):
+            hi = min(m, lo + opts.chunk_rows)
+            logits = _logits(buf, h[lo:hi], w, b)
+            lp, ent, lse, am = _chunk_stats(logits, target[lo:hi], opts)
+            out[0][lo:hi], out[1][lo:hi], out[2][lo:hi], argmax[lo:hi] = lp, ent, lse, am
+        ctx.save_for_backward(h, w, b, target)  # type: ignore[arg-type]
+        ctx.opts = opts  # type: ignore[attr-defined]
+        lp, ent, lse = (t.to(h.dtype) for t in out)
+        ctx.mark_non_differentiable(argmax)
+        ctx.mark_non_differentiable(lse)
+        return lp, ent, lse, argmax
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g_lp: Tensor, g_h: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        h, w, b, target = ctx.saved_tensors
+        opts: StatsOptions = ctx.opts
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = acc_dtype(h.dtype)
+        g_lp, g_h = g_lp.to(acc), g_h.to(acc)
+        m, v = h.shape[0], w.shape[0]
+        dh = torch.zeros_like(h) if need_h else None
+        dw = torch.zeros(w.shape, dtype=_wide(w.dtype), device=w.device) if need_w else None
+        db = torch.zeros(v, dtype=_wide(b.dtype), device=b.device) if need_b else None
+        buf = torch.empty((min(opts.chunk_rows, max(m, 1)), v), dtype=h.dtype, device=h.device)
+        for lo in range(0, m, opts.chunk_rows):
+            hi = min(m, lo + opts.chunk_rows)
+            logits = _logits(buf, h[lo:hi], w, b)
+            g = _chunk_grad(logits, target[lo:hi], g_lp[lo:hi], g_h[lo:hi], opts)
+            if dh is not None:
+                torch.mm(g, w, out=dh[lo:hi])
+            if dw is not None:
+                _add_weight_grad(dw, g, h[lo:hi])
+            if db is not None:
+                db.add_(g.sum(0, dtype=db.dtype))
+        return (
+            dh,
+            None if dw is None else dw.to(w.dtype),
+            None if db is None else db.to(b.dtype),
+            None,
+            None,
+        )
+
+
+def stats_options(
+    num_classes: int,
+    itemsize: int,
+    ignore_index: int,
+    softcap: Any,
+    temperature: Any,
+    chunk_bytes: int | None,
+) -> StatsOptions:
+    from ._args import check_extensions
+
+    _, cap, temp = check_extensions(0.0, softcap, temperature)
+    if chunk_bytes is None:
+        rows = max(1, CHUNK_ELEMENTS // max(1, num_classes))
+    else:
+        rows = chunk_rows(num_classes, itemsize, chunk_bytes, None)
+    return StatsOptions(int(ignore_index), cap, temp, rows, torch.is_grad_enabled())
+
+
+def token_stats(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    chunk_bytes: int | None = None,
+) -> TokenStats:
+    """Per-token log-probability of ``target``, entropy, log-sum-exp and argmax of a softmax
+    over the last dim of ``logits`` ``(..., V)``; ``target`` has the leading shape ``(...)``.
+
+    Args:
+        logits (Tensor): ``(..., V)`` floating-point logits.
+        target (Tensor): ``(...)`` int64 class indices.
+        ignore_index (int, keyword-only): targets equal to it get ``logprob`` 0 (no
+            gradient); the other statistics are computed for every token. Default: ``-100``
+        softcap (float, keyword-only): read the logits as ``softcap·tanh(x / softcap)``.
+            Default: ``None``
+        temperature (float, keyword-only): divide the (capped) logits by it. Default: ``1.0``
+        chunk_bytes (int, keyword-only): rows are processed in chunks whose float32 copy
+            fits this budget. Default: ``None`` (4 MiB)
+
+    Returns:
+        :class:`TokenStats` ``(logprob, entropy, lse, argmax)``; the first three in the
+        logits' dtype, ``argmax`` int64; ``logprob`` and ``entropy`` differentiable.
+    """
+    if logits.dim() < 1 or not logits.dtype.is_floating_point:
+        raise RuntimeError(
+            f"expected floating-point logits with at least 1 dimension, got {logits.dtype} "
+            f"of shape {tuple(logits.shape)}"
+        )
+    v = logits.shape[-1]
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"expected target of shape {tuple(logits.shape[:-1])} (the logits' shape without "
+            f"the class dim), got {tuple(target.shape)}"
+        )
+    flat_t = target.reshape(-1)
+    _check_target(flat_t, v, ignore_index)
+    opts = stats_options(v, 4, ignore_index, softcap, temperature, chunk_bytes)
+    x = logits.reshape(-1, v)
+    x = x if x.is_contiguous() else x.contiguous()
+    outs = TokenStatsFunction.apply(x, flat_t, opts)
+    return TokenStats(*(o.view(target.shape) for o in outs))
+
+
+def linear_token_stats(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    chunk_bytes: int | None = None,
+) -> TokenStats:
+    """:func:`token_stats` of the logits ``input @ linear_weight.T + linear_bias``, computed
+    a chunk of rows at a time: the ``(..., V)`` logits never exist.
+
+    Args:
+        input (Tensor): ``(..., D)`` hidden states.
+        linear_weight (Tensor): ``(V, D)`` classifier weight.
+        target (Tensor): ``(...)`` int64 class indices.
+        linear_bias (Tensor, keyword-only): ``(V,)`` bias. Default: ``None``
+        ignore_index, softcap, temperature: as in :func:`token_stats`.
+        chunk_bytes (int, keyword-only): memory budget of one chunk's logits.
+            Default: ``None`` (48 MiB)
+
+    Returns:
+        :class:`TokenStats`; ``logprob`` and ``entropy`` differentiable in ``input``,
+        ``linear_weight`` and ``linear_bias``.
+    """
+    if input.dim() < 1 or linear_weight.dim() != 2 or input.shape[-1] != linear_weight.shape[1]:
+        raise RuntimeError(
+            "expected input (..., D) and linear_weight (V, D), got "
+            f"{tuple(input.shape)} and {tuple(linear_weight.shape)}"
+        )
+    if input.dtype != linear_weight.dtype or (
+        linear_bias is not None and linear_bias.dtype != input.dtype
+    ):
+        raise RuntimeError("expected input, linear_weight and linear_bias of one dtype")
+    v, d = linear_weight.shape
+    if linear_bias is not None and tuple(linear_bias.shape) != (v,):
+        raise RuntimeError(f"expected linear_bias shape {(v,)}, got {tuple(linear_bias.shape)}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"expected target of shape {tuple(input.shape[:-1])} (the input's shape without "
+            f"the feature dim), got {tuple(target.shape)}"
+        )
+    flat_t = target.reshape(-1)
+    _check_target(flat_t, v, ignore_index)
+    from ._linear import DEFAULT_CHUNK_BYTES
+
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    opts = stats_options(v, input.element_size(), ignore_index, softcap, temperature, budget)
+    h = input.reshape(-1, d)
+    h = h if h.is_contiguous() else h.contiguous()
+    outs = LinearTokenStatsFunction.apply(h, linear_weight, linear_bias, flat_t, opts)
+    return TokenStats(*(o.view(target.shape) for o in outs))
