@@ -91,12 +91,21 @@ def _chunk_grad(x: Tensor, target: Tensor, g_lp: Tensor, g_h: Tensor, opts: Stat
     return g.to(x.dtype)
 
 
-def _check_target(target: Tensor, num_classes: int, ignore_index: int) -> None:
+def _flat_target(
+    target: Tensor, data: Tensor, num_classes: int, ignore_index: int, what: str
+) -> Tensor:
+    """``target`` checked (shape ``data.shape[:-1]``, int64, in range) and flattened."""
     from ._args import check_target_range, dtype_name
 
+    if tuple(target.shape) != tuple(data.shape[:-1]):
+        raise ValueError(
+            f"expected target of shape {tuple(data.shape[:-1])} ({what}), got {tuple(target.shape)}"
+        )
     if target.dtype != torch.int64:
         raise RuntimeError(f"expected target dtype to be Long, but got {dtype_name(target.dtype)}")
-    check_target_range(target, num_classes, ignore_index)
+    flat = target.reshape(-1)
+    check_target_range(flat, num_classes, ignore_index)
+    return flat
 
 
 class TokenStatsFunction(torch.autograd.Function):
@@ -243,13 +252,9 @@ def token_stats(
             f"of shape {tuple(logits.shape)}"
         )
     v = logits.shape[-1]
-    if tuple(target.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"expected target of shape {tuple(logits.shape[:-1])} (the logits' shape without "
-            f"the class dim), got {tuple(target.shape)}"
-        )
-    flat_t = target.reshape(-1)
-    _check_target(flat_t, v, ignore_index)
+    flat_t = _flat_target(
+        target, logits, v, ignore_index, "the logits' shape without the class dim"
+    )
     opts = stats_options(v, 4, ignore_index, softcap, temperature, chunk_bytes)
     x = logits.reshape(-1, v)
     x = x if x.is_contiguous() else x.contiguous()
@@ -296,13 +301,9 @@ def linear_token_stats(
     v, d = linear_weight.shape
     if linear_bias is not None and tuple(linear_bias.shape) != (v,):
         raise RuntimeError(f"expected linear_bias shape {(v,)}, got {tuple(linear_bias.shape)}")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(
-            f"expected target of shape {tuple(input.shape[:-1])} (the input's shape without "
-            f"the feature dim), got {tuple(target.shape)}"
-        )
-    flat_t = target.reshape(-1)
-    _check_target(flat_t, v, ignore_index)
+    flat_t = _flat_target(
+        target, input, v, ignore_index, "the input's shape without the feature dim"
+    )
     from ._linear import DEFAULT_CHUNK_BYTES
 
     budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
