@@ -168,3 +168,32 @@ def test_linear_token_stats_never_holds_the_logits() -> None:
         stats = crossent.linear_token_stats(h, w, t, chunk_bytes=rows * v * 4)
         (stats.logprob.sum() + 0.1 * stats.entropy.sum()).backward()
     assert seen.largest <= max(v * d, rows * v) < n * v // 4
+
+
+class _MatmulRows(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the rows of hidden states that enter the projection matmuls."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.d, self.rows = d, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.out,
+                    torch.ops.aten.addmm.default):
+            a = args[1] if "addmm" in str(func) else args[0]
+            if a.dim() == 2 and a.shape[1] == self.d and a.is_contiguous():
+                self.rows += a.shape[0]  # (rows, D) @ (D, V): a chunk's logits
+        return func(*args, **(kwargs or {}))
+
+
+def test_linear_cross_entropy_skips_ignored_rows_before_the_projection() -> None:
+    n, d, v = 40, 12, 300
+    h = make_logits((n, d), requires_grad=True)
+    w = make_logits((v, d), requires_grad=True)
+    t = make_targets((n,), v)
+    t[::4] = -100  # 10 of 40 rows ignored
+    with _MatmulRows(d) as seen:
+        loss = crossent.linear_cross_entropy(h, w, t, chunk_bytes=7 * v * 4)
+    assert seen.rows == 30
+    loss.backward()
+    assert torch.equal(h.grad[::4], torch.zeros(10, d))
