@@ -25,11 +25,10 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ._autograd import _denominator, _is_one, _reduce
-from .backends import buffers
 from .backends.base import Backend, RowOptions, acc_dtype
 
 DEFAULT_CHUNK_BYTES = 48 * 2**20  # logits of one chunk of rows
-SLICE_BYTES = 8 * 2**20  # float32 copy of one slice of a 16-bit chunk gradient
+SLICE_BYTES = 2 * 2**20  # float32 copy of one slice of a 16-bit chunk gradient
 
 
 @dataclass(frozen=True)
@@ -128,7 +127,9 @@ def _run(
     dw = torch.zeros(w.shape, dtype=_wide(w.dtype)) if need[1] else None
     db = torch.zeros(v, dtype=_wide(b.dtype)) if need[2] and b is not None else None
     chunks = _Chunks(target, prob, opts.rows.ignore_index, opts.chunk_rows)
-    buf = buffers.empty((min(chunks.size, max(chunks.count, 1)), v), x.dtype, x.device)
+    # a plain allocation, not the reusable-buffer cache: freed before the gradients are
+    # converted to their final dtype, so it never adds to the peak
+    buf = torch.empty((min(chunks.size, max(chunks.count, 1)), v), dtype=x.dtype, device=x.device)
     be = opts.backend
     forward = be.cross_entropy_prob_forward if prob else be.cross_entropy_forward
     for _, _, rows in chunks:
