@@ -106,7 +106,7 @@ class CpuBackend(TorchBackend):
         grad_scale: Tensor | None = None,
     ) -> RowStats:
         _check_cpu(x, target, weight)
-        if opts.extended:  # z-loss, soft-capping and temperature: the chunked torch path
+        if opts.transformed:  # soft-capping and temperature: the chunked torch path
             return super().cross_entropy_forward(x, target, weight, opts, grad_out, grad_scale)
         m, v = x.shape
         acc = acc_dtype(x.dtype)
@@ -122,7 +122,8 @@ class CpuBackend(TorchBackend):
         _kernels.ce_index(
             as_numpy(x), _rows(target).numpy(), w, weight is not None, w_total,
             opts.ignore_index, eps > 0, _scalar(1.0 - eps, acc), _scalar(eps / v, acc),
-            _scale(grad_scale, acc), as_numpy(loss), as_numpy(lse), as_numpy(grad), want,
+            _scalar(opts.z_loss, acc), _scale(grad_scale, acc), as_numpy(loss), as_numpy(lse),
+            as_numpy(grad), want,
         )
         _finish_grad(grad_out, grad)
         return RowStats(loss, lse)
@@ -139,9 +140,9 @@ class CpuBackend(TorchBackend):
         _check_cpu(x, target, weight)
         m, v = x.shape
         acc = prob_acc_dtype(x, target, weight)
-        if opts.extended or acc != acc_dtype(x.dtype) or acc != acc_dtype(target.dtype):
-            # mixed precisions (e.g. float32 logits, float64 targets) or extensions: the
-            # portable path
+        if opts.transformed or acc != acc_dtype(x.dtype) or acc != acc_dtype(target.dtype):
+            # mixed precisions (e.g. float32 logits, float64 targets), soft-capping or
+            # temperature: the portable path
             return super().cross_entropy_prob_forward(x, target, weight, opts, grad_out, grad_scale)
         if v == 0 or m == 0:
             return no_classes(m, acc, x.device) if v == 0 else _empty_stats(acc)
@@ -154,7 +155,8 @@ class CpuBackend(TorchBackend):
         eps = opts.label_smoothing
         _kernels.ce_prob(
             as_numpy(x), as_numpy(target), w, weight is not None,
-            _scalar(1.0 - eps, acc), _scalar(eps / v, acc), _scale(grad_scale, acc),
+            _scalar(1.0 - eps, acc), _scalar(eps / v, acc), _scalar(opts.z_loss, acc),
+            _scale(grad_scale, acc),
             as_numpy(loss), as_numpy(lse), as_numpy(grad), want,
         )
         _finish_grad(grad_out, grad)

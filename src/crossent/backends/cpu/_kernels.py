@@ -145,13 +145,13 @@ def _nblocks(m, per_block):
 
 @njit(cache=True)
 def _ce_index_row(
-    xr, y, w, has_w, w_total, smoothing, c_t, c_s, scale, e, nxt, ahead, g, want_grad
+    xr, y, w, has_w, w_total, smoothing, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad
 ):
     """One row: returns ``(loss, lse)`` and, if ``want_grad``, writes ``scale·d loss/d x``.
 
-    With z = x - max, s = Σ exp(z), c_t = 1-ε, c_s = ε/V and W = Σ_c w_c:
-    loss = c_t·w_y·(log s - z_y) + c_s·Σ_c w_c·(log s - z_c);
-    d loss/d x_j = p_j·(c_t·w_y + c_s·W) - c_s·w_j - c_t·w_y·[j = y].
+    With z = x - max, s = Σ exp(z), c_t = 1-ε, c_s = ε/V, W = Σ_c w_c and λ = z_loss:
+    loss = c_t·w_y·(log s - z_y) + c_s·Σ_c w_c·(log s - z_c) + λ·lse²;
+    d loss/d x_j = p_j·(c_t·w_y + c_s·W + 2λ·lse) - c_s·w_j - c_t·w_y·[j = y].
     """
     v = xr.shape[0]
     m = _row_max(xr)
@@ -168,11 +168,14 @@ def _ce_index_row(
             _fill(g, math.nan)
         return math.nan, math.nan
     log_s = like(math.log(s), m)
+    lse = m + log_s
     loss = c_t * wy * (log_s - zy)
     if smoothing:
         loss += c_s * (wt * log_s + neg_wz)
+    if z_loss != 0:
+        loss += z_loss * lse * lse
     if want_grad:
-        a = scale * (c_t * wy + c_s * wt) / s
+        a = scale * (c_t * wy + c_s * wt + 2 * z_loss * lse) / s
         b = scale * c_s
         if has_w:
             _waffine(e, a, b, w)
@@ -180,13 +183,13 @@ def _ce_index_row(
             _affine(e, a, b)
         e[y] -= scale * c_t * wy
         stream_row(e, g)
-    return loss, m + log_s
+    return loss, lse
 
 
 @njit(parallel=True, cache=True)
 def ce_index(
-    x, target, w, has_w, w_total, ignore_index, smoothing, c_t, c_s, scales, loss, lse, grad,
-    want_grad,
+    x, target, w, has_w, w_total, ignore_index, smoothing, c_t, c_s, z_loss, scales, loss, lse,
+    grad, want_grad,
 ):
     """Cross entropy with class indices over rows of ``x`` (see :func:`_ce_index_row`);
     ``scales`` holds one gradient scale for every row, or one per row.
@@ -210,7 +213,7 @@ def ce_index(
             g = grad[i]  # an empty row when no gradient is wanted
             scale = scales[i] if scales.shape[0] > 1 else scales[0]
             loss[i], lse[i] = _ce_index_row(
-                x[i], y, w, has_w, w_total, smoothing, c_t, c_s, scale, e, nxt, ahead, g,
+                x[i], y, w, has_w, w_total, smoothing, c_t, c_s, z_loss, scale, e, nxt, ahead, g,
                 want_grad,
             )
         fence()
@@ -249,8 +252,9 @@ def _prob_grad(e, tr, w, has_w, c_t, c_s, a, b):
 
 
 @njit(cache=True)
-def _ce_prob_row(xr, tr, w, has_w, c_t, c_s, scale, e, nxt, ahead, g, want_grad):
-    """loss = -Σ_j w_j t'_j (z_j - log s); d loss/d x_j = p_j·Σ w t' - w_j t'_j."""
+def _ce_prob_row(xr, tr, w, has_w, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad):
+    """loss = -Σ_j w_j t'_j (z_j - log s) + λ·lse²;
+    d loss/d x_j = p_j·(Σ w t' + 2λ·lse) - w_j t'_j."""
     m = _row_max(xr)
     total, dot = _prob_dots(xr, tr, m, w, has_w, c_t, c_s)
     s = _exp_sum(xr, m, e, nxt, ahead)
@@ -259,14 +263,15 @@ def _ce_prob_row(xr, tr, w, has_w, c_t, c_s, scale, e, nxt, ahead, g, want_grad)
             _fill(g, math.nan)
         return math.nan, math.nan
     log_s = like(math.log(s), m)
+    lse = m + log_s
     if want_grad:
-        _prob_grad(e, tr, w, has_w, c_t, c_s, scale * total / s, scale)
+        _prob_grad(e, tr, w, has_w, c_t, c_s, scale * (total + 2 * z_loss * lse) / s, scale)
         stream_row(e, g)
-    return log_s * total - dot, m + log_s
+    return log_s * total - dot + z_loss * lse * lse, lse
 
 
 @njit(parallel=True, cache=True)
-def ce_prob(x, t, w, has_w, c_t, c_s, scales, loss, lse, grad, want_grad):
+def ce_prob(x, t, w, has_w, c_t, c_s, z_loss, scales, loss, lse, grad, want_grad):
     """Cross entropy with probability targets; reads x and t once each, streams the gradient.
     ``scales`` as in :func:`ce_index`."""
     m_rows, v = x.shape
@@ -279,7 +284,7 @@ def ce_prob(x, t, w, has_w, c_t, c_s, scales, loss, lse, grad, want_grad):
             g = grad[i]  # an empty row when no gradient is wanted
             scale = scales[i] if scales.shape[0] > 1 else scales[0]
             loss[i], lse[i] = _ce_prob_row(
-                x[i], t[i], w, has_w, c_t, c_s, scale, e, nxt, ahead, g, want_grad
+                x[i], t[i], w, has_w, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad
             )
         fence()
 
