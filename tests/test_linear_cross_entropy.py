@@ -153,6 +153,19 @@ def test_any_chunking_gives_torchs_result(
                reduction=reduction, chunk_bytes=chunk_bytes, backend=backend)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [{"label_smoothing": 0.1}, {"reduction": "sum", "label_smoothing": 0.2}],
+    ids=["smoothing", "sum-smoothing"],
+)
+def test_options_it_cannot_use_warn_as_in_torch(backend: str, kw: dict[str, Any]) -> None:
+    # check_same compares the warnings (category and text) too
+    x, w, b = problem(torch.float32, True)
+    opts = torch.nn.LinearCrossEntropyOptions()
+    check_same(lce, x, w, index_targets(None), linear_bias=b.requires_grad_(),  # type: ignore[union-attr]
+               options=opts, backend=backend, **kw)
+
+
 def test_options_batch_chunk_size_sets_the_rows_per_chunk(backend: str) -> None:
     x, w, _ = problem(torch.float32, False)
     opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=5, chunking_method=None)
@@ -233,6 +246,7 @@ ERRORS = [
     pytest.param((X, W, T(0, 1, 2, 3)), {"label_smoothing": 1.5}, id="smoothing"),
     pytest.param((X, W, T(0, 1, 2, 3)), {"weight": torch.ones(V + 2)}, id="class-weight-shape"),
     pytest.param((X, W, T(0, 1, 2, 3).float()), {}, id="float-index-target"),
+    pytest.param((X, W, T(0, 1, 2, 3)), {"ignore_index": 3.5}, id="float-ignore-index"),
 ]
 
 

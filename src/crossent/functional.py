@@ -8,6 +8,7 @@ autograd Function (:mod:`crossent._autograd`).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -200,6 +201,7 @@ def linear_cross_entropy(
     if prob and ignore_index is not None:
         raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
     ii = -100 if ignore_index is None else ignore_index
+    _options_warning(options, out_features, reduction, label_smoothing, target, linear_bias)
     _check_linear_dtypes(input, linear_weight, linear_bias)
     fused = not out_features and not target.requires_grad and not (
         weight is not None and weight.requires_grad
@@ -219,6 +221,7 @@ def linear_cross_entropy(
     fn = "cross_entropy_loss"
     _args.check_tensor(fn, "target", 2, target)
     _args.check_tensor(fn, "weight", 3, weight, optional=True)
+    ii = _args.as_int(fn, "ignore_index", 5, ii)
     ls = _args.as_float(fn, "label_smoothing", 6, label_smoothing)
     zl, cap, temp = _args.check_extensions(z_loss, softcap, temperature)
     virtual = torch.empty((), dtype=input.dtype, device=input.device).expand(logits_shape)
@@ -246,6 +249,33 @@ def linear_cross_entropy(
     x2 = input.reshape(-1, d)
     loss = LinearCrossEntropy.apply(x2, linear_weight, linear_bias, t2, weight, opts)
     return loss.view(out_shape) if red == "none" else loss
+
+
+def _options_warning(
+    options: Any, out_features: tuple[int, ...], reduction: Any, label_smoothing: Any,
+    target: Tensor, bias: Tensor | None,
+) -> None:
+    """torch's warning when ``options`` asks for its chunked path on a call it cannot take
+    (crossent always chunks; the warning is repeated so that calls warn as they do in torch)."""
+    if options is None or not (
+        out_features
+        or reduction not in {"mean", "sum", "none"}
+        or label_smoothing != 0.0
+        or target.dtype != torch.int64
+        or torch.jit.is_tracing()
+    ):
+        return
+    warnings.warn(
+        "linear_cross_entropy: ``options`` ignored; chunked path needs "
+        "reduction in {'mean','sum','none'}, label_smoothing == 0, target.dtype"
+        " == int64, out_features == (). Got "
+        f"reduction={reduction!r}, label_smoothing={label_smoothing}, "
+        f"target.dtype={target.dtype}, out_features={tuple(out_features)}"
+        f", tracing={torch.jit.is_tracing()}"
+        f", linear_bias.shape="
+        f"{tuple(bias.shape) if bias is not None else None}.",
+        stacklevel=3,
+    )
 
 
 def _check_linear_dtypes(x: Tensor, w: Tensor, b: Tensor | None) -> None:
