@@ -66,10 +66,11 @@ class _Chunks:
         self.count = n if self.kept is None else int(self.kept.numel())
         self.size = size
 
-    def __iter__(self) -> Iterator[tuple[int, int, slice | Tensor]]:
+    def __iter__(self) -> Iterator[slice | Tensor]:
+        """Each chunk's rows: a slice, or the kept rows' indices when some are dropped."""
         for lo in range(0, self.count, self.size):
             hi = min(lo + self.size, self.count)
-            yield lo, hi, (slice(lo, hi) if self.kept is None else self.kept[lo:hi])
+            yield slice(lo, hi) if self.kept is None else self.kept[lo:hi]
 
 
 def _take(t: Tensor, rows: slice | Tensor) -> Tensor:
@@ -102,6 +103,45 @@ def _add_weight_grad(acc: Tensor, g: Tensor, x: Tensor) -> None:
         acc[lo : lo + step].addmm_(g[:, lo : lo + step].t().to(acc.dtype), xf)
 
 
+Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
+
+
+def param_grads(x: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool, bool, bool]) -> Grads:
+    """Zeroed gradients of input, weight and bias, for those in ``need``; the weight's and
+    bias's accumulate in float32 for 16-bit parameters (see :func:`final_grads`)."""
+    dx = torch.zeros_like(x) if need[0] else None
+    dw = torch.zeros(w.shape, dtype=_wide(w.dtype), device=w.device) if need[1] else None
+    db = None
+    if need[2] and b is not None:
+        db = torch.zeros(w.shape[0], dtype=_wide(b.dtype), device=b.device)
+    return dx, dw, db
+
+
+def add_chunk_grads(grads: Grads, g: Tensor, xc: Tensor, w: Tensor, rows: slice | Tensor) -> None:
+    """Add one chunk's share, from ``g`` the gradient of its logits and ``xc`` its inputs
+    (``rows``: where those rows sit in the input)."""
+    dx, dw, db = grads
+    if dx is not None:
+        if isinstance(rows, slice):
+            torch.mm(g, w, out=dx[rows])
+        else:
+            dx.index_copy_(0, rows, torch.mm(g, w))
+    if dw is not None:
+        _add_weight_grad(dw, g, xc)
+    if db is not None:
+        db.add_(g.sum(0, dtype=db.dtype))
+
+
+def final_grads(grads: Grads, w: Tensor, b: Tensor | None) -> Grads:
+    """The accumulated gradients in their parameters' dtypes."""
+    dx, dw, db = grads
+    return (
+        dx,
+        None if dw is None else dw.to(w.dtype),
+        None if db is None or b is None else db.to(b.dtype),
+    )
+
+
 def _run(
     x: Tensor,
     w: Tensor,
@@ -112,8 +152,9 @@ def _run(
     scale: Tensor | None,
     row_grad: Tensor | None,
     need: tuple[bool, bool, bool],
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """One pass over the chunks: per-row losses and, for the ``need``-ed inputs, gradients.
+) -> tuple[Tensor, Grads]:
+    """One pass over the chunks: per-row losses and, for the ``need``-ed inputs, gradients
+    (in their parameters' dtypes).
 
     ``scale``: the reduction's scalar factor of the gradient; ``row_grad``: per-row incoming
     gradient (``reduction='none'`` backward) — at most one of them is given.
@@ -122,17 +163,15 @@ def _run(
     prob = target.dim() == 2
     acc = acc_dtype(x.dtype)
     want = any(need)
-    loss = torch.zeros(n, dtype=acc)
-    dx = torch.zeros_like(x) if need[0] else None
-    dw = torch.zeros(w.shape, dtype=_wide(w.dtype)) if need[1] else None
-    db = torch.zeros(v, dtype=_wide(b.dtype)) if need[2] and b is not None else None
+    loss = torch.zeros(n, dtype=acc, device=x.device)
+    grads = param_grads(x, w, b, need)
     chunks = _Chunks(target, prob, opts.rows.ignore_index, opts.chunk_rows)
     # a plain allocation, not the reusable-buffer cache: freed before the gradients are
     # converted to their final dtype, so it never adds to the peak
     buf = torch.empty((min(chunks.size, max(chunks.count, 1)), v), dtype=x.dtype, device=x.device)
     be = opts.backend
     forward = be.cross_entropy_prob_forward if prob else be.cross_entropy_forward
-    for _, _, rows in chunks:
+    for rows in chunks:
         xc = _take(x, rows)
         logits = _logits(buf, xc, w, b)
         # per-row incoming gradients go into the kernel: the gradient is rounded only once
@@ -145,18 +184,9 @@ def _run(
             loss.index_copy_(0, rows, stats.loss)
         if not want:
             continue
-        g = logits  # now the gradient of the chunk's logits
-        if dx is not None:
-            if isinstance(rows, slice):
-                torch.mm(g, w, out=dx[rows])
-            else:
-                dx.index_copy_(0, rows, torch.mm(g, w))
-        if dw is not None:
-            _add_weight_grad(dw, g, xc)
-        if db is not None:
-            db.add_(g.sum(0, dtype=db.dtype))
+        add_chunk_grads(grads, logits, xc, w, rows)  # logits: now their gradient
     del buf
-    return loss, dx, dw, db
+    return loss, final_grads(grads, w, b)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -194,13 +224,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         ctx.opts = opts  # type: ignore[attr-defined]
         ctx.need = need  # type: ignore[attr-defined]
         if opts.reduction == "none":
-            loss, _, _, _ = _run(x, w, b, target, weight, opts, None, None, (False,) * 3)
+            loss, _ = _run(x, w, b, target, weight, opts, None, None, (False,) * 3)
             ctx.save_for_backward(x, w, b, target, weight)  # type: ignore[arg-type]
             return loss.to(x.dtype)
-        loss, dx, dw, db = _run(x, w, b, target, weight, opts, scale, None, need)
-        dw = None if dw is None else dw.to(w.dtype)
-        db = None if db is None or b is None else db.to(b.dtype)
-        ctx.save_for_backward(dx, dw, db)  # type: ignore[arg-type]
+        loss, grads = _run(x, w, b, target, weight, opts, scale, None, need)
+        ctx.save_for_backward(*grads)  # type: ignore[arg-type]
         return _reduce(loss, opts.reduction, denom).to(x.dtype)
 
     @staticmethod
@@ -209,12 +237,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         opts: LinearOptions = ctx.opts
         if opts.reduction == "none":
             x, w, b, target, weight = ctx.saved_tensors
-            acc = acc_dtype(x.dtype)
-            _, dx, dw, db = _run(
-                x, w, b, target, weight, opts, None, g.to(acc), ctx.need
+            _, (dx, dw, db) = _run(
+                x, w, b, target, weight, opts, None, g.to(acc_dtype(x.dtype)), ctx.need
             )
-            dw = None if dw is None else dw.to(w.dtype)
-            db = None if db is None or b is None else db.to(b.dtype)
         else:
             dx, dw, db = ctx.saved_tensors
             if not _is_one(g):

@@ -16,6 +16,7 @@ p = softmax(u):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ._linear import _add_weight_grad, _logits, _wide, chunk_rows
+from ._linear import _logits, add_chunk_grads, chunk_rows, final_grads, param_grads
 from .backends.base import RowOptions, acc_dtype
 from .backends.torch import CHUNK_ELEMENTS, transform
 
@@ -108,25 +109,43 @@ def _flat_target(
     return flat
 
 
+def _stats(
+    m: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    target: Tensor,
+    opts: StatsOptions,
+    chunk_logits: Callable[[int, int], Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row stats over chunks of rows; ``chunk_logits(lo, hi)`` gives rows ``lo:hi``."""
+    acc = acc_dtype(dtype)
+    out = [torch.empty(m, dtype=acc, device=device) for _ in range(3)]
+    argmax = torch.empty(m, dtype=torch.int64, device=device)
+    for lo in range(0, m, opts.chunk_rows):
+        hi = min(m, lo + opts.chunk_rows)
+        lp, ent, lse, am = _chunk_stats(chunk_logits(lo, hi), target[lo:hi], opts)
+        out[0][lo:hi], out[1][lo:hi], out[2][lo:hi], argmax[lo:hi] = lp, ent, lse, am
+    return out[0], out[1], out[2], argmax
+
+
+def _outputs(
+    ctx: Any, stats: tuple[Tensor, Tensor, Tensor, Tensor], dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The stats in the input dtype; lse and argmax marked non-differentiable."""
+    lp, ent, lse = (t.to(dtype) for t in stats[:3])
+    ctx.mark_non_differentiable(lse, stats[3])
+    return lp, ent, lse, stats[3]
+
+
 class TokenStatsFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: FunctionCtx, x: Tensor, target: Tensor, opts: StatsOptions
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        m = x.shape[0]
-        acc = acc_dtype(x.dtype)
-        out = [torch.empty(m, dtype=acc, device=x.device) for _ in range(3)]
-        argmax = torch.empty(m, dtype=torch.int64, device=x.device)
-        for lo in range(0, m, opts.chunk_rows):
-            hi = min(m, lo + opts.chunk_rows)
-            lp, h, lse, am = _chunk_stats(x[lo:hi], target[lo:hi], opts)
-            out[0][lo:hi], out[1][lo:hi], out[2][lo:hi], argmax[lo:hi] = lp, h, lse, am
+        stats = _stats(x.shape[0], x.dtype, x.device, target, opts, lambda lo, hi: x[lo:hi])
         ctx.save_for_backward(x, target)
         ctx.opts = opts  # type: ignore[attr-defined]
-        ctx.mark_non_differentiable(argmax)
-        lp, h, lse = (t.to(x.dtype) for t in out)
-        ctx.mark_non_differentiable(lse)
-        return lp, h, lse, argmax
+        return _outputs(ctx, stats, x.dtype)
 
     @staticmethod
     @once_differentiable
@@ -142,6 +161,11 @@ class TokenStatsFunction(torch.autograd.Function):
         return dx, None, None
 
 
+def _chunk_buffer(h: Tensor, w: Tensor, opts: StatsOptions) -> Tensor:
+    rows = min(opts.chunk_rows, max(h.shape[0], 1))
+    return torch.empty((rows, w.shape[0]), dtype=h.dtype, device=h.device)
+
+
 class LinearTokenStatsFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -152,53 +176,35 @@ class LinearTokenStatsFunction(torch.autograd.Function):
         target: Tensor,
         opts: StatsOptions,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        m, v = h.shape[0], w.shape[0]
-        acc = acc_dtype(h.dtype)
-        out = [torch.empty(m, dtype=acc, device=h.device) for _ in range(3)]
-        argmax = torch.empty(m, dtype=torch.int64, device=h.device)
-        buf = torch.empty((min(opts.chunk_rows, max(m, 1)), v), dtype=h.dtype, device=h.device)
-        for lo in range(0, m, opts.chunk_rows):
-            hi = min(m, lo + opts.chunk_rows)
-            logits = _logits(buf, h[lo:hi], w, b)
-            lp, ent, lse, am = _chunk_stats(logits, target[lo:hi], opts)
-            out[0][lo:hi], out[1][lo:hi], out[2][lo:hi], argmax[lo:hi] = lp, ent, lse, am
+        buf = _chunk_buffer(h, w, opts)
+        stats = _stats(
+            h.shape[0],
+            h.dtype,
+            h.device,
+            target,
+            opts,
+            lambda lo, hi: _logits(buf, h[lo:hi], w, b),
+        )
         ctx.save_for_backward(h, w, b, target)  # type: ignore[arg-type]
         ctx.opts = opts  # type: ignore[attr-defined]
-        lp, ent, lse = (t.to(h.dtype) for t in out)
-        ctx.mark_non_differentiable(argmax)
-        ctx.mark_non_differentiable(lse)
-        return lp, ent, lse, argmax
+        return _outputs(ctx, stats, h.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g_lp: Tensor, g_h: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
         h, w, b, target = ctx.saved_tensors
         opts: StatsOptions = ctx.opts
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = acc_dtype(h.dtype)
         g_lp, g_h = g_lp.to(acc), g_h.to(acc)
-        m, v = h.shape[0], w.shape[0]
-        dh = torch.zeros_like(h) if need_h else None
-        dw = torch.zeros(w.shape, dtype=_wide(w.dtype), device=w.device) if need_w else None
-        db = torch.zeros(v, dtype=_wide(b.dtype), device=b.device) if need_b else None
-        buf = torch.empty((min(opts.chunk_rows, max(m, 1)), v), dtype=h.dtype, device=h.device)
-        for lo in range(0, m, opts.chunk_rows):
-            hi = min(m, lo + opts.chunk_rows)
+        grads = param_grads(h, w, b, tuple(ctx.needs_input_grad[:3]))
+        buf = _chunk_buffer(h, w, opts)
+        for lo in range(0, h.shape[0], opts.chunk_rows):
+            hi = min(h.shape[0], lo + opts.chunk_rows)
             logits = _logits(buf, h[lo:hi], w, b)
             g = _chunk_grad(logits, target[lo:hi], g_lp[lo:hi], g_h[lo:hi], opts)
-            if dh is not None:
-                torch.mm(g, w, out=dh[lo:hi])
-            if dw is not None:
-                _add_weight_grad(dw, g, h[lo:hi])
-            if db is not None:
-                db.add_(g.sum(0, dtype=db.dtype))
-        return (
-            dh,
-            None if dw is None else dw.to(w.dtype),
-            None if db is None else db.to(b.dtype),
-            None,
-            None,
-        )
+            add_chunk_grads(grads, g, h[lo:hi], w, slice(lo, hi))
+        del buf
+        return (*final_grads(grads, w, b), None, None)
 
 
 def stats_options(

@@ -17,15 +17,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import crossent
-from crossent.testing import Verdict, compare
+from crossent.testing import compare
 
 from .cases import Case, Check, Family, Inputs, NotApplicable, register
-from .logits import make_logits
+from .logits import make_logits, merge_verdicts
 from .providers import FLOOR, Provider
 
 TORCH_LCE = Provider("torch-linear-ce", "torch-lce", about="F.linear_cross_entropy")
 TORCH_LCE_CHUNKED = Provider(
-    "torch-linear-ce-chunked", "torch-lce-chunked",
+    "torch-linear-ce-chunked",
+    "torch-lce-chunked",
     about="F.linear_cross_entropy(options=LinearCrossEntropyOptions())",
 )
 CHUNK_ROWS = 256  # rows per block of the oracle pass
@@ -111,9 +112,10 @@ class LinearCrossEntropy(Family):
         rows, cols = _sample(n), _sample(v)
         w64, h64 = w.detach().double(), h.detach().double()
         total = torch.zeros((), dtype=torch.float64)
-        dh64, dht = torch.zeros(len(rows), h.shape[1], dtype=torch.float64), []
-        dw64 = torch.zeros(len(cols), h.shape[1], dtype=torch.float64)
-        dwt = torch.zeros(len(cols), h.shape[1], dtype=torch.float64)
+        dh64, dht, dw64, dwt = (
+            torch.zeros(len(idx), h.shape[1], dtype=torch.float64)
+            for idx in (rows, rows, cols, cols)
+        )
         with torch.no_grad():
             for lo in range(0, n, CHUNK_ROWS):
                 hi = min(n, lo + CHUNK_ROWS)
@@ -134,17 +136,17 @@ class LinearCrossEntropy(Family):
                 for k in mine.nonzero().flatten().tolist():
                     r = int(rows[k]) - lo
                     dh64[k] = g64[r] @ w64
-                    dht.append((k, gt[r : r + 1] @ w.detach()))
-        verdicts: list[tuple[str, Verdict]] = [
-            ("loss", compare(out.detach(), total / n, None, dt))
-        ]
+                    dht[k] = (gt[r : r + 1] @ w.detach())[0].double()
+        out_ok, msg = merge_verdicts([("loss", compare(out.detach(), total / n, None, dt))])
         if h.grad is None or w.grad is None:
-            return Check(verdicts[0][1].ok, False, "no gradient in h.grad or W.grad")
-        dht_rows = torch.cat([g for _, g in sorted(dht, key=lambda kg: kg[0])]).double()
-        verdicts.append(("d h (sampled rows)", compare(h.grad[rows], dh64, dht_rows, dt)))
-        verdicts.append(("d W (sampled rows)", compare(w.grad[cols], dw64, dwt, dt)))
-        bad = [f"{what}: {v.message}" for what, v in verdicts if not v.ok]
-        return Check(verdicts[0][1].ok, all(v.ok for _, v in verdicts[1:]), bad[0] if bad else "")
+            return Check(out_ok, False, msg or "no gradient in h.grad or W.grad")
+        grad_ok, gmsg = merge_verdicts(
+            [
+                ("d h (sampled rows)", compare(h.grad[rows], dh64, dht, dt)),
+                ("d W (sampled rows)", compare(w.grad[cols], dw64, dwt, dt)),
+            ]
+        )
+        return Check(out_ok, grad_ok, msg or gmsg)
 
 
 @register

@@ -69,7 +69,7 @@ def _elem(case: Case) -> int:
     return torch.empty(0, dtype=case.torch_dtype).element_size()
 
 
-def _merge(verdicts: list[tuple[str, Verdict]]) -> tuple[bool, str]:
+def merge_verdicts(verdicts: list[tuple[str, Verdict]]) -> tuple[bool, str]:
     bad = [f"{what}: {v.message}" for what, v in verdicts if not v.ok]
     return not bad, bad[0] if bad else ""
 
@@ -131,7 +131,7 @@ class CrossEntropy(_LogitsFamily):
                 x64 = x[rows].double()
                 picked = x64.gather(1, t[rows, None])
                 total += (torch.logsumexp(x64, 1) - picked.squeeze(1)).sum()
-        out_ok, msg = _merge([("loss", compare(out.detach(), total / n, torch_loss, dt))])
+        out_ok, msg = merge_verdicts([("loss", compare(out.detach(), total / n, torch_loss, dt))])
         grad = x.grad
         if grad is None:
             return Check(out_ok, False, msg or "no gradient in x.grad")
@@ -146,7 +146,7 @@ class CrossEntropy(_LogitsFamily):
             ours = grad[rows].double() * n
             where = f"grad rows {rows.start}:{rows.stop}"
             verdicts.append((where, compare(ours, x64.grad, xt.grad, dt)))
-        grad_ok, gmsg = _merge(verdicts)
+        grad_ok, gmsg = merge_verdicts(verdicts)
         return Check(out_ok, grad_ok, msg or gmsg)
 
 
@@ -197,10 +197,10 @@ class _SoftmaxFamily(_LogitsFamily):
             outs.append((f"output {where}", compare(out[rows].detach(), y64.detach(), yt, dt)))
             if x.grad is not None:
                 grads.append((f"grad {where}", compare(x.grad[rows], x64.grad, xt.grad, dt)))
-        out_ok, msg = _merge(outs)
+        out_ok, msg = merge_verdicts(outs)
         if x.grad is None:
             return Check(out_ok, False, msg or "no gradient in x.grad")
-        grad_ok, gmsg = _merge(grads)
+        grad_ok, gmsg = merge_verdicts(grads)
         return Check(out_ok, grad_ok, msg or gmsg)
 
 
