@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -131,6 +132,44 @@ def test_stream_row_writes_exactly_the_row(dtype: torch.dtype) -> None:
             assert torch.equal(got.isnan(), src.isnan())
             assert torch.equal(got.nan_to_num(), src.to(dtype).nan_to_num())
             assert (dst[:start] == 5.0).all() and (dst[start + length :] == 5.0).all()
+
+
+@njit
+def _stream_affine(src, dst, a, b, keep_lo, keep_hi):
+    _memory.stream_row_affine(src, dst, a, b, keep_lo, keep_hi)
+    _memory.fence()
+
+
+# The affine variant stores fma(src, a, -b) (one rounding, then the storage dtype's) except on
+# [keep_lo, keep_hi), which is stored as it is: kept ranges anywhere (head, a streamed line,
+# across a line boundary, the tail, empty) must give exactly that, and nothing beside the row.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_stream_row_affine_writes_exactly_the_row(dtype: torch.dtype) -> None:
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    per_line = 64 // dtype.itemsize
+    g = torch.Generator().manual_seed(1)
+    a = torch.tensor(0.3712, dtype=compute)
+    b = torch.tensor(-0.0421, dtype=compute)
+    a_np, b_np = a.numpy()[()], b.numpy()[()]
+    for start in (0, 1, per_line // 2, per_line - 1):
+        for length in (1, per_line - 1, per_line + 1, 3 * per_line + 5, 1000):
+            keeps = {(0, 0), (0, 1), (length - 1, length), (length // 2, length // 2 + 1),
+                     (per_line - start - 1, per_line - start + 2), (0, length)}
+            for lo, hi in sorted(keeps):
+                lo, hi = max(0, min(lo, length)), max(0, min(hi, length))
+                src = torch.randn(length, generator=g, dtype=compute)
+                # fma's one rounding: the exact value (fractions), rounded to float64, then to
+                # float32 for float32 compute
+                fa, fb = Fraction(float(a)), Fraction(float(b))
+                exact = [float(Fraction(v) * fa - fb) for v in src.tolist()]
+                expected = torch.tensor(exact, dtype=torch.float64).to(compute)
+                expected[lo:hi] = src[lo:hi]
+                dst = torch.full((start + length + per_line,), 5.0, dtype=dtype)
+                _stream_affine(as_numpy(src.clone()), as_numpy(dst)[start : start + length],
+                               a_np, b_np, lo, hi)
+                got = dst[start : start + length]
+                assert torch.equal(got, expected.to(dtype)), (start, length, lo, hi)
+                assert (dst[:start] == 5.0).all() and (dst[start + length :] == 5.0).all()
 
 
 def test_auto_selects_cpu_backend_for_cpu_tensors() -> None:

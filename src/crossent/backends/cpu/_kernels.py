@@ -1,12 +1,13 @@
 """Fused CPU kernels: softmax, log_softmax and cross entropy on ``(M, V)`` row blocks.
 
 Per row: one read for the max; one pass that evaluates every exponential exactly once and
-sums them, keeping the exponentials in a per-thread float scratch row; one pass over that
-(cache-hot) scratch row turning it into the output (probabilities, or the gradient of the
-loss); and one streaming copy of the finished row to memory (:mod:`._memory`), which skips
-the read-for-ownership of ordinary stores. While a row's exponentials are computed, the next
-row is prefetched when rows are small enough for both to stay in L2. Rows are spread over
-threads with ``prange``.
+sums them, keeping the exponentials in a per-thread float scratch row; and one streaming copy
+of the finished row to memory (:mod:`._memory`), which skips the read-for-ownership of
+ordinary stores. Where the output is an affine map of the exponentials (probabilities, the
+cross-entropy gradient without weighted label smoothing) the map is applied during that copy;
+otherwise one more pass over the cache-hot scratch row finishes it first. While a row's
+exponentials are computed, the next row is prefetched when rows are small enough for both to
+stay in L2. Rows are spread over threads with ``prange``.
 
 Fast-math is chosen per loop: reductions (max, sums, dot products) and the exp-and-sum loop
 may be reassociated so LLVM vectorises them — the exponential of :mod:`._math` is written with
@@ -26,8 +27,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._math import fast_exp, fmax, like, load, store
-from ._memory import fence, prefetch, stream_row, wide_vectors
+from ._math import fast_exp, fma, fmax, like, load, store
+from ._memory import fence, prefetch, stream_row, stream_row_affine, wide_vectors
 
 FM_REDUCE = {"reassoc", "nsz", "contract", "arcp"}
 FM_WRITE = {"contract"}
@@ -175,14 +176,15 @@ def _ce_index_row(
     if z_loss != 0:
         loss += z_loss * lse * lse
     if want_grad:
-        a = scale * (c_t * wy + c_s * wt + 2 * z_loss * lse) / s
-        b = scale * c_s
-        if has_w:
+        a = like(scale * (c_t * wy + c_s * wt + 2 * z_loss * lse) / s, m)
+        b = like(scale * c_s, m)
+        if has_w and smoothing:
             _waffine(e, a, b, w)
-        else:
-            _affine(e, a, b)
-        e[y] -= scale * c_t * wy
-        stream_row(e, g)
+            e[y] -= scale * c_t * wy
+            stream_row(e, g)
+        else:  # the affine map is applied while streaming; element y is finished here
+            e[y] = fma(e[y], a, -b) - scale * c_t * wy
+            stream_row_affine(e, g, a, b, y, y + 1)
     return loss, lse
 
 
@@ -293,13 +295,6 @@ def ce_prob(x, t, w, has_w, c_t, c_s, z_loss, scales, loss, lse, grad, want_grad
 
 
 @njit(fastmath=FM_WRITE, cache=True)
-def _divide(e, s):
-    wide_vectors()
-    for j in range(e.shape[0]):
-        e[j] = e[j] / s
-
-
-@njit(fastmath=FM_WRITE, cache=True)
 def _log_probs(xr, m, log_s, e):
     wide_vectors()
     for j in range(xr.shape[0]):
@@ -324,9 +319,9 @@ def softmax_fwd(x, out, log, proto):
                 continue
             if log:
                 _log_probs(xr, m, like(math.log(s), m), e)
-            else:
-                _divide(e, s)
-            stream_row(e, out[i])
+                stream_row(e, out[i])
+            else:  # p = e·(1/s), multiplied while streaming
+                stream_row_affine(e, out[i], like(1, m) / s, like(0, m), 0, 0)
         fence()
 
 

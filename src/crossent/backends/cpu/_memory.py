@@ -8,16 +8,20 @@
 - :func:`stream_row` writes a finished row to its destination: the 64-byte-aligned middle
   with non-temporal stores, which bypass the caches and skip the read-for-ownership a normal
   store costs (a third of a kernel's memory traffic); head and tail with ordinary stores.
-  :func:`fence` orders those stores before the kernel returns.
+  :func:`fence` orders those stores before the kernel returns. :func:`stream_row_affine`
+  applies ``v·a - b`` (one fused multiply-add) to the row on its way out, so a kernel whose
+  last step is that map saves a read and a write of its scratch row.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core.extending import intrinsic
+from numba.core import cgutils
+from numba.core.extending import intrinsic, overload
 
-from ._math import store
+from ._math import fma, like
 
 _WIDE = '"prefer-vector-width"="512"'
 _ITEMSIZE = {types.float32: 4, types.float64: 8, types.int16: 2, types.uint16: 2}
@@ -88,34 +92,93 @@ def _bf16_bits(builder, v, n):
     )
 
 
-@intrinsic
-def _stream_line(typingctx, src, dst, index):
-    """``dst[index : index + n] = src[index : index + n]``, n = 64 / itemsize, as one
-    non-temporal 64-byte store; ``dst[index]`` must be 64-byte aligned."""
-    size = _ITEMSIZE.get(dst.dtype)
-    if size is None:
-        return None
-    n = 64 // size
+def _splat(builder, x, n):
+    undef = ir.Constant(ir.VectorType(x.type, n), ir.Undefined)
+    one = builder.insert_element(undef, x, ir.Constant(ir.IntType(32), 0))
+    zeros = ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n)
+    return builder.shuffle_vector(one, undef, zeros)
 
-    def codegen(context, builder, sig, args):
-        sp = _element_pointer(context, builder, sig.args[0], args[0], args[2])
-        dp = _element_pointer(context, builder, sig.args[1], args[1], args[2])
-        vt = ir.VectorType(sp.type.pointee, n)
-        v = builder.load(
-            builder.bitcast(sp, vt.as_pointer()), align=sig.args[0].dtype.bitwidth // 8
+
+def _line_codegen(context, builder, sig, args, n, partial):
+    """Stores ``fma(src, a, -b)`` over ``n`` elements from ``index`` into dst's dtype: the whole
+    64-byte line non-temporally, or (``partial``) its first ``count`` lanes with a masked load
+    and an ordinary masked store, touching nothing else."""
+    src, dst, index, a, b = args[:5]
+    sp = _element_pointer(context, builder, sig.args[0], src, index)
+    dp = _element_pointer(context, builder, sig.args[1], dst, index)
+    vt = ir.VectorType(sp.type.pointee, n)
+    i32 = ir.IntType(32)
+    src_align = ir.Constant(i32, sig.args[0].dtype.bitwidth // 8)
+    if partial:
+        lanes = ir.Constant(ir.VectorType(ir.IntType(64), n), list(range(n)))
+        mask = builder.icmp_signed("<", lanes, _splat(builder, args[5], n))
+        masked_load = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(vt, [vt.as_pointer(), i32, mask.type, vt]),
+            f"llvm.masked.load.v{n}{_NAMES[vt.element]}.p0",
         )
-        if dst.dtype == types.int16:
-            v = _bf16_bits(builder, v, n)
-        elif dst.dtype == types.uint16:
-            half = builder.fptrunc(v, ir.VectorType(ir.HalfType(), n))
-            v = builder.bitcast(half, ir.VectorType(ir.IntType(16), n))
-        st = builder.store(v, builder.bitcast(dp, v.type.as_pointer()), align=64)
+        v = builder.call(
+            masked_load,
+            [builder.bitcast(sp, vt.as_pointer()), src_align, mask, ir.Constant(vt, ir.Undefined)],
+        )
+    else:
+        v = builder.load(builder.bitcast(sp, vt.as_pointer()), align=src_align.constant)
+    fma_v = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fma.v{n}{_NAMES[vt.element]}"
+    )
+    v = builder.call(fma_v, [v, _splat(builder, a, n), _splat(builder, builder.fneg(b), n)])
+    dst_dtype = sig.args[1].dtype
+    if dst_dtype == types.int16:
+        v = _bf16_bits(builder, v, n)
+    elif dst_dtype == types.uint16:
+        half = builder.fptrunc(v, ir.VectorType(ir.HalfType(), n))
+        v = builder.bitcast(half, ir.VectorType(ir.IntType(16), n))
+    dpv = builder.bitcast(dp, v.type.as_pointer())
+    if partial:
+        masked_store = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [v.type, v.type.as_pointer(), i32, mask.type]),
+            f"llvm.masked.store.v{n}{_NAMES[v.type.element]}.p0",
+        )
+        dst_align = ir.Constant(i32, sig.args[1].dtype.bitwidth // 8)
+        builder.call(masked_store, [v, dpv, dst_align, mask])
+    else:
+        st = builder.store(v, dpv, align=64)
         st.set_metadata(
             "nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
         )
-        return context.get_dummy_value()
+    return context.get_dummy_value()
 
-    return types.none(src, dst, index), codegen
+
+_NAMES = {ir.FloatType(): "f32", ir.DoubleType(): "f64", ir.IntType(16): "i16"}
+
+
+@intrinsic
+def _stream_line(typingctx, src, dst, index, a, b):
+    """``dst[index : index + n] = fma(src, a, -b)[index : index + n]``, n = 64 / itemsize,
+    as one non-temporal 64-byte store; ``dst[index]`` must be 64-byte aligned."""
+    size = _ITEMSIZE.get(dst.dtype)
+    if size is None or not (a == b == src.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _line_codegen(context, builder, sig, args, 64 // size, False)
+
+    return types.none(src, dst, index, a, b), codegen
+
+
+@intrinsic
+def _store_part(typingctx, src, dst, index, a, b, count):
+    """As :func:`_stream_line` for the first ``count < n`` elements only, with ordinary
+    (masked) stores and no alignment required."""
+    size = _ITEMSIZE.get(dst.dtype)
+    if size is None or not (a == b == src.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _line_codegen(context, builder, sig, args, 64 // size, True)
+
+    return types.none(src, dst, index, a, b, count), codegen
 
 
 @intrinsic
@@ -129,16 +192,53 @@ def fence(typingctx):
     return types.none(), codegen
 
 
+@njit(inline="always", cache=True)
+def _segment(src, dst, lo, hi, a, b, keep_lo, keep_hi, whole_line):
+    """Elements ``lo:hi`` of the row: when they share the segment with kept elements, the
+    others are finished in ``src`` first and the segment is copied as it is."""
+    if keep_lo < hi and lo < keep_hi:
+        for j in range(lo, hi):
+            if j < keep_lo or j >= keep_hi:
+                src[j] = fma(src[j], a, -b)
+        a, b = like(1, a), like(0, a)
+    if whole_line:
+        _stream_line(src, dst, lo, a, b)
+    elif hi > lo:
+        _store_part(src, dst, lo, a, b, hi - lo)
+
+
 @njit(cache=True)
-def stream_row(src, dst):
-    """``dst[:] = src[:]`` rounded to dst's storage dtype, bypassing the caches."""
+def stream_row_affine(src, dst, a, b, keep_lo, keep_hi):
+    """``dst[:] = src·a - b`` (one rounding, then to dst's storage dtype), bypassing the
+    caches, except ``dst[keep_lo:keep_hi] = src[keep_lo:keep_hi]`` as they are (elements
+    finished in ``src`` beforehand; ``src`` may be changed around them)."""
     v = dst.shape[0]
     per_line = 64 // dst.itemsize
     head = min(v, ((64 - address(dst) % 64) % 64) // dst.itemsize)
-    for j in range(head):
-        store(dst, j, src[j])
+    _segment(src, dst, 0, head, a, b, keep_lo, keep_hi, False)
     lines = (v - head) // per_line
     for q in range(lines):
-        _stream_line(src, dst, head + q * per_line)
-    for j in range(head + lines * per_line, v):
-        store(dst, j, src[j])
+        lo = head + q * per_line
+        _segment(src, dst, lo, lo + per_line, a, b, keep_lo, keep_hi, True)
+    _segment(src, dst, head + lines * per_line, v, a, b, keep_lo, keep_hi, False)
+
+
+def _unit(arr):
+    """1 in the compute dtype of a float array (only callable from jitted code)."""
+    raise NotImplementedError
+
+
+@overload(_unit, inline="always")
+def _unit_impl(arr):
+    if arr.dtype == types.float32:
+        return lambda arr: np.float32(1)
+    if arr.dtype == types.float64:
+        return lambda arr: np.float64(1)
+    return None
+
+
+@njit(cache=True)
+def stream_row(src, dst):
+    """``dst[:] = src[:]`` rounded to dst's storage dtype, bypassing the caches."""
+    one = _unit(src)
+    stream_row_affine(src, dst, one, one - one, 0, 0)
