@@ -109,16 +109,17 @@ def test_half_store_rounds_like_torch(dtype: torch.dtype) -> None:
 
 
 @njit
-def _stream(src, dst):
-    _memory.stream_row(src, dst)
+def _stream(src, dst, nt):
+    _memory.stream_row(src, dst, nt)
     _memory.fence()
 
 
 # Rows are streamed with 64-byte-aligned non-temporal stores between an ordinary head and
 # tail: every start offset within a cache line and lengths around whole lines must write
 # exactly the row (rounded like torch's .to()) and nothing beside it.
+@pytest.mark.parametrize("nt", [True, False], ids=["streamed", "cached"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_stream_row_writes_exactly_the_row(dtype: torch.dtype) -> None:
+def test_stream_row_writes_exactly_the_row(dtype: torch.dtype, nt: bool) -> None:
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     per_line = 64 // dtype.itemsize
     g = torch.Generator().manual_seed(0)
@@ -127,7 +128,7 @@ def test_stream_row_writes_exactly_the_row(dtype: torch.dtype) -> None:
             src = torch.randn(length, generator=g, dtype=compute)
             src[::7] = float("nan") if length > 3 else src[::7]
             dst = torch.full((start + length + per_line,), 5.0, dtype=dtype)
-            _stream(as_numpy(src), as_numpy(dst)[start : start + length])
+            _stream(as_numpy(src), as_numpy(dst)[start : start + length], nt)
             got = dst[start : start + length]
             assert torch.equal(got.isnan(), src.isnan())
             assert torch.equal(got.nan_to_num(), src.to(dtype).nan_to_num())
@@ -135,16 +136,17 @@ def test_stream_row_writes_exactly_the_row(dtype: torch.dtype) -> None:
 
 
 @njit
-def _stream_affine(src, dst, a, b, keep_lo, keep_hi):
-    _memory.stream_row_affine(src, dst, a, b, keep_lo, keep_hi)
+def _stream_affine(src, dst, a, b, keep_lo, keep_hi, nt):
+    _memory.stream_row_affine(src, dst, a, b, keep_lo, keep_hi, nt)
     _memory.fence()
 
 
 # The affine variant stores fma(src, a, -b) (one rounding, then the storage dtype's) except on
 # [keep_lo, keep_hi), which is stored as it is: kept ranges anywhere (head, a streamed line,
 # across a line boundary, the tail, empty) must give exactly that, and nothing beside the row.
+@pytest.mark.parametrize("nt", [True, False], ids=["streamed", "cached"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_stream_row_affine_writes_exactly_the_row(dtype: torch.dtype) -> None:
+def test_stream_row_affine_writes_exactly_the_row(dtype: torch.dtype, nt: bool) -> None:
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     per_line = 64 // dtype.itemsize
     g = torch.Generator().manual_seed(1)
@@ -166,7 +168,7 @@ def test_stream_row_affine_writes_exactly_the_row(dtype: torch.dtype) -> None:
                 expected[lo:hi] = src[lo:hi]
                 dst = torch.full((start + length + per_line,), 5.0, dtype=dtype)
                 _stream_affine(as_numpy(src.clone()), as_numpy(dst)[start : start + length],
-                               a_np, b_np, lo, hi)
+                               a_np, b_np, lo, hi, nt)
                 got = dst[start : start + length]
                 assert torch.equal(got, expected.to(dtype)), (start, length, lo, hi)
                 assert (dst[:start] == 5.0).all() and (dst[start + length :] == 5.0).all()

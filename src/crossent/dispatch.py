@@ -1,7 +1,8 @@
 """Backend resolution: ``resolve(backend, tensor) -> Backend``.
 
-``backend="auto"`` picks per call from the tensor's device. Nothing is chosen, imported or
-queried at import time, and a backend that cannot run raises instead of falling back.
+``backend="auto"`` picks per call from the tensor's device (:mod:`crossent.functional` hands
+small CPU problems to torch's own functions before getting here). Nothing is chosen, imported
+or queried at import time, and a backend that cannot run raises instead of falling back.
 """
 
 from __future__ import annotations

@@ -31,6 +31,21 @@ from .dispatch import BackendName, resolve
 __all__ = ["softmax", "log_softmax", "nll_loss", "cross_entropy", "linear_cross_entropy"]
 
 
+# backend="auto" calls torch's own CPU function on problems below these sizes: there a call
+# into the fused kernels costs more in fixed overhead (argument handling, the autograd
+# Function, the threads' start: a few hundred microseconds) than it saves, and torch's
+# softmax runs from cache on inputs that fit in it. Crossovers measured on a 2-core AVX-512
+# machine (fwd+bwd, float32): cross entropy between 256K and 512K logits (nll_loss uses the
+# same bound); softmax and log_softmax between 32 and 64 MiB of input.
+NATIVE_CE_ELEMENTS = 1 << 19
+NATIVE_SOFTMAX_BYTES = 48 << 20
+
+
+def _native(backend: Any, input: Tensor, small: bool) -> bool:
+    """Whether ``backend="auto"`` hands this call to torch's own function."""
+    return isinstance(backend, str) and backend == "auto" and input.device.type == "cpu" and small
+
+
 def _softmax(
     name: str, input: Tensor, dim: Any, stacklevel: int, dtype: Any, backend: str, log: bool
 ) -> Tensor:
@@ -42,6 +57,8 @@ def _softmax(
         input = input.to(dtype)  # torch casts before the op; the gradient flows back through it
     _args.check_floating(input, _args.softmax_kernel_name(name, dim, input.dim()))
     d = _args.wrap_dim(dim, input.dim())
+    if _native(backend, input, input.numel() * input.element_size() < NATIVE_SOFTMAX_BYTES):
+        return torch.log_softmax(input, d) if log else torch.softmax(input, d)
     opts = SoftmaxOptions(resolve(backend, input), log)
     if input.numel() == 0:
         return input.clone(memory_format=torch.contiguous_format)
@@ -97,6 +114,8 @@ def nll_loss(
     if input.dim() >= 1:
         frame = "nll_loss2d_forward_out_frame" if input.dim() >= 3 else "nll_loss_out_frame"
         _args.check_floating(input, frame)
+    if _native(backend, input, input.numel() < NATIVE_CE_ELEMENTS):
+        return F.nll_loss(input, target, weight, None, ii, None, red)
     rows = _args.index_rows(input, target, weight, ii, "nll_loss")
     opts = LossOptions(resolve(backend, input), RowOptions(ignore_index=ii), red)
     loss = NllLoss.apply(rows.x, rows.target, rows.weight, opts)
@@ -127,6 +146,9 @@ def cross_entropy(
     ii = _args.as_int(fn, "ignore_index", 5, ignore_index)
     ls = _args.as_float(fn, "label_smoothing", 6, label_smoothing)
     zl, cap, temp = _args.check_extensions(z_loss, softcap, temperature)
+    plain = zl == 0.0 and cap is None and temp == 1.0 and inplace_backward is False
+    if _native(backend, input, plain and input.numel() < NATIVE_CE_ELEMENTS):
+        return F.cross_entropy(input, target, weight, None, ii, None, red, ls)
     if input.shape == target.shape:
         prob = _args.prob_rows(input, target, weight, ii, ls)
         row_opts = RowOptions(

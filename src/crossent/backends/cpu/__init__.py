@@ -50,6 +50,19 @@ def as_numpy(t: Tensor) -> np.ndarray:
     return t.numpy()
 
 
+# Outputs at least this large are written with non-temporal stores (straight to memory, no
+# read-for-ownership); smaller ones with ordinary stores, so they stay in cache for whatever
+# reads them next (the backward, the next layer).
+STREAM_BYTES = 32 * 2**20
+
+
+def _streams(out: Tensor, *inputs: Tensor) -> bool:
+    """Whether to stream ``out``: large, and not written over an input (whose lines the
+    kernel has just read into cache)."""
+    ptr = out.data_ptr()
+    return out.nbytes >= STREAM_BYTES and all(t.data_ptr() != ptr for t in inputs)
+
+
 def _rows(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
@@ -82,7 +95,7 @@ class CpuBackend(TorchBackend):
         out = buffers.empty(x.shape, x.dtype, x.device)
         _set_threads()
         proto = np.empty(0, dtype=np.float64 if x.dtype == torch.float64 else np.float32)
-        _kernels.softmax_fwd(as_numpy(x), as_numpy(out), log, proto)
+        _kernels.softmax_fwd(as_numpy(x), as_numpy(out), log, proto, _streams(out))
         return out
 
     def softmax_backward(self, grad: Tensor, out: Tensor, log: bool) -> Tensor:
@@ -91,7 +104,9 @@ class CpuBackend(TorchBackend):
         gx = buffers.empty(out.shape, out.dtype, out.device)
         _set_threads()
         proto = np.empty(0, dtype=np.float64 if out.dtype == torch.float64 else np.float32)
-        _kernels.softmax_bwd(as_numpy(grad), as_numpy(out), as_numpy(gx), log, proto)
+        _kernels.softmax_bwd(
+            as_numpy(grad), as_numpy(out), as_numpy(gx), log, proto, _streams(gx, grad)
+        )
         return gx
 
     # ---- cross entropy -------------------------------------------------------------------------
@@ -123,7 +138,7 @@ class CpuBackend(TorchBackend):
             as_numpy(x), _rows(target).numpy(), w, weight is not None, w_total,
             opts.ignore_index, eps > 0, _scalar(1.0 - eps, acc), _scalar(eps / v, acc),
             _scalar(opts.z_loss, acc), _scale(grad_scale, acc), as_numpy(loss), as_numpy(lse),
-            as_numpy(grad), want,
+            as_numpy(grad), want, _streams(grad, x),
         )
         _finish_grad(grad_out, grad)
         return RowStats(loss, lse)
@@ -157,7 +172,7 @@ class CpuBackend(TorchBackend):
             as_numpy(x), as_numpy(target), w, weight is not None,
             _scalar(1.0 - eps, acc), _scalar(eps / v, acc), _scalar(opts.z_loss, acc),
             _scale(grad_scale, acc),
-            as_numpy(loss), as_numpy(lse), as_numpy(grad), want,
+            as_numpy(loss), as_numpy(lse), as_numpy(grad), want, _streams(grad, x),
         )
         _finish_grad(grad_out, grad)
         return RowStats(loss, lse)

@@ -146,7 +146,7 @@ def _nblocks(m, per_block):
 
 @njit(cache=True)
 def _ce_index_row(
-    xr, y, w, has_w, w_total, smoothing, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad
+    xr, y, w, has_w, w_total, smoothing, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad, nt
 ):
     """One row: returns ``(loss, lse)`` and, if ``want_grad``, writes ``scale·d loss/d x``.
 
@@ -181,17 +181,17 @@ def _ce_index_row(
         if has_w and smoothing:
             _waffine(e, a, b, w)
             e[y] -= scale * c_t * wy
-            stream_row(e, g)
+            stream_row(e, g, nt)
         else:  # the affine map is applied while streaming; element y is finished here
             e[y] = fma(e[y], a, -b) - scale * c_t * wy
-            stream_row_affine(e, g, a, b, y, y + 1)
+            stream_row_affine(e, g, a, b, y, y + 1, nt)
     return loss, lse
 
 
 @njit(parallel=True, cache=True)
 def ce_index(
     x, target, w, has_w, w_total, ignore_index, smoothing, c_t, c_s, z_loss, scales, loss, lse,
-    grad, want_grad,
+    grad, want_grad, nt,
 ):
     """Cross entropy with class indices over rows of ``x`` (see :func:`_ce_index_row`);
     ``scales`` holds one gradient scale for every row, or one per row.
@@ -216,7 +216,7 @@ def ce_index(
             scale = scales[i] if scales.shape[0] > 1 else scales[0]
             loss[i], lse[i] = _ce_index_row(
                 x[i], y, w, has_w, w_total, smoothing, c_t, c_s, z_loss, scale, e, nxt, ahead, g,
-                want_grad,
+                want_grad, nt,
             )
         fence()
 
@@ -254,7 +254,7 @@ def _prob_grad(e, tr, w, has_w, c_t, c_s, a, b):
 
 
 @njit(cache=True)
-def _ce_prob_row(xr, tr, w, has_w, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad):
+def _ce_prob_row(xr, tr, w, has_w, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad, nt):
     """loss = -Σ_j w_j t'_j (z_j - log s) + λ·lse²;
     d loss/d x_j = p_j·(Σ w t' + 2λ·lse) - w_j t'_j."""
     m = _row_max(xr)
@@ -268,12 +268,12 @@ def _ce_prob_row(xr, tr, w, has_w, c_t, c_s, z_loss, scale, e, nxt, ahead, g, wa
     lse = m + log_s
     if want_grad:
         _prob_grad(e, tr, w, has_w, c_t, c_s, scale * (total + 2 * z_loss * lse) / s, scale)
-        stream_row(e, g)
+        stream_row(e, g, nt)
     return log_s * total - dot + z_loss * lse * lse, lse
 
 
 @njit(parallel=True, cache=True)
-def ce_prob(x, t, w, has_w, c_t, c_s, z_loss, scales, loss, lse, grad, want_grad):
+def ce_prob(x, t, w, has_w, c_t, c_s, z_loss, scales, loss, lse, grad, want_grad, nt):
     """Cross entropy with probability targets; reads x and t once each, streams the gradient.
     ``scales`` as in :func:`ce_index`."""
     m_rows, v = x.shape
@@ -286,7 +286,7 @@ def ce_prob(x, t, w, has_w, c_t, c_s, z_loss, scales, loss, lse, grad, want_grad
             g = grad[i]  # an empty row when no gradient is wanted
             scale = scales[i] if scales.shape[0] > 1 else scales[0]
             loss[i], lse[i] = _ce_prob_row(
-                x[i], t[i], w, has_w, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad
+                x[i], t[i], w, has_w, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad, nt
             )
         fence()
 
@@ -302,7 +302,7 @@ def _log_probs(xr, m, log_s, e):
 
 
 @njit(parallel=True, cache=True)
-def softmax_fwd(x, out, log, proto):
+def softmax_fwd(x, out, log, proto, nt):
     """softmax (or log_softmax) of each row: ``p = exp(z) / Σ exp(z)``, ``log p = z - log Σ``."""
     m_rows, v = x.shape
     nb = _nblocks(m_rows, 8)
@@ -319,9 +319,9 @@ def softmax_fwd(x, out, log, proto):
                 continue
             if log:
                 _log_probs(xr, m, like(math.log(s), m), e)
-                stream_row(e, out[i])
+                stream_row(e, out[i], nt)
             else:  # p = e·(1/s), multiplied while streaming
-                stream_row_affine(e, out[i], like(1, m) / s, like(0, m), 0, 0)
+                stream_row_affine(e, out[i], like(1, m) / s, like(0, m), 0, 0, nt)
         fence()
 
 
@@ -396,7 +396,7 @@ def _bwd_row(g, y, d, e, g_next, y_next, log, ahead):
 
 
 @njit(parallel=True, cache=True)
-def softmax_bwd(g, y, gx, log, proto):
+def softmax_bwd(g, y, gx, log, proto, nt):
     """softmax: ``gx = y·(g - Σ g·y)``; log_softmax: ``gx = g - exp(y)·Σ g``."""
     m_rows, v = g.shape
     nb = _nblocks(m_rows, 8)
@@ -408,5 +408,5 @@ def softmax_bwd(g, y, gx, log, proto):
             y_next = y[min(i + 1, last)]
             d = _bwd_reduce(g[i], y[i], log, ahead)
             _bwd_row(g[i], y[i], d, e, g_next, y_next, log, ahead)
-            stream_row(e, gx[i])
+            stream_row(e, gx[i], nt)
         fence()

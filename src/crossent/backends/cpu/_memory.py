@@ -99,7 +99,7 @@ def _splat(builder, x, n):
     return builder.shuffle_vector(one, undef, zeros)
 
 
-def _line_codegen(context, builder, sig, args, n, partial):
+def _line_codegen(context, builder, sig, args, n, partial, nontemporal=True):
     """Stores ``fma(src, a, -b)`` over ``n`` elements from ``index`` into dst's dtype: the whole
     64-byte line non-temporally, or (``partial``) its first ``count`` lanes with a masked load
     and an ordinary masked store, touching nothing else."""
@@ -144,9 +144,10 @@ def _line_codegen(context, builder, sig, args, n, partial):
         builder.call(masked_store, [v, dpv, dst_align, mask])
     else:
         st = builder.store(v, dpv, align=64)
-        st.set_metadata(
-            "nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
-        )
+        if nontemporal:
+            st.set_metadata(
+                "nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
+            )
     return context.get_dummy_value()
 
 
@@ -182,6 +183,19 @@ def _store_part(typingctx, src, dst, index, a, b, count):
 
 
 @intrinsic
+def _store_line(typingctx, src, dst, index, a, b):
+    """As :func:`_stream_line` with an ordinary (cached) store."""
+    size = _ITEMSIZE.get(dst.dtype)
+    if size is None or not (a == b == src.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _line_codegen(context, builder, sig, args, 64 // size, False, False)
+
+    return types.none(src, dst, index, a, b), codegen
+
+
+@intrinsic
 def fence(typingctx):
     """A full memory fence: streaming stores become visible before anything that follows."""
 
@@ -193,7 +207,7 @@ def fence(typingctx):
 
 
 @njit(inline="always", cache=True)
-def _segment(src, dst, lo, hi, a, b, keep_lo, keep_hi, whole_line):
+def _segment(src, dst, lo, hi, a, b, keep_lo, keep_hi, whole_line, nt):
     """Elements ``lo:hi`` of the row: when they share the segment with kept elements, the
     others are finished in ``src`` first and the segment is copied as it is."""
     if keep_lo < hi and lo < keep_hi:
@@ -201,26 +215,28 @@ def _segment(src, dst, lo, hi, a, b, keep_lo, keep_hi, whole_line):
             if j < keep_lo or j >= keep_hi:
                 src[j] = fma(src[j], a, -b)
         a, b = like(1, a), like(0, a)
-    if whole_line:
+    if whole_line and nt:
         _stream_line(src, dst, lo, a, b)
+    elif whole_line:
+        _store_line(src, dst, lo, a, b)
     elif hi > lo:
         _store_part(src, dst, lo, a, b, hi - lo)
 
 
 @njit(cache=True)
-def stream_row_affine(src, dst, a, b, keep_lo, keep_hi):
+def stream_row_affine(src, dst, a, b, keep_lo, keep_hi, nt):
     """``dst[:] = src·a - b`` (one rounding, then to dst's storage dtype), bypassing the
     caches, except ``dst[keep_lo:keep_hi] = src[keep_lo:keep_hi]`` as they are (elements
     finished in ``src`` beforehand; ``src`` may be changed around them)."""
     v = dst.shape[0]
     per_line = 64 // dst.itemsize
     head = min(v, ((64 - address(dst) % 64) % 64) // dst.itemsize)
-    _segment(src, dst, 0, head, a, b, keep_lo, keep_hi, False)
+    _segment(src, dst, 0, head, a, b, keep_lo, keep_hi, False, nt)
     lines = (v - head) // per_line
     for q in range(lines):
         lo = head + q * per_line
-        _segment(src, dst, lo, lo + per_line, a, b, keep_lo, keep_hi, True)
-    _segment(src, dst, head + lines * per_line, v, a, b, keep_lo, keep_hi, False)
+        _segment(src, dst, lo, lo + per_line, a, b, keep_lo, keep_hi, True, nt)
+    _segment(src, dst, head + lines * per_line, v, a, b, keep_lo, keep_hi, False, nt)
 
 
 def _unit(arr):
@@ -238,7 +254,7 @@ def _unit_impl(arr):
 
 
 @njit(cache=True)
-def stream_row(src, dst):
+def stream_row(src, dst, nt):
     """``dst[:] = src[:]`` rounded to dst's storage dtype, bypassing the caches."""
     one = _unit(src)
-    stream_row_affine(src, dst, one, one - one, 0, 0)
+    stream_row_affine(src, dst, one, one - one, 0, 0, nt)
