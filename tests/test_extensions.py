@@ -167,3 +167,29 @@ def test_defaults_change_nothing(backend: str) -> None:
     same = crossent.cross_entropy(x, t, backend=backend, z_loss=0.0, softcap=None,
                                   temperature=1.0)
     assert torch.equal(plain, same)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_softcap_in_the_fused_kernels_at_the_edges(temperature: float) -> None:
+    # Rows longer than one kernel block, logits far beyond the cap and infinite ones (which
+    # soft-capping makes finite): the fused path against the float64 composition, and the
+    # in-place gradient equal to the ordinary one.
+    x = testing.make_logits((6, 2500), scale=20.0)
+    x[0, 7], x[1, 100], x[2, 2499], x[3, 0] = float("inf"), float("-inf"), 1e30, -1e30
+    t = testing.make_targets((6,), 2500)
+    t[2] = 2499
+    kw: dict[str, Any] = {"softcap": 15.0, "temperature": temperature, "label_smoothing": 0.05}
+    xs = x.clone().requires_grad_()
+    out = crossent.cross_entropy(xs, t, reduction="none", backend="cpu", **kw)
+    go = grad_output(out.shape, torch.float32)
+    out.backward(go)
+    x64 = x.double().requires_grad_()
+    ref = composed(x64, t, None, "none", 0.05, -100, softcap=15.0, temperature=temperature)
+    ref.backward(go.double())
+    assert torch.isfinite(out).all() and torch.isfinite(xs.grad).all()  # type: ignore[arg-type]
+    torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(xs.grad.double(), x64.grad, rtol=0, atol=2e-7)  # type: ignore[union-attr]
+    xi = x.clone().requires_grad_()
+    crossent.cross_entropy(xi.clone(), t, reduction="none", backend="cpu", inplace_backward=True,
+                           **kw).backward(go)
+    assert xi.grad is not None and torch.equal(xi.grad, xs.grad)

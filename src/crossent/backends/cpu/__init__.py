@@ -121,8 +121,6 @@ class CpuBackend(TorchBackend):
         grad_scale: Tensor | None = None,
     ) -> RowStats:
         _check_cpu(x, target, weight)
-        if opts.transformed:  # soft-capping and temperature: the chunked torch path
-            return super().cross_entropy_forward(x, target, weight, opts, grad_out, grad_scale)
         m, v = x.shape
         acc = acc_dtype(x.dtype)
         if v == 0 or m == 0:
@@ -138,7 +136,7 @@ class CpuBackend(TorchBackend):
             as_numpy(x), _rows(target).numpy(), w, weight is not None, w_total,
             opts.ignore_index, eps > 0, _scalar(1.0 - eps, acc), _scalar(eps / v, acc),
             _scalar(opts.z_loss, acc), _scale(grad_scale, acc), as_numpy(loss), as_numpy(lse),
-            as_numpy(grad), want, _streams(grad, x),
+            as_numpy(grad), want, _streams(grad, x), *_transform(opts, acc),
         )
         _finish_grad(grad_out, grad)
         return RowStats(loss, lse)
@@ -157,7 +155,7 @@ class CpuBackend(TorchBackend):
         acc = prob_acc_dtype(x, target, weight)
         if opts.transformed or acc != acc_dtype(x.dtype) or acc != acc_dtype(target.dtype):
             # mixed precisions (e.g. float32 logits, float64 targets), soft-capping or
-            # temperature: the portable path
+            # temperature with probability targets: the portable path
             return super().cross_entropy_prob_forward(x, target, weight, opts, grad_out, grad_scale)
         if v == 0 or m == 0:
             return no_classes(m, acc, x.device) if v == 0 else _empty_stats(acc)
@@ -176,6 +174,16 @@ class CpuBackend(TorchBackend):
         )
         _finish_grad(grad_out, grad)
         return RowStats(loss, lse)
+
+
+def _transform(opts: RowOptions, acc: torch.dtype) -> tuple[np.floating, ...]:
+    """``(cap, 1/cap, 1/T)`` for the kernels; ``cap = 0`` means no soft-capping."""
+    cap = opts.softcap
+    return (
+        _scalar(0.0 if cap is None else cap, acc),
+        _scalar(1.0 if cap is None else 1.0 / cap, acc),
+        _scalar(1.0 / opts.temperature, acc),
+    )
 
 
 def _np_dtype(acc: torch.dtype) -> type:

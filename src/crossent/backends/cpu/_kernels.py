@@ -27,7 +27,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._math import fast_exp, fma, fmax, like, load, store
+from ._math import fast_exp, fast_tanh, fma, fmax, like, load, store
 from ._memory import fence, prefetch, stream_row, stream_row_affine, wide_vectors
 
 FM_REDUCE = {"reassoc", "nsz", "contract", "arcp"}
@@ -66,10 +66,74 @@ def _exp_sum_block(xr, m, e):
     return s
 
 
+# ---- transformed logits (soft-capping, temperature) --------------------------------------
+# Functions evaluating tanh use NumPy's error model: its division, (1 - e)/(1 + e), never has
+# a zero divisor, and Python's model would put a (vectorisation-blocking) check on it.
+# u = cap·tanh(x/cap)·(1/T) when cap > 0, else x·(1/T); both increasing in x, so the row's max
+# of u is u(max x). d u/d x = (1/T)·(1 - tanh²(x/cap)) with a cap, else the constant 1/T, which
+# the gradient's affine map absorbs.
+
+
+@njit(cache=True, error_model="numpy")
+def _u(xv, cap, inv_cap, inv_t):
+    return (cap * fast_tanh(xv * inv_cap) if cap > 0 else xv) * inv_t
+
+
+@njit(cache=True, error_model="numpy")
+def _du_dx(xv, inv_cap, inv_t):
+    """d u/d x with a cap: (1/T)·(1 - tanh²(x/cap))."""
+    th = fast_tanh(xv * inv_cap)
+    return inv_t * (like(1, th) - th * th)
+
+
+@njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
+def _exp_sum_block_cap(xr, m, e, cap, inv_cap, inv_t):
+    """As :func:`_exp_sum_block` for soft-capped (and scaled) logits."""
+    wide_vectors()
+    s = like(0, m)
+    for j in range(xr.shape[0]):
+        v = fast_exp(cap * fast_tanh(load(xr, j) * inv_cap) * inv_t - m)
+        e[j] = v
+        s += v
+    return s
+
+
+@njit(fastmath=FM_REDUCE, cache=True)
+def _exp_sum_block_scaled(xr, m, e, inv_t):
+    """As :func:`_exp_sum_block` for logits divided by a temperature."""
+    wide_vectors()
+    s = like(0, m)
+    for j in range(xr.shape[0]):
+        v = fast_exp(load(xr, j) * inv_t - m)
+        e[j] = v
+        s += v
+    return s
+
+
+@njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
+def _shifted_sum_t(xr, m, w, has_w, cap, inv_cap, inv_t):
+    """``Σ_j w_j·(u_j - m)`` (``w_j = 1`` without weights)."""
+    wide_vectors()
+    s = 0.0
+    for j in range(xr.shape[0]):
+        z = _u(load(xr, j), cap, inv_cap, inv_t) - m
+        s += np.float64(w[j] * z if has_w else z)
+    return like(s, m)
+
+
+@njit(fastmath=FM_WRITE, cache=True, error_model="numpy")
+def _cap_grad(e, xr, a, b, w, has_w, cap, inv_cap, inv_t):
+    """``e[j] = (e[j]·a - b·w_j)·(1/T)·(1 - tanh²(x_j/cap))`` in place."""
+    wide_vectors()
+    for j in range(e.shape[0]):
+        th = fast_tanh(load(xr, j) * inv_cap)
+        e[j] = (e[j] * a - (b * w[j] if has_w else b)) * (inv_t * (like(1, th) - th * th))
+
+
 @njit(cache=True)
-def _exp_sum(xr, m, e, nxt, ahead):
-    """Exponentials of a row into ``e`` and their sum (NaN if the row holds NaN); prefetches
-    row ``nxt`` alongside when ``ahead``."""
+def _exp_sum(xr, m, e, nxt, ahead, transformed, cap, inv_cap, inv_t):
+    """Exponentials of a row (of its transformed logits when ``transformed``) into ``e`` and
+    their sum (NaN if the row holds NaN); prefetches row ``nxt`` alongside when ``ahead``."""
     v = xr.shape[0]
     per_line = LINE // nxt.itemsize
     s = 0.0
@@ -78,7 +142,12 @@ def _exp_sum(xr, m, e, nxt, ahead):
         if ahead:
             for j in range(lo, hi, per_line):
                 prefetch(nxt, j)
-        s += _exp_sum_block(xr[lo:hi], m, e[lo:hi])
+        if cap > 0:
+            s += _exp_sum_block_cap(xr[lo:hi], m, e[lo:hi], cap, inv_cap, inv_t)
+        elif transformed:
+            s += _exp_sum_block_scaled(xr[lo:hi], m, e[lo:hi], inv_t)
+        else:
+            s += _exp_sum_block(xr[lo:hi], m, e[lo:hi])
     return like(s, m)
 
 
@@ -146,24 +215,34 @@ def _nblocks(m, per_block):
 
 @njit(cache=True)
 def _ce_index_row(
-    xr, y, w, has_w, w_total, smoothing, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad, nt
+    xr, y, w, has_w, w_total, smoothing, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad, nt,
+    cap, inv_cap, inv_t,
 ):
     """One row: returns ``(loss, lse)`` and, if ``want_grad``, writes ``scale·d loss/d x``.
 
-    With z = x - max, s = Σ exp(z), c_t = 1-ε, c_s = ε/V, W = Σ_c w_c and λ = z_loss:
+    With u the logits as read (x, or transformed: see :func:`_u`), z = u - max u,
+    s = Σ exp(z), c_t = 1-ε, c_s = ε/V, W = Σ_c w_c and λ = z_loss:
     loss = c_t·w_y·(log s - z_y) + c_s·Σ_c w_c·(log s - z_c) + λ·lse²;
-    d loss/d x_j = p_j·(c_t·w_y + c_s·W + 2λ·lse) - c_s·w_j - c_t·w_y·[j = y].
+    d loss/d u_j = p_j·(c_t·w_y + c_s·W + 2λ·lse) - c_s·w_j - c_t·w_y·[j = y],
+    times d u_j/d x_j for the gradient of x.
     """
     v = xr.shape[0]
+    transformed = cap > 0 or inv_t != 1
     m = _row_max(xr)
+    if transformed:
+        m = _u(m, cap, inv_cap, inv_t)
     one = like(1, m)
     wy = w[y] if has_w else one
     wt = w_total if has_w else like(v, m)
     neg_wz = like(0, m)
-    if smoothing:  # -Σ_c w_c z_c; the W·log s part is added below
+    if smoothing and transformed:
+        neg_wz = -_shifted_sum_t(xr, m, w, has_w, cap, inv_cap, inv_t)
+    elif smoothing:  # -Σ_c w_c z_c; the W·log s part is added below
         neg_wz = -(_shifted_wsum(xr, m, w) if has_w else _shifted_sum(xr, m))
-    zy = load(xr, y) - m  # read before the gradient may overwrite the row (in-place mode)
-    s = _exp_sum(xr, m, e, nxt, ahead)
+    # read before the gradient may overwrite the row (in-place mode)
+    xy = load(xr, y)
+    zy = (_u(xy, cap, inv_cap, inv_t) if transformed else xy) - m
+    s = _exp_sum(xr, m, e, nxt, ahead, transformed, cap, inv_cap, inv_t)
     if _bad(m, s):
         if want_grad:
             _fill(g, math.nan)
@@ -178,12 +257,19 @@ def _ce_index_row(
     if want_grad:
         a = like(scale * (c_t * wy + c_s * wt + 2 * z_loss * lse) / s, m)
         b = like(scale * c_s, m)
+        c = like(scale * c_t * wy, m)
+        if cap > 0:  # a factor per element: finished in the scratch row
+            _cap_grad(e, xr, a, b, w, has_w, cap, inv_cap, inv_t)
+            e[y] -= c * _du_dx(xy, inv_cap, inv_t)
+            stream_row(e, g, nt)
+            return loss, lse
+        a, b, c = a * inv_t, b * inv_t, c * inv_t  # 1/T folds into the affine map
         if has_w and smoothing:
             _waffine(e, a, b, w)
-            e[y] -= scale * c_t * wy
+            e[y] -= c
             stream_row(e, g, nt)
         else:  # the affine map is applied while streaming; element y is finished here
-            e[y] = fma(e[y], a, -b) - scale * c_t * wy
+            e[y] = fma(e[y], a, -b) - c
             stream_row_affine(e, g, a, b, y, y + 1, nt)
     return loss, lse
 
@@ -191,10 +277,11 @@ def _ce_index_row(
 @njit(parallel=True, cache=True)
 def ce_index(
     x, target, w, has_w, w_total, ignore_index, smoothing, c_t, c_s, z_loss, scales, loss, lse,
-    grad, want_grad, nt,
+    grad, want_grad, nt, cap, inv_cap, inv_t,
 ):
     """Cross entropy with class indices over rows of ``x`` (see :func:`_ce_index_row`);
-    ``scales`` holds one gradient scale for every row, or one per row.
+    ``scales`` holds one gradient scale for every row, or one per row; ``cap`` (0: none),
+    ``inv_cap`` and ``inv_t`` transform the logits.
 
     Reads M·V·b bytes of logits (plus cache-hot re-reads), streams M·V·b of gradient.
     """
@@ -216,7 +303,7 @@ def ce_index(
             scale = scales[i] if scales.shape[0] > 1 else scales[0]
             loss[i], lse[i] = _ce_index_row(
                 x[i], y, w, has_w, w_total, smoothing, c_t, c_s, z_loss, scale, e, nxt, ahead, g,
-                want_grad, nt,
+                want_grad, nt, cap, inv_cap, inv_t,
             )
         fence()
 
@@ -259,7 +346,8 @@ def _ce_prob_row(xr, tr, w, has_w, c_t, c_s, z_loss, scale, e, nxt, ahead, g, wa
     d loss/d x_j = p_j·(Σ w t' + 2λ·lse) - w_j t'_j."""
     m = _row_max(xr)
     total, dot = _prob_dots(xr, tr, m, w, has_w, c_t, c_s)
-    s = _exp_sum(xr, m, e, nxt, ahead)
+    one = like(1, m)
+    s = _exp_sum(xr, m, e, nxt, ahead, False, one - one, one, one)
     if _bad(m, s):
         if want_grad:
             _fill(g, math.nan)
@@ -313,7 +401,8 @@ def softmax_fwd(x, out, log, proto, nt):
             xr = x[i]
             nxt, ahead = _next_row(x, i, last)
             m = _row_max(xr)
-            s = _exp_sum(xr, m, e, nxt, ahead)
+            one = like(1, m)
+            s = _exp_sum(xr, m, e, nxt, ahead, False, one - one, one, one)
             if _bad(m, s):
                 _fill(out[i], math.nan)
                 continue

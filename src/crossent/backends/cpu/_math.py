@@ -10,6 +10,9 @@
   Maximum error, measured over ``[-87, 0]`` (float32) and ``[-708, 0]`` (float64) in
   ``tests/test_cpu_backend.py``: 1 ulp (float32) and 2 ulp (float64). Arguments are shifted
   logits ``t = x - max <= 0``; anything below the smallest normal result gives exactly 0.
+- A vectorisable ``tanh`` for soft-capping (Cephes' polynomial / rational function below 0.625,
+  ``(1 - e)/(1 + e)`` with ``e = exp(-2|t|)`` above): at most 1.5 ulp in float32 and float64,
+  measured in the same test file.
 - Loads and stores of the storage dtypes: float32 and float64 natively; bfloat16 travels as
   ``int16`` bits and float16 as ``uint16`` bits (NumPy has no bfloat16 and Numba no float16),
   both widened to float32 on load and rounded to nearest-even on store.
@@ -165,6 +168,57 @@ def exp_f64(t):
     p = fma(p, r * r, r) + 1.0
     e = p * _pow2_from_shifted(z)
     return 0.0 if t < _MIN_D else e
+
+
+# ---- tanh (soft-capping) ----------------------------------------------------------------
+# Odd polynomial (float32) or rational function (float64) of Cephes' tanhf/tanh below 0.625;
+# above, (1 - e)/(1 + e) with e = exp(-2|t|) <= exp(-1.25) (the exp above, whose argument is
+# then <= 0 as it expects), sign restored. Callers compile with NumPy's error model so that the
+# division carries no zero-divisor check.
+
+
+@njit(inline="always", cache=True)
+def tanh_f32(t):
+    a = abs(t)
+    z = t * t
+    p = fma(np.float32(-5.70498872745e-3), z, np.float32(2.06390887954e-2))
+    p = fma(p, z, np.float32(-5.37397155531e-2))
+    p = fma(p, z, np.float32(1.33314422036e-1))
+    p = fma(p, z, np.float32(-3.33332819422e-1))
+    small = fma(p * z, t, t)
+    e = exp_f32(np.float32(-2.0) * a)
+    big = (np.float32(1.0) - e) / (np.float32(1.0) + e)
+    big = -big if t < 0 else big
+    return small if a < np.float32(0.625) else big
+
+
+@njit(inline="always", cache=True)
+def tanh_f64(t):
+    a = abs(t)
+    z = t * t
+    p = fma(fma(-9.64399179425052238628e-1, z, -9.92877231001918586564e1), z,
+            -1.61468768441708447952e3)
+    q = fma(fma(z + 1.12811678491632931402e2, z, 2.23548839060100448583e3), z,
+            4.84406305325125486048e3)
+    small = fma(z * p / q, t, t)
+    e = exp_f64(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    big = -big if t < 0 else big
+    return small if a < 0.625 else big
+
+
+def fast_tanh(t):
+    """``tanh`` in the compute dtype (dispatches on float32/float64)."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(fast_tanh, inline="always")
+def _fast_tanh(t):
+    if t == types.float32:
+        return lambda t: tanh_f32(t)
+    if t == types.float64:
+        return lambda t: tanh_f64(t)
+    return None
 
 
 def fast_exp(t):
