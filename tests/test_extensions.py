@@ -193,3 +193,16 @@ def test_softcap_in_the_fused_kernels_at_the_edges(temperature: float) -> None:
     crossent.cross_entropy(xi.clone(), t, reduction="none", backend="cpu", inplace_backward=True,
                            **kw).backward(go)
     assert xi.grad is not None and torch.equal(xi.grad, xs.grad)
+
+
+def test_crossent_check_covers_the_extensions() -> None:
+    # `crossent check` runs every backend on its standard cases, the extensions included, with
+    # torch's side of the tolerance rule composed from torch ops
+    import io
+
+    from crossent.check import run_check
+
+    out = io.StringIO()
+    assert run_check(out) == 0, out.getvalue()
+    rows = [r for r in out.getvalue().splitlines() if "z-loss+softcap+temperature" in r]
+    assert len(rows) == 3 * 3 and all(r.rstrip().endswith("PASS   |") for r in rows)
