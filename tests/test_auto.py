@@ -89,3 +89,11 @@ def test_bad_arguments_raise_the_same_at_every_size() -> None:
         crossent.cross_entropy(x, make_targets((4,), 5), reduction="avg")
     with pytest.raises(IndexError):
         crossent.softmax(x, 2)
+
+
+def test_hands_off_names_the_rule() -> None:
+    small, big = torch.zeros(4, 5), torch.zeros(1, cf.NATIVE_CE_ELEMENTS)
+    assert cf.hands_off("cross_entropy", small) and cf.hands_off("nll_loss", small)
+    assert not cf.hands_off("cross_entropy", big) and cf.hands_off("softmax", big)
+    assert not cf.hands_off("linear_cross_entropy", small)
+    assert not cf.hands_off("softmax", torch.zeros(cf.NATIVE_SOFTMAX_BYTES // 4))

@@ -41,9 +41,17 @@ NATIVE_CE_ELEMENTS = 1 << 19
 NATIVE_SOFTMAX_BYTES = 48 << 20
 
 
-def _native(backend: Any, input: Tensor, small: bool) -> bool:
-    """Whether ``backend="auto"`` hands this call to torch's own function."""
-    return isinstance(backend, str) and backend == "auto" and input.device.type == "cpu" and small
+def hands_off(function: str, input: Tensor) -> bool:
+    """Whether ``backend="auto"`` computes a call of ``function`` (``"cross_entropy"``,
+    ``"nll_loss"``, ``"softmax"``, ``"log_softmax"``) on ``input`` with torch's own function,
+    crossent's extensions left at their defaults."""
+    if function in ("softmax", "log_softmax"):
+        small = input.numel() * input.element_size() < NATIVE_SOFTMAX_BYTES
+    elif function in ("cross_entropy", "nll_loss"):
+        small = input.numel() < NATIVE_CE_ELEMENTS
+    else:
+        return False
+    return small and input.device.type == "cpu"
 
 
 def _softmax(
@@ -57,7 +65,7 @@ def _softmax(
         input = input.to(dtype)  # torch casts before the op; the gradient flows back through it
     _args.check_floating(input, _args.softmax_kernel_name(name, dim, input.dim()))
     d = _args.wrap_dim(dim, input.dim())
-    if _native(backend, input, input.numel() * input.element_size() < NATIVE_SOFTMAX_BYTES):
+    if backend == "auto" and hands_off(name, input):
         return torch.log_softmax(input, d) if log else torch.softmax(input, d)
     opts = SoftmaxOptions(resolve(backend, input), log)
     if input.numel() == 0:
@@ -114,7 +122,7 @@ def nll_loss(
     if input.dim() >= 1:
         frame = "nll_loss2d_forward_out_frame" if input.dim() >= 3 else "nll_loss_out_frame"
         _args.check_floating(input, frame)
-    if _native(backend, input, input.numel() < NATIVE_CE_ELEMENTS):
+    if backend == "auto" and hands_off("nll_loss", input):
         return F.nll_loss(input, target, weight, None, ii, None, red)
     rows = _args.index_rows(input, target, weight, ii, "nll_loss")
     opts = LossOptions(resolve(backend, input), RowOptions(ignore_index=ii), red)
@@ -147,7 +155,7 @@ def cross_entropy(
     ls = _args.as_float(fn, "label_smoothing", 6, label_smoothing)
     zl, cap, temp = _args.check_extensions(z_loss, softcap, temperature)
     plain = zl == 0.0 and cap is None and temp == 1.0 and inplace_backward is False
-    if _native(backend, input, plain and input.numel() < NATIVE_CE_ELEMENTS):
+    if backend == "auto" and plain and hands_off("cross_entropy", input):
         return F.cross_entropy(input, target, weight, None, ii, None, red, ls)
     if input.shape == target.shape:
         prob = _args.prob_rows(input, target, weight, ii, ls)
