@@ -169,8 +169,9 @@ def test_defaults_change_nothing(backend: str) -> None:
     assert torch.equal(plain, same)
 
 
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_softcap_in_the_fused_kernels_at_the_edges(temperature: float) -> None:
+def test_softcap_in_the_fused_kernels_at_the_edges(temperature: float, prob: bool) -> None:
     # Rows longer than one kernel block, logits far beyond the cap and infinite ones (which
     # soft-capping makes finite): the fused path against the float64 composition, and the
     # in-place gradient equal to the ordinary one.
@@ -178,13 +179,16 @@ def test_softcap_in_the_fused_kernels_at_the_edges(temperature: float) -> None:
     x[0, 7], x[1, 100], x[2, 2499], x[3, 0] = float("inf"), float("-inf"), 1e30, -1e30
     t = testing.make_targets((6,), 2500)
     t[2] = 2499
+    if prob:
+        t = testing.make_probs((6, 2500), torch.float32)
     kw: dict[str, Any] = {"softcap": 15.0, "temperature": temperature, "label_smoothing": 0.05}
     xs = x.clone().requires_grad_()
     out = crossent.cross_entropy(xs, t, reduction="none", backend="cpu", **kw)
     go = grad_output(out.shape, torch.float32)
     out.backward(go)
     x64 = x.double().requires_grad_()
-    ref = composed(x64, t, None, "none", 0.05, -100, softcap=15.0, temperature=temperature)
+    t64 = t.double() if prob else t
+    ref = composed(x64, t64, None, "none", 0.05, -100, softcap=15.0, temperature=temperature)
     ref.backward(go.double())
     assert torch.isfinite(out).all() and torch.isfinite(xs.grad).all()  # type: ignore[arg-type]
     torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6)

@@ -30,10 +30,9 @@ EXTENSIONS = r"""z_loss (float, keyword-only): coefficient λ of the z-loss (PaL
         softcap (float, keyword-only): soft-capping (Gemma 2): the logits are read as
             ``softcap·tanh(x / softcap)``. Default: ``None`` (no capping)
         temperature (float, keyword-only): the logits (after capping) are divided by it.
-            Default: ``1.0``. The ``cpu`` backend's fused kernels include all three for
-            class-index targets (soft-capping with a vectorised tanh, evaluated again for the
-            gradient's ``1 - tanh²``); probability targets with ``softcap`` or
-            ``temperature`` compute through the chunked ``torch`` path."""
+            Default: ``1.0``. The ``cpu`` backend's fused kernels include all three
+            (soft-capping with a vectorised tanh, evaluated again for the gradient's
+            ``1 - tanh²``)."""
 
 PRECISION_NOTE = r""".. note::
         float16 and bfloat16 inputs are read as they are and computed in float32; float64

@@ -153,9 +153,8 @@ class CpuBackend(TorchBackend):
         _check_cpu(x, target, weight)
         m, v = x.shape
         acc = prob_acc_dtype(x, target, weight)
-        if opts.transformed or acc != acc_dtype(x.dtype) or acc != acc_dtype(target.dtype):
-            # mixed precisions (e.g. float32 logits, float64 targets), soft-capping or
-            # temperature with probability targets: the portable path
+        if acc != acc_dtype(x.dtype) or acc != acc_dtype(target.dtype):
+            # mixed precisions (e.g. float32 logits, float64 targets): the portable path
             return super().cross_entropy_prob_forward(x, target, weight, opts, grad_out, grad_scale)
         if v == 0 or m == 0:
             return no_classes(m, acc, x.device) if v == 0 else _empty_stats(acc)
@@ -171,6 +170,7 @@ class CpuBackend(TorchBackend):
             _scalar(1.0 - eps, acc), _scalar(eps / v, acc), _scalar(opts.z_loss, acc),
             _scale(grad_scale, acc),
             as_numpy(loss), as_numpy(lse), as_numpy(grad), want, _streams(grad, x),
+            *_transform(opts, acc),
         )
         _finish_grad(grad_out, grad)
         return RowStats(loss, lse)

@@ -340,14 +340,48 @@ def _prob_grad(e, tr, w, has_w, c_t, c_s, a, b):
         e[j] = e[j] * a - b * tj
 
 
+@njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
+def _prob_dot_cap(xr, tr, m, w, has_w, c_t, c_s, cap, inv_cap, inv_t):
+    """``Σ_j w_j t'_j (u_j - m)`` for soft-capped logits."""
+    wide_vectors()
+    dot = 0.0
+    for j in range(xr.shape[0]):
+        tj = c_t * load(tr, j) + c_s
+        if has_w:
+            tj = tj * w[j]
+        dot += np.float64(tj * (cap * fast_tanh(load(xr, j) * inv_cap) * inv_t - m))
+    return like(dot, m)
+
+
+@njit(fastmath=FM_WRITE, cache=True, error_model="numpy")
+def _prob_grad_cap(e, tr, xr, w, has_w, c_t, c_s, a, b, inv_cap, inv_t):
+    """``e[j] = (e[j]·a - b·w_j·t'_j)·(1/T)·(1 - tanh²(x_j/cap))`` in place."""
+    wide_vectors()
+    for j in range(e.shape[0]):
+        tj = c_t * load(tr, j) + c_s
+        if has_w:
+            tj = tj * w[j]
+        th = fast_tanh(load(xr, j) * inv_cap)
+        e[j] = (e[j] * a - b * tj) * (inv_t * (like(1, th) - th * th))
+
+
 @njit(cache=True)
-def _ce_prob_row(xr, tr, w, has_w, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad, nt):
-    """loss = -Σ_j w_j t'_j (z_j - log s) + λ·lse²;
-    d loss/d x_j = p_j·(Σ w t' + 2λ·lse) - w_j t'_j."""
-    m = _row_max(xr)
-    total, dot = _prob_dots(xr, tr, m, w, has_w, c_t, c_s)
-    one = like(1, m)
-    s = _exp_sum(xr, m, e, nxt, ahead, False, one - one, one, one)
+def _ce_prob_row(
+    xr, tr, w, has_w, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad, nt, cap, inv_cap,
+    inv_t,
+):
+    """With u the logits as read (see :func:`_u`), z = u - max u:
+    loss = -Σ_j w_j t'_j (z_j - log s) + λ·lse²;
+    d loss/d u_j = p_j·(Σ w t' + 2λ·lse) - w_j t'_j, times d u_j/d x_j."""
+    transformed = cap > 0 or inv_t != 1
+    mx = _row_max(xr)
+    total, dot = _prob_dots(xr, tr, mx, w, has_w, c_t, c_s)
+    m = _u(mx, cap, inv_cap, inv_t) if transformed else mx
+    if cap > 0:
+        dot = _prob_dot_cap(xr, tr, m, w, has_w, c_t, c_s, cap, inv_cap, inv_t)
+    elif transformed:  # u - m = (x - max x)/T
+        dot = dot * inv_t
+    s = _exp_sum(xr, m, e, nxt, ahead, transformed, cap, inv_cap, inv_t)
     if _bad(m, s):
         if want_grad:
             _fill(g, math.nan)
@@ -355,15 +389,21 @@ def _ce_prob_row(xr, tr, w, has_w, c_t, c_s, z_loss, scale, e, nxt, ahead, g, wa
     log_s = like(math.log(s), m)
     lse = m + log_s
     if want_grad:
-        _prob_grad(e, tr, w, has_w, c_t, c_s, scale * (total + 2 * z_loss * lse) / s, scale)
+        a = like(scale * (total + 2 * z_loss * lse) / s, m)
+        if cap > 0:
+            _prob_grad_cap(e, tr, xr, w, has_w, c_t, c_s, a, scale, inv_cap, inv_t)
+        else:
+            _prob_grad(e, tr, w, has_w, c_t, c_s, a * inv_t, scale * inv_t)
         stream_row(e, g, nt)
     return log_s * total - dot + z_loss * lse * lse, lse
 
 
 @njit(parallel=True, cache=True)
-def ce_prob(x, t, w, has_w, c_t, c_s, z_loss, scales, loss, lse, grad, want_grad, nt):
+def ce_prob(
+    x, t, w, has_w, c_t, c_s, z_loss, scales, loss, lse, grad, want_grad, nt, cap, inv_cap, inv_t
+):
     """Cross entropy with probability targets; reads x and t once each, streams the gradient.
-    ``scales`` as in :func:`ce_index`."""
+    ``scales`` and the transform (``cap``, ``inv_cap``, ``inv_t``) as in :func:`ce_index`."""
     m_rows, v = x.shape
     nb = _nblocks(m_rows, 8)
     for b in prange(nb):
@@ -374,7 +414,8 @@ def ce_prob(x, t, w, has_w, c_t, c_s, z_loss, scales, loss, lse, grad, want_grad
             g = grad[i]  # an empty row when no gradient is wanted
             scale = scales[i] if scales.shape[0] > 1 else scales[0]
             loss[i], lse[i] = _ce_prob_row(
-                x[i], t[i], w, has_w, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad, nt
+                x[i], t[i], w, has_w, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad, nt,
+                cap, inv_cap, inv_t,
             )
         fence()
 
