@@ -117,3 +117,42 @@ def test_bad_targets_raise(target: torch.Tensor, error: type) -> None:
     with pytest.raises(error):
         crossent.linear_token_stats(testing.make_logits((2, 4)), testing.make_logits((V, 4)),
                                     target)
+
+
+@pytest.mark.parametrize("ext", EXT)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernels_match_the_chunked_torch_path_at_the_edges(
+    ext: dict[str, Any], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CPU logits go through the fused kernels; the chunked torch-op path (what other devices
+    # use) is the reference here for the special rows: NaN, +inf, an all -inf row, values that
+    # saturate the cap (ties of u for argmax), rows longer than one kernel block, ignored rows.
+    from crossent import _token_stats
+
+    x = testing.make_logits((7, 2300), dtype, scale=4.0)
+    x[0, 5] = float("nan")
+    x[1, 17] = float("inf")
+    x[2] = float("-inf")
+    x[3, 100], x[3, 200] = 1e4, 2e4  # both saturate a cap of 4: equal u, argmax the first
+    x[4, 2299] = 50.0
+    t = testing.make_targets((7,), 2300)
+    t[5] = -100
+    g = torch.Generator().manual_seed(5)
+    g_lp, g_h = torch.randn(7, generator=g).to(dtype), torch.randn(7, generator=g).to(dtype)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        xs = x.clone().requires_grad_()
+        lp, ent, lse, am = crossent.token_stats(xs, t, **ext)
+        (lp * g_lp + ent * g_h).sum().backward()
+        return lp.detach(), ent.detach(), lse.detach(), am, xs.grad  # type: ignore[return-value]
+
+    fused = run()
+    monkeypatch.setattr(_token_stats, "_fused", lambda x: False)
+    chunked = run()
+    for a, b in zip(fused, chunked):
+        assert torch.equal(a.isnan(), b.isnan())
+        assert a.dtype == b.dtype
+    assert torch.equal(fused[3], chunked[3])  # argmax, NaN and ties included
+    tol = {"rtol": 2e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
+    for a, b in zip(fused[:3] + fused[4:], chunked[:3] + chunked[4:]):
+        torch.testing.assert_close(a, b, equal_nan=True, **tol)

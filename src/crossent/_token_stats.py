@@ -5,7 +5,10 @@ What policy-gradient fine-tuning needs (log π(a|s) and an entropy bonus), compu
 of rows at a time. ``token_stats`` reads given logits; ``linear_token_stats`` forms each
 chunk's logits from hidden states and a classifier weight and never holds more than one
 chunk of them. The log-probability and the entropy are differentiable; backward recomputes
-each chunk's probabilities from the saved inputs.
+each chunk's probabilities from the saved inputs. CPU logits go through fused kernels
+(:mod:`crossent.backends.cpu`: one read for the max, one pass for the exponentials and their
+sums, forward and backward; given logits in one call, without chunks); elsewhere plain torch
+ops on chunks.
 
 With u the logits as read (``softcap·tanh(x / softcap)``, then divided by ``temperature``),
 p = softmax(u):
@@ -16,6 +19,7 @@ p = softmax(u):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -25,6 +29,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ._linear import _logits, add_chunk_grads, chunk_rows, final_grads, param_grads
+from .backends import buffers
 from .backends.base import RowOptions, acc_dtype
 from .backends.torch import CHUNK_ELEMENTS, transform
 
@@ -57,10 +62,19 @@ class StatsOptions:
         return RowOptions(softcap=self.softcap, temperature=self.temperature)
 
 
+def _fused(x: Tensor) -> bool:
+    """Whether the fused CPU kernels take this chunk (CPU rows with at least one class)."""
+    return x.device.type == "cpu" and x.shape[1] > 0 and x.shape[0] > 0
+
+
 def _chunk_stats(
     x: Tensor, target: Tensor, opts: StatsOptions
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Stats of one chunk of logits ``(r, V)`` (any float dtype), in the accumulation dtype."""
+    if _fused(x):
+        from .backends.cpu import token_stats_forward
+
+        return token_stats_forward(x, target, opts.ignore_index, opts.rows)
     u, _ = transform(x.to(acc_dtype(x.dtype)), opts.rows)
     mx = u.amax(1, keepdim=True)
     z = u - mx  # shifted: the sums below then cancel little
@@ -77,6 +91,12 @@ def _chunk_stats(
 
 def _chunk_grad(x: Tensor, target: Tensor, g_lp: Tensor, g_h: Tensor, opts: StatsOptions) -> Tensor:
     """d(Σ g_lp·logprob + g_h·entropy) / d x for one chunk, in x's dtype."""
+    if _fused(x):
+        from .backends.cpu import token_stats_backward
+
+        out = buffers.empty(x.shape, x.dtype, x.device)  # reused: no first-touch faults
+        token_stats_backward(x, target, opts.ignore_index, opts.rows, g_lp, g_h, out)
+        return out
     u, du = transform(x.to(acc_dtype(x.dtype)), opts.rows)
     z = u - u.amax(1, keepdim=True)
     e = torch.exp(z)  # recomputed as in forward: exp(z - log Σ) would round twice
@@ -142,6 +162,8 @@ class TokenStatsFunction(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, x: Tensor, target: Tensor, opts: StatsOptions
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if _fused(x):  # the kernels keep no temporaries: all rows in one call
+            opts = dataclasses.replace(opts, chunk_rows=x.shape[0])
         stats = _stats(x.shape[0], x.dtype, x.device, target, opts, lambda lo, hi: x[lo:hi])
         ctx.save_for_backward(x, target)
         ctx.opts = opts  # type: ignore[attr-defined]
@@ -154,6 +176,8 @@ class TokenStatsFunction(torch.autograd.Function):
         opts: StatsOptions = ctx.opts
         acc = acc_dtype(x.dtype)
         g_lp, g_h = g_lp.to(acc), g_h.to(acc)
+        if _fused(x):  # one call, straight into the returned buffer
+            return _chunk_grad(x, target, g_lp, g_h, opts), None, None
         dx = torch.empty_like(x)
         for lo in range(0, x.shape[0], opts.chunk_rows):
             hi = min(x.shape[0], lo + opts.chunk_rows)

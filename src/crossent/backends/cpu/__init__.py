@@ -225,3 +225,42 @@ def _finish_grad(grad_out: Tensor | None, grad: Tensor) -> None:
 
 def _empty_stats(acc: torch.dtype) -> RowStats:
     return RowStats(torch.empty(0, dtype=acc), torch.empty(0, dtype=acc))
+
+
+# ---- token statistics ------------------------------------------------------------------------
+
+
+def token_stats_forward(
+    x: Tensor, target: Tensor, ignore_index: int, opts: RowOptions
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(logprob, entropy, lse, argmax)`` of the rows of ``x`` (CPU, any float dtype), the
+    first three in the accumulation dtype."""
+    x = _rows(x.detach())
+    m = x.shape[0]
+    acc = acc_dtype(x.dtype)
+    out = [torch.empty(m, dtype=acc) for _ in range(3)]
+    argmax = torch.empty(m, dtype=torch.int64)
+    _set_threads()
+    cap, inv_cap, inv_t = _transform(opts, acc)
+    _kernels.stats_fwd(
+        as_numpy(x), _rows(target).numpy(), ignore_index, cap, inv_cap, inv_t,
+        as_numpy(out[0]), as_numpy(out[1]), as_numpy(out[2]), argmax.numpy(),
+    )
+    return out[0], out[1], out[2], argmax
+
+
+def token_stats_backward(
+    x: Tensor, target: Tensor, ignore_index: int, opts: RowOptions, g_lp: Tensor, g_h: Tensor,
+    out: Tensor,
+) -> None:
+    """Writes d(Σ g_lp·logprob + g_h·entropy)/d x into ``out`` (x's shape and dtype, rows
+    contiguous); ``g_lp`` and ``g_h`` in the accumulation dtype."""
+    x = _rows(x.detach())
+    acc = acc_dtype(x.dtype)
+    _set_threads()
+    cap, inv_cap, inv_t = _transform(opts, acc)
+    _kernels.stats_bwd(
+        as_numpy(x), _rows(target).numpy(), ignore_index, _rows(g_lp).numpy(),
+        _rows(g_h).numpy(), cap, inv_cap, inv_t, as_numpy(out),
+        np.empty(0, dtype=_np_dtype(acc)), _streams(out, x),
+    )

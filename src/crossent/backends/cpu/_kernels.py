@@ -540,3 +540,165 @@ def softmax_bwd(g, y, gx, log, proto, nt):
             _bwd_row(g[i], y[i], d, e, g_next, y_next, log, ahead)
             stream_row(e, gx[i], nt)
         fence()
+
+
+# ---- token statistics -------------------------------------------------------------------
+# Per row, with u the logits as read, m = max u, z = u - m, s = Σ exp(z), p = exp(z)/s:
+# logprob = z_y - log s, entropy = log s - Σ p z, lse = m + log s, argmax = first j with
+# u_j = m (first NaN in a row holding NaN, as torch's argmax).
+
+
+@njit(fastmath=FM_REDUCE, cache=True)
+def _exp_dot_block(xr, m, e):
+    """``e_j = exp(z_j)``; returns ``(Σ e_j, Σ e_j·z_j)``."""
+    wide_vectors()
+    s = like(0, m)
+    d = like(0, m)
+    for j in range(xr.shape[0]):
+        z = load(xr, j) - m
+        v = fast_exp(z)
+        e[j] = v
+        s += v
+        d += v * z
+    return s, d
+
+
+@njit(fastmath=FM_REDUCE, cache=True)
+def _exp_dot_block_scaled(xr, m, e, inv_t):
+    """As :func:`_exp_dot_block` for logits divided by a temperature."""
+    wide_vectors()
+    s = like(0, m)
+    d = like(0, m)
+    for j in range(xr.shape[0]):
+        z = load(xr, j) * inv_t - m
+        v = fast_exp(z)
+        e[j] = v
+        s += v
+        d += v * z
+    return s, d
+
+
+@njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
+def _exp_dot_block_cap(xr, m, e, cap, inv_cap, inv_t):
+    """As :func:`_exp_dot_block` for soft-capped (and scaled) logits."""
+    wide_vectors()
+    s = like(0, m)
+    d = like(0, m)
+    for j in range(xr.shape[0]):
+        z = cap * fast_tanh(load(xr, j) * inv_cap) * inv_t - m
+        v = fast_exp(z)
+        e[j] = v
+        s += v
+        d += v * z
+    return s, d
+
+
+@njit(cache=True)
+def _row_softmax_stats(xr, e, cap, inv_cap, inv_t):
+    """``(m, s, Σ e z)`` of a row, its exponentials left in ``e``."""
+    transformed = cap > 0 or inv_t != 1
+    m = _row_max(xr)
+    if transformed:
+        m = _u(m, cap, inv_cap, inv_t)
+    s, d = 0.0, 0.0
+    v = xr.shape[0]
+    for lo in range(0, v, BLOCK):
+        hi = min(lo + BLOCK, v)
+        if cap > 0:
+            bs, bd = _exp_dot_block_cap(xr[lo:hi], m, e[lo:hi], cap, inv_cap, inv_t)
+        elif transformed:
+            bs, bd = _exp_dot_block_scaled(xr[lo:hi], m, e[lo:hi], inv_t)
+        else:
+            bs, bd = _exp_dot_block(xr[lo:hi], m, e[lo:hi])
+        s += bs
+        d += bd
+    return m, like(s, m), like(d, m)
+
+
+@njit(cache=True)
+def _row_argmax(xr, m, cap, inv_cap, inv_t, has_nan):
+    """The first NaN when the row may hold one, else the first j with u_j = m."""
+    if has_nan:
+        for j in range(xr.shape[0]):
+            xv = load(xr, j)
+            if xv != xv:
+                return j
+    transformed = cap > 0 or inv_t != 1
+    for j in range(xr.shape[0]):
+        xv = load(xr, j)
+        if (_u(xv, cap, inv_cap, inv_t) if transformed else xv) == m:
+            return j
+    return 0
+
+
+@njit(parallel=True, cache=True)
+def stats_fwd(x, target, ignore_index, cap, inv_cap, inv_t, logprob, entropy, lse, argmax):
+    """Token statistics of every row of ``x`` (see the section comment)."""
+    m_rows, v = x.shape
+    nb = _nblocks(m_rows, 8)
+    for b in prange(nb):
+        e = np.empty(v, dtype=logprob.dtype)
+        for i in range(b * m_rows // nb, (b + 1) * m_rows // nb):
+            xr = x[i]
+            m, s, d = _row_softmax_stats(xr, e, cap, inv_cap, inv_t)
+            log_s = like(math.log(s), m)
+            lse[i] = m + log_s
+            entropy[i] = log_s - d / s
+            y = target[i]
+            if y == ignore_index:
+                logprob[i] = 0
+            else:
+                xy = load(xr, y)
+                uy = _u(xy, cap, inv_cap, inv_t) if (cap > 0 or inv_t != 1) else xy
+                logprob[i] = (uy - m) - log_s
+            argmax[i] = _row_argmax(xr, m, cap, inv_cap, inv_t, s != s)
+
+
+@njit(fastmath=FM_WRITE, cache=True, error_model="numpy")
+def _stats_grad_block(xr, e, m, inv_s, mean_z, glp, gh, cap, inv_cap, inv_t, transformed):
+    """``e_j = p_j·(-g_lp - g_h·(z_j - mean z))·d u_j/d x_j`` in place."""
+    wide_vectors()
+    if cap > 0:
+        for j in range(e.shape[0]):
+            th = fast_tanh(load(xr, j) * inv_cap)
+            z = cap * th * inv_t - m
+            e[j] = e[j] * inv_s * (-glp - gh * (z - mean_z)) * (inv_t * (like(1, th) - th * th))
+    elif transformed:
+        for j in range(e.shape[0]):
+            z = load(xr, j) * inv_t - m
+            e[j] = e[j] * inv_s * (-glp - gh * (z - mean_z)) * inv_t
+    else:
+        for j in range(e.shape[0]):
+            z = load(xr, j) - m
+            e[j] = e[j] * inv_s * (-glp - gh * (z - mean_z))
+
+
+@njit(parallel=True, cache=True)
+def stats_bwd(x, target, ignore_index, g_lp, g_h, cap, inv_cap, inv_t, gx, proto, nt):
+    """d(Σ g_lp·logprob + g_h·entropy)/d x for every row of ``x``; exponentials recomputed."""
+    m_rows, v = x.shape
+    nb = _nblocks(m_rows, 8)
+    for b in prange(nb):
+        e = np.empty(v, dtype=proto.dtype)
+        for i in range(b * m_rows // nb, (b + 1) * m_rows // nb):
+            xr = x[i]
+            m, s, d = _row_softmax_stats(xr, e, cap, inv_cap, inv_t)
+            y = target[i]
+            glp = g_lp[i] if y != ignore_index else like(0, m)
+            transformed = cap > 0 or inv_t != 1
+            xy = load(xr, y) if y != ignore_index else like(0, m)
+            for lo in range(0, v, BLOCK):
+                hi = min(lo + BLOCK, v)
+                _stats_grad_block(
+                    xr[lo:hi], e[lo:hi], m, like(1, m) / s, d / s, glp, g_h[i], cap, inv_cap,
+                    inv_t, transformed,
+                )
+            if y != ignore_index:
+                du = like(1, m)
+                if cap > 0:
+                    du = _du_dx(xy, inv_cap, inv_t)
+                elif transformed:
+                    du = inv_t
+                e[y] += glp * du
+            stream_row(e, gx[i], nt)
+        fence()
