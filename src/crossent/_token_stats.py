@@ -89,12 +89,18 @@ def _chunk_stats(
     return logprob, entropy, (mx + log_s).squeeze(1), u.argmax(1)
 
 
-def _chunk_grad(x: Tensor, target: Tensor, g_lp: Tensor, g_h: Tensor, opts: StatsOptions) -> Tensor:
-    """d(Σ g_lp·logprob + g_h·entropy) / d x for one chunk, in x's dtype."""
+def _chunk_grad(
+    x: Tensor, target: Tensor, g_lp: Tensor, g_h: Tensor, opts: StatsOptions,
+    overwrite: bool = False,
+) -> Tensor:
+    """d(Σ g_lp·logprob + g_h·entropy) / d x for one chunk, in x's dtype; with
+    ``overwrite`` the fused kernels may write it over ``x`` (each row is read before its
+    gradient is written)."""
     if _fused(x):
         from .backends.cpu import token_stats_backward
 
-        out = buffers.empty(x.shape, x.dtype, x.device)  # reused: no first-touch faults
+        # over x, or a reused buffer: no first-touch page faults
+        out = x if overwrite and x.is_contiguous() else buffers.empty(x.shape, x.dtype, x.device)
         token_stats_backward(x, target, opts.ignore_index, opts.rows, g_lp, g_h, out)
         return out
     u, du = transform(x.to(acc_dtype(x.dtype)), opts.rows)
@@ -225,7 +231,7 @@ class LinearTokenStatsFunction(torch.autograd.Function):
         for lo in range(0, h.shape[0], opts.chunk_rows):
             hi = min(h.shape[0], lo + opts.chunk_rows)
             logits = _logits(buf, h[lo:hi], w, b)
-            g = _chunk_grad(logits, target[lo:hi], g_lp[lo:hi], g_h[lo:hi], opts)
+            g = _chunk_grad(logits, target[lo:hi], g_lp[lo:hi], g_h[lo:hi], opts, True)
             add_chunk_grads(grads, g, h[lo:hi], w, slice(lo, hi))
         del buf
         return (*final_grads(grads, w, b), None, None)
