@@ -149,10 +149,10 @@ def test_fused_kernels_match_the_chunked_torch_path_at_the_edges(
     fused = run()
     monkeypatch.setattr(_token_stats, "_fused", lambda x: False)
     chunked = run()
-    for a, b in zip(fused, chunked):
+    for a, b in zip(fused, chunked, strict=True):
         assert torch.equal(a.isnan(), b.isnan())
         assert a.dtype == b.dtype
     assert torch.equal(fused[3], chunked[3])  # argmax, NaN and ties included
     tol = {"rtol": 2e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
-    for a, b in zip(fused[:3] + fused[4:], chunked[:3] + chunked[4:]):
+    for a, b in zip(fused[:3] + fused[4:], chunked[:3] + chunked[4:], strict=True):
         torch.testing.assert_close(a, b, equal_nan=True, **tol)
