@@ -119,7 +119,7 @@ def test_bad_targets_raise(target: torch.Tensor, error: type) -> None:
                                     target)
 
 
-@pytest.mark.parametrize("ext", EXT)
+@pytest.mark.parametrize("ext", [*EXT, pytest.param({"temperature": 0.8}, id="temp")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_kernels_match_the_chunked_torch_path_at_the_edges(
     ext: dict[str, Any], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch

@@ -115,9 +115,14 @@ def _shifted_sum_t(xr, m, w, has_w, cap, inv_cap, inv_t):
     """``Σ_j w_j·(u_j - m)`` (``w_j = 1`` without weights)."""
     wide_vectors()
     s = 0.0
-    for j in range(xr.shape[0]):
-        z = _u(load(xr, j), cap, inv_cap, inv_t) - m
-        s += np.float64(w[j] * z if has_w else z)
+    if cap > 0:  # the transform written out in each loop, so that both vectorise
+        for j in range(xr.shape[0]):
+            z = cap * fast_tanh(load(xr, j) * inv_cap) * inv_t - m
+            s += np.float64(w[j] * z if has_w else z)
+    else:
+        for j in range(xr.shape[0]):
+            z = load(xr, j) * inv_t - m
+            s += np.float64(w[j] * z if has_w else z)
     return like(s, m)
 
 
@@ -175,14 +180,6 @@ def _shifted_wsum(xr, m, w):
     for j in range(1, xr.shape[0]):
         s += np.float64(w[j] * (load(xr, j) - m))
     return like(s, m)
-
-
-@njit(fastmath=FM_WRITE, cache=True)
-def _affine(e, a, b):
-    """``e[j] = e[j]·a - b`` in place."""
-    wide_vectors()
-    for j in range(e.shape[0]):
-        e[j] = e[j] * a - b
 
 
 @njit(fastmath=FM_WRITE, cache=True)
@@ -616,18 +613,24 @@ def _row_softmax_stats(xr, e, cap, inv_cap, inv_t):
 
 
 @njit(cache=True)
-def _row_argmax(xr, m, cap, inv_cap, inv_t, has_nan):
-    """The first NaN when the row may hold one, else the first j with u_j = m."""
+def _row_argmax(xr, e, m, cap, inv_cap, inv_t, has_nan):
+    """The first NaN when the row may hold one, else the first j with u_j = m. For
+    transformed logits u_j is evaluated only where ``e_j = exp(u_j - m)`` is not below 1/2 (the
+    max's own exponential is 1 up to rounding, or NaN for an infinite max), not along the
+    whole row."""
     if has_nan:
         for j in range(xr.shape[0]):
             xv = load(xr, j)
             if xv != xv:
                 return j
-    transformed = cap > 0 or inv_t != 1
-    for j in range(xr.shape[0]):
-        xv = load(xr, j)
-        if (_u(xv, cap, inv_cap, inv_t) if transformed else xv) == m:
-            return j
+    if cap > 0 or inv_t != 1:
+        for j in range(xr.shape[0]):
+            if not e[j] < 0.5 and _u(load(xr, j), cap, inv_cap, inv_t) == m:  # NaN e: +inf
+                return j
+    else:
+        for j in range(xr.shape[0]):
+            if load(xr, j) == m:
+                return j
     return 0
 
 
@@ -651,7 +654,7 @@ def stats_fwd(x, target, ignore_index, cap, inv_cap, inv_t, logprob, entropy, ls
                 xy = load(xr, y)
                 uy = _u(xy, cap, inv_cap, inv_t) if (cap > 0 or inv_t != 1) else xy
                 logprob[i] = (uy - m) - log_s
-            argmax[i] = _row_argmax(xr, m, cap, inv_cap, inv_t, s != s)
+            argmax[i] = _row_argmax(xr, e, m, cap, inv_cap, inv_t, s != s)
 
 
 @njit(fastmath=FM_WRITE, cache=True, error_model="numpy")
