@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import crossent
 from crossent import reference, testing
+from crossent.check import composed_cross_entropy
 
 M, V = 13, 37
 EXTENSIONS = [
@@ -30,27 +30,10 @@ EXTENSIONS = [
 
 def composed(
     x: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None, reduction: str,
-    smoothing: float, ignore: int, z_loss: float = 0.0, softcap: float | None = None,
-    temperature: float = 1.0,
+    smoothing: float, ignore: int, **ext: Any,
 ) -> torch.Tensor:
-    """The extended loss from torch ops (class dim 1 of 2-D logits)."""
-    u = x if softcap is None else softcap * torch.tanh(x / softcap)
-    u = u / temperature
-    prob = t.shape == x.shape
-    kw: dict[str, Any] = {"weight": weight, "label_smoothing": smoothing}
-    if not prob:
-        kw["ignore_index"] = ignore
-    rows = F.cross_entropy(u, t, reduction="none", **kw)
-    keep = torch.ones_like(rows, dtype=torch.bool) if prob else t != ignore
-    rows = rows + (z_loss * torch.logsumexp(u, 1) ** 2) * keep
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    if prob:
-        return rows.sum() / x.shape[0]
-    w_t = torch.ones_like(rows) if weight is None else weight[torch.where(keep, t, 0)]
-    return rows.sum() / (w_t * keep).sum()
+    """The extended loss from torch ops (class dim 1 of 2-D logits): ``crossent check``'s."""
+    return composed_cross_entropy(x, t, weight, ignore, reduction, smoothing, **ext)
 
 
 def grad_output(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:

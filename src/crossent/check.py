@@ -38,18 +38,24 @@ def composed_cross_entropy(
     ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
     z_loss: float = 0.0, softcap: float | None = None, temperature: float = 1.0,
 ) -> torch.Tensor:
-    """crossent's extended cross entropy (class-index targets, 2-D logits) from torch ops in
-    the input dtype: torch's own error for options torch does not have."""
+    """crossent's extended cross entropy (2-D logits; class indices, or probabilities when
+    ``t`` has the logits' shape) from torch ops in the input dtype: torch's own error for
+    options torch does not have."""
     u = x if softcap is None else softcap * torch.tanh(x / softcap)
     u = u / temperature
-    rows = F.cross_entropy(u, t, weight, ignore_index=ignore_index, reduction="none",
-                           label_smoothing=label_smoothing)
-    keep = t != ignore_index
+    prob = t.shape == x.shape
+    kw: dict[str, Any] = {"weight": weight, "label_smoothing": label_smoothing}
+    if not prob:
+        kw["ignore_index"] = ignore_index
+    rows = F.cross_entropy(u, t, reduction="none", **kw)
+    keep = torch.ones_like(rows, dtype=torch.bool) if prob else t != ignore_index
     rows = rows + z_loss * torch.logsumexp(u, 1) ** 2 * keep
     if reduction == "none":
         return rows
     if reduction == "sum":
         return rows.sum()
+    if prob:
+        return rows.sum() / x.shape[0]
     w_t = torch.ones_like(rows) if weight is None else weight[torch.where(keep, t, 0)]
     return rows.sum() / (w_t * keep).sum()
 
