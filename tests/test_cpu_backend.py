@@ -323,3 +323,64 @@ def test_softmax_backward_long_rows_float32(fn: str) -> None:
         grads.append(xi.grad)
     oracle = getattr(reference, f"{fn}_grad")(x.double().numpy(), 1, g.double().numpy())
     assert_close_to_oracle(grads[0], oracle, grads[1], what="d input")
+
+
+@njit
+def _stream_softmax_grad(y, g, dst, d, log):
+    _memory.stream_softmax_grad(y, g, dst, d, log, y, g, False)
+    _memory.fence()
+
+
+# softmax's gradient y·(g - d) and log_softmax's g - e·d are streamed straight from their two
+# input rows (of the storage dtype, or e of the compute dtype): every start offset and length
+# around whole lines must give exactly the formula (rounded as written, then to the storage
+# dtype) and write nothing beside the row.
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_stream_softmax_grad_writes_exactly_the_row(dtype: torch.dtype, log: bool) -> None:
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    per_line = 64 // dtype.itemsize
+    gen = torch.Generator().manual_seed(2)
+    d = torch.tensor(0.3712, dtype=compute)
+    for start in (0, 1, per_line // 2, per_line - 1):
+        for length in (1, per_line - 1, per_line, per_line + 1, 3 * per_line + 5, 1000):
+            y = torch.rand(length, generator=gen).to(compute if log else dtype)
+            g = torch.randn(length, generator=gen).to(dtype)
+            yc, gc = y.to(compute), g.to(compute)
+            if log:  # one rounding: the exact value, rounded to float64, then to float32
+                exact = [
+                    float(Fraction(gv) - Fraction(yv) * Fraction(float(d)))
+                    for yv, gv in zip(yc.tolist(), gc.tolist(), strict=True)
+                ]
+                expected = torch.tensor(exact, dtype=torch.float64).to(compute)
+            else:
+                expected = yc * (gc - d)
+            dst = torch.full((start + length + per_line,), 5.0, dtype=dtype)
+            _stream_softmax_grad(
+                as_numpy(y), as_numpy(g), as_numpy(dst)[start : start + length], d.numpy()[()], log
+            )
+            got = dst[start : start + length]
+            assert torch.equal(got, expected.to(dtype)), (start, length)
+            assert (dst[:start] == 5.0).all() and (dst[start + length :] == 5.0).all()
+
+
+# The softmax backward kernel streams large outputs straight from its inputs and writes small
+# ones through its scratch row; both ways must agree bit for bit, over row lengths that are
+# and are not whole lines and blocks.
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("v", [1, 17, 1024, 1031, 3000])
+def test_softmax_bwd_streamed_equals_cached(dtype: torch.dtype, log: bool, v: int) -> None:
+    from crossent.backends.cpu import _kernels
+
+    gen = torch.Generator().manual_seed(v)
+    x = torch.randn(13, v, generator=gen, dtype=torch.float64) * 3
+    y = (torch.log_softmax if log else torch.softmax)(x, -1).to(dtype)
+    g = torch.randn(13, v, generator=gen).to(dtype)
+    proto = np.empty(0, dtype=np.float64 if dtype == torch.float64 else np.float32)
+    outs = []
+    for nt in (True, False):
+        out = torch.empty_like(y)
+        _kernels.softmax_bwd(as_numpy(g), as_numpy(y), as_numpy(out), log, proto, nt)
+        outs.append(out)
+    assert torch.equal(outs[0].view(-1).view(torch.uint8), outs[1].view(-1).view(torch.uint8))

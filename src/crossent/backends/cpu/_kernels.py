@@ -28,7 +28,14 @@ import numpy as np
 from numba import njit, prange
 
 from ._math import fast_exp, fast_tanh, fma, fmax, like, load, store
-from ._memory import fence, prefetch, stream_row, stream_row_affine, wide_vectors
+from ._memory import (
+    fence,
+    prefetch,
+    stream_row,
+    stream_row_affine,
+    stream_softmax_grad,
+    wide_vectors,
+)
 
 FM_REDUCE = {"reassoc", "nsz", "contract", "arcp"}
 FM_WRITE = {"contract"}
@@ -476,6 +483,30 @@ def _prefetch_lines(a, lo, hi):
         prefetch(a, j)
 
 
+@njit(fastmath=FM_WRITE, cache=True)
+def _exp_block(y, e):
+    """``e = exp(y)`` (the probabilities, from log_softmax's output)."""
+    wide_vectors()
+    for j in range(y.shape[0]):
+        e[j] = fast_exp(load(y, j))
+
+
+@njit(cache=True)
+def _lsum_exp_row(g, y, e, g_next, y_next, ahead):
+    """``Σ g``, and ``e = exp(y)``, block by block while both rows pass through L1; prefetches
+    the next row's inputs alongside when ``ahead``."""
+    v = g.shape[0]
+    s = 0.0
+    for lo in range(0, v, BLOCK):
+        hi = min(lo + BLOCK, v)
+        if ahead:
+            _prefetch_lines(g_next, lo, hi)
+            _prefetch_lines(y_next, lo, hi)
+        s += _lsum(g[lo:hi])
+        _exp_block(y[lo:hi], e[lo:hi])
+    return like(s, e[0])
+
+
 @njit(cache=True)
 def _bwd_reduce(g, y, log, ahead):
     """``Σ g`` (log_softmax, prefetching y for the next pass) or ``Σ g·y`` (softmax)."""
@@ -533,6 +564,16 @@ def softmax_bwd(g, y, gx, log, proto, nt):
         for i in range(b * m_rows // nb, last + 1):
             g_next, ahead = _next_row(g, i, last)
             y_next = y[min(i + 1, last)]
+            # the output computed while streaming, from the inputs; except for log_softmax with
+            # 16-bit storage, where the three passes below measured faster
+            if nt and not (log and y.itemsize == 2):
+                if log:  # g - exp(y)·Σg: the exponentials while Σg is read
+                    d = _lsum_exp_row(g[i], y[i], e, g_next, y_next, ahead)
+                    stream_softmax_grad(e, g[i], gx[i], d, True, y_next, g_next, False)
+                else:  # y·(g - Σ g·y)
+                    d = _bwd_reduce(g[i], y[i], log, ahead)
+                    stream_softmax_grad(y[i], g[i], gx[i], d, False, y_next, g_next, ahead)
+                continue
             d = _bwd_reduce(g[i], y[i], log, ahead)
             _bwd_row(g[i], y[i], d, e, g_next, y_next, log, ahead)
             stream_row(e, gx[i], nt)

@@ -11,6 +11,8 @@
   :func:`fence` orders those stores before the kernel returns. :func:`stream_row_affine`
   applies ``v·a - b`` (one fused multiply-add) to the row on its way out, so a kernel whose
   last step is that map saves a read and a write of its scratch row.
+  :func:`stream_softmax_grad` computes the softmax and log_softmax input gradients from two
+  input rows (16-bit storage widened on load) as it streams them, with no scratch row at all.
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ from ._math import fma, like
 
 _WIDE = '"prefer-vector-width"="512"'
 _ITEMSIZE = {types.float32: 4, types.float64: 8, types.int16: 2, types.uint16: 2}
+# the dtype a source array's elements are computed in (16-bit formats travel as integer bits)
+_COMPUTE = {
+    types.float32: types.float32,
+    types.float64: types.float64,
+    types.int16: types.float32,
+    types.uint16: types.float32,
+}
 
 
 @intrinsic
@@ -99,55 +108,107 @@ def _splat(builder, x, n):
     return builder.shuffle_vector(one, undef, zeros)
 
 
-def _line_codegen(context, builder, sig, args, n, partial, nontemporal=True):
-    """Stores ``fma(src, a, -b)`` over ``n`` elements from ``index`` into dst's dtype: the whole
-    64-byte line non-temporally, or (``partial``) its first ``count`` lanes with a masked load
-    and an ordinary masked store, touching nothing else."""
-    src, dst, index, a, b = args[:5]
-    sp = _element_pointer(context, builder, sig.args[0], src, index)
-    dp = _element_pointer(context, builder, sig.args[1], dst, index)
-    vt = ir.VectorType(sp.type.pointee, n)
+def _widen(builder, v, src_dtype, n):
+    """A vector loaded from a source array in the compute dtype: 16-bit bit patterns (bfloat16
+    as int16, float16 as uint16) widened to float32, float32 and float64 as they are."""
+    if src_dtype == types.int16:
+        vi32 = ir.VectorType(ir.IntType(32), n)
+        bits = builder.shl(builder.zext(v, vi32), ir.Constant(vi32, [16] * n))
+        return builder.bitcast(bits, ir.VectorType(ir.FloatType(), n))
+    if src_dtype == types.uint16:
+        half = builder.bitcast(v, ir.VectorType(ir.HalfType(), n))
+        return builder.fpext(half, ir.VectorType(ir.FloatType(), n))
+    return v
+
+
+def _lane_mask(builder, count, n):
+    lanes = ir.Constant(ir.VectorType(ir.IntType(64), n), list(range(n)))
+    return builder.icmp_signed("<", lanes, _splat(builder, count, n))
+
+
+def _load_lanes(context, builder, arrty, arr, index, n, mask):
+    """``n`` elements of ``arr`` from ``index`` in the compute dtype (all of them, or with a
+    masked load only the lanes of ``mask``)."""
+    ptr = _element_pointer(context, builder, arrty, arr, index)
+    vt = ir.VectorType(ptr.type.pointee, n)
     i32 = ir.IntType(32)
-    src_align = ir.Constant(i32, sig.args[0].dtype.bitwidth // 8)
-    if partial:
-        lanes = ir.Constant(ir.VectorType(ir.IntType(64), n), list(range(n)))
-        mask = builder.icmp_signed("<", lanes, _splat(builder, args[5], n))
+    align = ir.Constant(i32, arrty.dtype.bitwidth // 8)
+    vptr = builder.bitcast(ptr, vt.as_pointer())
+    if mask is None:
+        v = builder.load(vptr, align=align.constant)
+    else:
         masked_load = cgutils.get_or_insert_function(
             builder.module,
             ir.FunctionType(vt, [vt.as_pointer(), i32, mask.type, vt]),
             f"llvm.masked.load.v{n}{_NAMES[vt.element]}.p0",
         )
-        v = builder.call(
-            masked_load,
-            [builder.bitcast(sp, vt.as_pointer()), src_align, mask, ir.Constant(vt, ir.Undefined)],
-        )
-    else:
-        v = builder.load(builder.bitcast(sp, vt.as_pointer()), align=src_align.constant)
-    fma_v = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fma.v{n}{_NAMES[vt.element]}"
-    )
-    v = builder.call(fma_v, [v, _splat(builder, a, n), _splat(builder, builder.fneg(b), n)])
-    dst_dtype = sig.args[1].dtype
-    if dst_dtype == types.int16:
+        v = builder.call(masked_load, [vptr, align, mask, ir.Constant(vt, ir.Undefined)])
+    return _widen(builder, v, arrty.dtype, n)
+
+
+def _store_lanes(context, builder, v, arrty, arr, index, n, mask, nontemporal):
+    """Stores the compute-dtype vector ``v`` into ``arr`` from ``index``, rounded to its storage
+    dtype: the whole 64-byte line (non-temporally if asked), or with an ordinary masked store
+    only the lanes of ``mask``."""
+    dp = _element_pointer(context, builder, arrty, arr, index)
+    if arrty.dtype == types.int16:
         v = _bf16_bits(builder, v, n)
-    elif dst_dtype == types.uint16:
+    elif arrty.dtype == types.uint16:
         half = builder.fptrunc(v, ir.VectorType(ir.HalfType(), n))
         v = builder.bitcast(half, ir.VectorType(ir.IntType(16), n))
     dpv = builder.bitcast(dp, v.type.as_pointer())
-    if partial:
+    if mask is not None:
+        i32 = ir.IntType(32)
         masked_store = cgutils.get_or_insert_function(
             builder.module,
             ir.FunctionType(ir.VoidType(), [v.type, v.type.as_pointer(), i32, mask.type]),
             f"llvm.masked.store.v{n}{_NAMES[v.type.element]}.p0",
         )
-        dst_align = ir.Constant(i32, sig.args[1].dtype.bitwidth // 8)
-        builder.call(masked_store, [v, dpv, dst_align, mask])
+        builder.call(masked_store, [v, dpv, ir.Constant(i32, arrty.dtype.bitwidth // 8), mask])
+        return
+    st = builder.store(v, dpv, align=64)
+    if nontemporal:
+        one = ir.Constant(ir.IntType(32), 1)
+        st.set_metadata("nontemporal", builder.module.add_metadata([one]))
+
+
+def _line_codegen(context, builder, sig, args, n, partial, nontemporal=True):
+    """Stores ``fma(src, a, -b)`` over ``n`` elements from ``index`` into dst's dtype: the whole
+    64-byte line non-temporally, or (``partial``) its first ``count`` lanes with a masked load
+    and an ordinary masked store, touching nothing else. A 16-bit source is widened to float32
+    first."""
+    src, dst, index, a, b = args[:5]
+    mask = _lane_mask(builder, args[5], n) if partial else None
+    v = _load_lanes(context, builder, sig.args[0], src, index, n, mask)
+    vt = v.type
+    fma_v = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fma.v{n}{_NAMES[vt.element]}"
+    )
+    v = builder.call(fma_v, [v, _splat(builder, a, n), _splat(builder, builder.fneg(b), n)])
+    _store_lanes(context, builder, v, sig.args[1], dst, index, n, mask, nontemporal)
+    return context.get_dummy_value()
+
+
+def _softmax_grad_codegen(context, builder, sig, args, n, partial, log):
+    """Stores ``y·(g - d)`` (softmax; two roundings, as written) or ``g - y·d`` (log_softmax,
+    with ``y`` the exponentials of its output; one fused multiply-add) over ``n`` elements from
+    ``index``: the whole line non-temporally, or (``partial``) its first ``count`` lanes."""
+    y, g, dst, index, d = args[:5]
+    mask = _lane_mask(builder, args[5], n) if partial else None
+    vy = _load_lanes(context, builder, sig.args[0], y, index, n, mask)
+    vg = _load_lanes(context, builder, sig.args[1], g, index, n, mask)
+    vd = _splat(builder, d, n)
+    if log:
+        vt = vy.type
+        fma_v = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(vt, [vt, vt, vt]),
+            f"llvm.fma.v{n}{_NAMES[vt.element]}",
+        )
+        v = builder.call(fma_v, [vy, builder.fneg(vd), vg])
     else:
-        st = builder.store(v, dpv, align=64)
-        if nontemporal:
-            st.set_metadata(
-                "nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
-            )
+        v = builder.fmul(vy, builder.fsub(vg, vd))
+    _store_lanes(context, builder, v, sig.args[2], dst, index, n, mask, True)
     return context.get_dummy_value()
 
 
@@ -193,6 +254,48 @@ def _store_line(typingctx, src, dst, index, a, b):
         return _line_codegen(context, builder, sig, args, 64 // size, False, False)
 
     return types.none(src, dst, index, a, b), codegen
+
+
+def _softmax_grad_types(y, g, dst, d, log):
+    size = _ITEMSIZE.get(dst.dtype)
+    compute = _COMPUTE.get(y.dtype)
+    if size is None or compute is None or not (compute == _COMPUTE.get(g.dtype) == d):
+        return None
+    if not isinstance(log, types.BooleanLiteral):
+        return None
+    return size
+
+
+@intrinsic
+def _stream_softmax_grad_line(typingctx, y, g, dst, index, d, log):
+    """``dst[index : index + n] = y·(g - d)`` (``log``: ``g - y·d``) as one non-temporal
+    64-byte store (n = 64 / itemsize of dst; ``dst[index]`` 64-byte aligned); ``log`` is a
+    compile-time constant."""
+    size = _softmax_grad_types(y, g, dst, d, log)
+    if size is None:
+        return None
+    is_log = log.literal_value
+
+    def codegen(context, builder, sig, args):
+        return _softmax_grad_codegen(context, builder, sig, args, 64 // size, False, is_log)
+
+    return types.none(y, g, dst, index, d, log), codegen
+
+
+@intrinsic
+def _store_softmax_grad_part(typingctx, y, g, dst, index, d, count, log):
+    """As :func:`_stream_softmax_grad_line` for the first ``count < n`` elements only, with
+    ordinary (masked) stores and no alignment required."""
+    size = _softmax_grad_types(y, g, dst, d, log)
+    if size is None:
+        return None
+    is_log = log.literal_value
+
+    def codegen(context, builder, sig, args):
+        # the lane count is argument 5; ``log`` follows it
+        return _softmax_grad_codegen(context, builder, sig, args, 64 // size, True, is_log)
+
+    return types.none(y, g, dst, index, d, count, log), codegen
 
 
 @intrinsic
@@ -258,3 +361,39 @@ def stream_row(src, dst, nt):
     """``dst[:] = src[:]`` rounded to dst's storage dtype, bypassing the caches."""
     one = _unit(src)
     stream_row_affine(src, dst, one, one - one, 0, 0, nt)
+
+
+@njit(inline="always", cache=True)
+def _softmax_grad_part(y, g, dst, index, d, count, log):
+    if log:
+        _store_softmax_grad_part(y, g, dst, index, d, count, True)
+    else:
+        _store_softmax_grad_part(y, g, dst, index, d, count, False)
+
+
+@njit(cache=True)
+def stream_softmax_grad(y, g, dst, d, log, y_next, g_next, ahead):
+    """``dst[:] = y·(g - d)`` (softmax's input gradient; with ``log``, ``g - y·d``: that of
+    log_softmax when ``y`` holds the exponentials of its output) straight from the two input
+    rows, rounded to dst's storage dtype, bypassing the caches; prefetches the rows ``y_next``
+    and ``g_next`` (of the same length) alongside when ``ahead``."""
+    v = dst.shape[0]
+    per_line = 64 // dst.itemsize
+    head = min(v, ((64 - address(dst) % 64) % 64) // dst.itemsize)
+    if head > 0:
+        _softmax_grad_part(y, g, dst, 0, d, head, log)
+    lines = (v - head) // per_line
+    for q in range(lines):
+        lo = head + q * per_line
+        if ahead:
+            for j in range(lo, lo + per_line, 64 // y_next.itemsize):
+                prefetch(y_next, j)
+            for j in range(lo, lo + per_line, 64 // g_next.itemsize):
+                prefetch(g_next, j)
+        if log:
+            _stream_softmax_grad_line(y, g, dst, lo, d, True)
+        else:
+            _stream_softmax_grad_line(y, g, dst, lo, d, False)
+    tail = head + lines * per_line
+    if v > tail:
+        _softmax_grad_part(y[tail:], g[tail:], dst[tail:], 0, d, v - tail, log)
