@@ -327,7 +327,8 @@ def test_softmax_backward_long_rows_float32(fn: str) -> None:
 
 @njit
 def _stream_softmax_grad(y, g, dst, d, log):
-    _memory.stream_softmax_grad(y, g, dst, d, log, y, g, False)
+    kind = _memory.LOG_SOFTMAX_GRAD if log else _memory.SOFTMAX_GRAD
+    _memory.stream_formula(kind, y, g, dst, d, d, y, g, False)
     _memory.fence()
 
 
@@ -364,9 +365,34 @@ def test_stream_softmax_grad_writes_exactly_the_row(dtype: torch.dtype, log: boo
             assert (dst[:start] == 5.0).all() and (dst[start + length :] == 5.0).all()
 
 
-# The softmax backward kernel streams large outputs straight from its inputs and writes small
-# ones through its scratch row; both ways must agree bit for bit, over row lengths that are
-# and are not whole lines and blocks.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_stream_log_probs_writes_exactly_the_row(dtype: torch.dtype) -> None:
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    per_line = 64 // dtype.itemsize
+    gen = torch.Generator().manual_seed(3)
+    c1, c2 = torch.tensor(1.8125, dtype=compute), torch.tensor(0.7317, dtype=compute)
+    for start in (0, 1, per_line // 2, per_line - 1):
+        for length in (1, per_line - 1, per_line, per_line + 1, 3 * per_line + 5, 1000):
+            x = (torch.randn(length, generator=gen) * 4).to(dtype)
+            expected = (x.to(compute) - c1) - c2
+            dst = torch.full((start + length + per_line,), 5.0, dtype=dtype)
+            xn = as_numpy(x)
+            _stream_log_probs(xn, as_numpy(dst)[start : start + length], c1.numpy()[()],
+                              c2.numpy()[()])
+            got = dst[start : start + length]
+            assert torch.equal(got, expected.to(dtype)), (start, length)
+            assert (dst[:start] == 5.0).all() and (dst[start + length :] == 5.0).all()
+
+
+@njit
+def _stream_log_probs(x, dst, c1, c2):
+    _memory.stream_formula(_memory.LOG_PROBS, x, x, dst, c1, c2, x, x, False)
+    _memory.fence()
+
+
+# The softmax kernels stream large outputs straight from their inputs and write small ones
+# through their scratch row; both ways must agree bit for bit, over row lengths that are and
+# are not whole lines and blocks.
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("v", [1, 17, 1024, 1031, 3000])
@@ -382,5 +408,24 @@ def test_softmax_bwd_streamed_equals_cached(dtype: torch.dtype, log: bool, v: in
     for nt in (True, False):
         out = torch.empty_like(y)
         _kernels.softmax_bwd(as_numpy(g), as_numpy(y), as_numpy(out), log, proto, nt)
+        outs.append(out)
+    assert torch.equal(outs[0].view(-1).view(torch.uint8), outs[1].view(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("v", [1, 17, 1024, 1031, 3000])
+def test_softmax_fwd_streamed_equals_cached(dtype: torch.dtype, log: bool, v: int) -> None:
+    from crossent.backends.cpu import _kernels
+
+    gen = torch.Generator().manual_seed(v)
+    x = (torch.randn(13, v, generator=gen) * 3).to(dtype)
+    x[3, v // 2] = float("-inf")
+    x[5, 0] = float("nan")
+    proto = np.empty(0, dtype=np.float64 if dtype == torch.float64 else np.float32)
+    outs = []
+    for nt in (True, False):
+        out = torch.empty_like(x)
+        _kernels.softmax_fwd(as_numpy(x), as_numpy(out), log, proto, nt)
         outs.append(out)
     assert torch.equal(outs[0].view(-1).view(torch.uint8), outs[1].view(-1).view(torch.uint8))

@@ -29,11 +29,14 @@ from numba import njit, prange
 
 from ._math import fast_exp, fast_tanh, fma, fmax, like, load, store
 from ._memory import (
+    LOG_PROBS,
+    LOG_SOFTMAX_GRAD,
+    SOFTMAX_GRAD,
     fence,
     prefetch,
+    stream_formula,
     stream_row,
     stream_row_affine,
-    stream_softmax_grad,
     wide_vectors,
 )
 
@@ -79,6 +82,31 @@ def _exp_sum_block(xr, m, e):
 # u = cap·tanh(x/cap)·(1/T) when cap > 0, else x·(1/T); both increasing in x, so the row's max
 # of u is u(max x). d u/d x = (1/T)·(1 - tanh²(x/cap)) with a cap, else the constant 1/T, which
 # the gradient's affine map absorbs.
+
+
+@njit(fastmath=FM_REDUCE, cache=True)
+def _exp_sum_only_block(xr, m):
+    """``Σ exp(x[j] - m)`` over a block, the exponentials not kept."""
+    wide_vectors()
+    s = like(0, m)
+    for j in range(xr.shape[0]):
+        s += fast_exp(load(xr, j) - m)
+    return s
+
+
+@njit(cache=True)
+def _exp_sum_only(xr, m, nxt, ahead):
+    """As :func:`_exp_sum` for plain logits, the exponentials not kept."""
+    v = xr.shape[0]
+    per_line = LINE // nxt.itemsize
+    s = 0.0
+    for lo in range(0, v, BLOCK):
+        hi = min(lo + BLOCK, v)
+        if ahead:
+            for j in range(lo, hi, per_line):
+                prefetch(nxt, j)
+        s += _exp_sum_only_block(xr[lo:hi], m)
+    return like(s, m)
 
 
 @njit(cache=True, error_model="numpy")
@@ -447,11 +475,16 @@ def softmax_fwd(x, out, log, proto, nt):
             nxt, ahead = _next_row(x, i, last)
             m = _row_max(xr)
             one = like(1, m)
-            s = _exp_sum(xr, m, e, nxt, ahead, False, one - one, one, one)
+            if log and nt:  # the output comes from x itself: exponentials only summed
+                s = _exp_sum_only(xr, m, nxt, ahead)
+            else:
+                s = _exp_sum(xr, m, e, nxt, ahead, False, one - one, one, one)
             if _bad(m, s):
                 _fill(out[i], math.nan)
                 continue
-            if log:
+            if log and nt:  # log p = (x - m) - log s, computed while streaming
+                stream_formula(LOG_PROBS, xr, xr, out[i], m, like(math.log(s), m), xr, xr, False)
+            elif log:
                 _log_probs(xr, m, like(math.log(s), m), e)
                 stream_row(e, out[i], nt)
             else:  # p = e·(1/s), multiplied while streaming
@@ -569,10 +602,10 @@ def softmax_bwd(g, y, gx, log, proto, nt):
             if nt and not (log and y.itemsize == 2):
                 if log:  # g - exp(y)·Σg: the exponentials while Σg is read
                     d = _lsum_exp_row(g[i], y[i], e, g_next, y_next, ahead)
-                    stream_softmax_grad(e, g[i], gx[i], d, True, y_next, g_next, False)
+                    stream_formula(LOG_SOFTMAX_GRAD, e, g[i], gx[i], d, d, y_next, g_next, False)
                 else:  # y·(g - Σ g·y)
                     d = _bwd_reduce(g[i], y[i], log, ahead)
-                    stream_softmax_grad(y[i], g[i], gx[i], d, False, y_next, g_next, ahead)
+                    stream_formula(SOFTMAX_GRAD, y[i], g[i], gx[i], d, d, y_next, g_next, ahead)
                 continue
             d = _bwd_reduce(g[i], y[i], log, ahead)
             _bwd_row(g[i], y[i], d, e, g_next, y_next, log, ahead)

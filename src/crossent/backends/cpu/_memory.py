@@ -11,8 +11,9 @@
   :func:`fence` orders those stores before the kernel returns. :func:`stream_row_affine`
   applies ``v·a - b`` (one fused multiply-add) to the row on its way out, so a kernel whose
   last step is that map saves a read and a write of its scratch row.
-  :func:`stream_softmax_grad` computes the softmax and log_softmax input gradients from two
-  input rows (16-bit storage widened on load) as it streams them, with no scratch row at all.
+  :func:`stream_formula` computes an output from one or two input rows (16-bit storage
+  widened on load) as it streams it, with no scratch row at all: the softmax and log_softmax
+  input gradients, and log_softmax's output.
 """
 
 from __future__ import annotations
@@ -189,25 +190,34 @@ def _line_codegen(context, builder, sig, args, n, partial, nontemporal=True):
     return context.get_dummy_value()
 
 
-def _softmax_grad_codegen(context, builder, sig, args, n, partial, log):
-    """Stores ``y·(g - d)`` (softmax; two roundings, as written) or ``g - y·d`` (log_softmax,
-    with ``y`` the exponentials of its output; one fused multiply-add) over ``n`` elements from
-    ``index``: the whole line non-temporally, or (``partial``) its first ``count`` lanes."""
-    y, g, dst, index, d = args[:5]
-    mask = _lane_mask(builder, args[5], n) if partial else None
+# formulas of :func:`stream_formula`, on rows y and g and scalars c1, c2 (as written: each
+# operation rounded, except the one fused multiply-add)
+SOFTMAX_GRAD = 0  # y·(g - c1): softmax's input gradient, c1 = Σ g·y
+LOG_SOFTMAX_GRAD = 1  # g - y·c1: log_softmax's, y = exp(output), c1 = Σ g (one fma)
+LOG_PROBS = 2  # (y - c1) - c2: log_softmax's output, c1 = max, c2 = log Σ exp (g unused)
+
+
+def _formula_codegen(context, builder, sig, args, n, partial, kind):
+    """Stores formula ``kind`` over ``n`` elements from ``index`` into dst's dtype: the whole
+    line non-temporally, or (``partial``) its first ``count`` lanes."""
+    y, g, dst, index, c1, c2 = args[:6]
+    mask = _lane_mask(builder, args[6], n) if partial else None
     vy = _load_lanes(context, builder, sig.args[0], y, index, n, mask)
-    vg = _load_lanes(context, builder, sig.args[1], g, index, n, mask)
-    vd = _splat(builder, d, n)
-    if log:
-        vt = vy.type
-        fma_v = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(vt, [vt, vt, vt]),
-            f"llvm.fma.v{n}{_NAMES[vt.element]}",
-        )
-        v = builder.call(fma_v, [vy, builder.fneg(vd), vg])
+    v1, v2 = _splat(builder, c1, n), _splat(builder, c2, n)
+    if kind == LOG_PROBS:
+        v = builder.fsub(builder.fsub(vy, v1), v2)
     else:
-        v = builder.fmul(vy, builder.fsub(vg, vd))
+        vg = _load_lanes(context, builder, sig.args[1], g, index, n, mask)
+        if kind == LOG_SOFTMAX_GRAD:
+            vt = vy.type
+            fma_v = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(vt, [vt, vt, vt]),
+                f"llvm.fma.v{n}{_NAMES[vt.element]}",
+            )
+            v = builder.call(fma_v, [vy, builder.fneg(v1), vg])
+        else:
+            v = builder.fmul(vy, builder.fsub(vg, v1))
     _store_lanes(context, builder, v, sig.args[2], dst, index, n, mask, True)
     return context.get_dummy_value()
 
@@ -256,46 +266,44 @@ def _store_line(typingctx, src, dst, index, a, b):
     return types.none(src, dst, index, a, b), codegen
 
 
-def _softmax_grad_types(y, g, dst, d, log):
+def _formula_types(y, g, dst, c1, c2, kind):
     size = _ITEMSIZE.get(dst.dtype)
     compute = _COMPUTE.get(y.dtype)
-    if size is None or compute is None or not (compute == _COMPUTE.get(g.dtype) == d):
+    if size is None or compute is None or not (compute == _COMPUTE.get(g.dtype) == c1 == c2):
         return None
-    if not isinstance(log, types.BooleanLiteral):
+    if not isinstance(kind, types.IntegerLiteral):
         return None
     return size
 
 
 @intrinsic
-def _stream_softmax_grad_line(typingctx, y, g, dst, index, d, log):
-    """``dst[index : index + n] = y·(g - d)`` (``log``: ``g - y·d``) as one non-temporal
-    64-byte store (n = 64 / itemsize of dst; ``dst[index]`` 64-byte aligned); ``log`` is a
-    compile-time constant."""
-    size = _softmax_grad_types(y, g, dst, d, log)
+def _stream_formula_line(typingctx, y, g, dst, index, c1, c2, kind):
+    """``dst[index : index + n] =`` formula ``kind`` (a compile-time constant) as one
+    non-temporal 64-byte store (n = 64 / itemsize of dst; ``dst[index]`` 64-byte aligned)."""
+    size = _formula_types(y, g, dst, c1, c2, kind)
     if size is None:
         return None
-    is_log = log.literal_value
+    k = kind.literal_value
 
     def codegen(context, builder, sig, args):
-        return _softmax_grad_codegen(context, builder, sig, args, 64 // size, False, is_log)
+        return _formula_codegen(context, builder, sig, args, 64 // size, False, k)
 
-    return types.none(y, g, dst, index, d, log), codegen
+    return types.none(y, g, dst, index, c1, c2, kind), codegen
 
 
 @intrinsic
-def _store_softmax_grad_part(typingctx, y, g, dst, index, d, count, log):
-    """As :func:`_stream_softmax_grad_line` for the first ``count < n`` elements only, with
+def _store_formula_part(typingctx, y, g, dst, index, c1, c2, count, kind):
+    """As :func:`_stream_formula_line` for the first ``count < n`` elements only, with
     ordinary (masked) stores and no alignment required."""
-    size = _softmax_grad_types(y, g, dst, d, log)
+    size = _formula_types(y, g, dst, c1, c2, kind)
     if size is None:
         return None
-    is_log = log.literal_value
+    k = kind.literal_value
 
     def codegen(context, builder, sig, args):
-        # the lane count is argument 5; ``log`` follows it
-        return _softmax_grad_codegen(context, builder, sig, args, 64 // size, True, is_log)
+        return _formula_codegen(context, builder, sig, args, 64 // size, True, k)
 
-    return types.none(y, g, dst, index, d, count, log), codegen
+    return types.none(y, g, dst, index, c1, c2, count, kind), codegen
 
 
 @intrinsic
@@ -364,24 +372,26 @@ def stream_row(src, dst, nt):
 
 
 @njit(inline="always", cache=True)
-def _softmax_grad_part(y, g, dst, index, d, count, log):
-    if log:
-        _store_softmax_grad_part(y, g, dst, index, d, count, True)
+def _formula_part(y, g, dst, c1, c2, count, kind):
+    if kind == SOFTMAX_GRAD:
+        _store_formula_part(y, g, dst, 0, c1, c2, count, SOFTMAX_GRAD)
+    elif kind == LOG_SOFTMAX_GRAD:
+        _store_formula_part(y, g, dst, 0, c1, c2, count, LOG_SOFTMAX_GRAD)
     else:
-        _store_softmax_grad_part(y, g, dst, index, d, count, False)
+        _store_formula_part(y, g, dst, 0, c1, c2, count, LOG_PROBS)
 
 
 @njit(cache=True)
-def stream_softmax_grad(y, g, dst, d, log, y_next, g_next, ahead):
-    """``dst[:] = y·(g - d)`` (softmax's input gradient; with ``log``, ``g - y·d``: that of
-    log_softmax when ``y`` holds the exponentials of its output) straight from the two input
-    rows, rounded to dst's storage dtype, bypassing the caches; prefetches the rows ``y_next``
-    and ``g_next`` (of the same length) alongside when ``ahead``."""
+def stream_formula(kind, y, g, dst, c1, c2, y_next, g_next, ahead):
+    """``dst[:] =`` formula ``kind`` (:data:`SOFTMAX_GRAD`, :data:`LOG_SOFTMAX_GRAD`,
+    :data:`LOG_PROBS`) of the rows ``y`` and ``g`` (16-bit storage widened on load) and the
+    scalars ``c1``, ``c2``, rounded to dst's storage dtype, bypassing the caches; prefetches the
+    rows ``y_next`` and ``g_next`` (of the same length) alongside when ``ahead``."""
     v = dst.shape[0]
     per_line = 64 // dst.itemsize
     head = min(v, ((64 - address(dst) % 64) % 64) // dst.itemsize)
     if head > 0:
-        _softmax_grad_part(y, g, dst, 0, d, head, log)
+        _formula_part(y, g, dst, c1, c2, head, kind)
     lines = (v - head) // per_line
     for q in range(lines):
         lo = head + q * per_line
@@ -390,10 +400,12 @@ def stream_softmax_grad(y, g, dst, d, log, y_next, g_next, ahead):
                 prefetch(y_next, j)
             for j in range(lo, lo + per_line, 64 // g_next.itemsize):
                 prefetch(g_next, j)
-        if log:
-            _stream_softmax_grad_line(y, g, dst, lo, d, True)
+        if kind == SOFTMAX_GRAD:
+            _stream_formula_line(y, g, dst, lo, c1, c2, SOFTMAX_GRAD)
+        elif kind == LOG_SOFTMAX_GRAD:
+            _stream_formula_line(y, g, dst, lo, c1, c2, LOG_SOFTMAX_GRAD)
         else:
-            _stream_softmax_grad_line(y, g, dst, lo, d, False)
+            _stream_formula_line(y, g, dst, lo, c1, c2, LOG_PROBS)
     tail = head + lines * per_line
     if v > tail:
-        _softmax_grad_part(y[tail:], g[tail:], dst[tail:], 0, d, v - tail, log)
+        _formula_part(y[tail:], g[tail:], dst[tail:], c1, c2, v - tail, kind)
