@@ -27,7 +27,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._math import fast_exp, fast_tanh, fma, fmax, like, load, store
+from ._math import exp_for, fast_tanh, fma, fmax, like, load, store
 from ._memory import (
     LOG_PROBS,
     LOG_SOFTMAX_GRAD,
@@ -70,7 +70,7 @@ def _exp_sum_block(xr, m, e):
     wide_vectors()
     s = like(0, m)
     for j in range(xr.shape[0]):
-        v = fast_exp(load(xr, j) - m)
+        v = exp_for(xr, load(xr, j) - m)
         e[j] = v
         s += v
     return s
@@ -90,7 +90,7 @@ def _exp_sum_only_block(xr, m):
     wide_vectors()
     s = like(0, m)
     for j in range(xr.shape[0]):
-        s += fast_exp(load(xr, j) - m)
+        s += exp_for(xr, load(xr, j) - m)
     return s
 
 
@@ -127,7 +127,7 @@ def _exp_sum_block_cap(xr, m, e, cap, inv_cap, inv_t):
     wide_vectors()
     s = like(0, m)
     for j in range(xr.shape[0]):
-        v = fast_exp(cap * fast_tanh(load(xr, j) * inv_cap) * inv_t - m)
+        v = exp_for(xr, cap * fast_tanh(load(xr, j) * inv_cap) * inv_t - m)
         e[j] = v
         s += v
     return s
@@ -139,7 +139,7 @@ def _exp_sum_block_scaled(xr, m, e, inv_t):
     wide_vectors()
     s = like(0, m)
     for j in range(xr.shape[0]):
-        v = fast_exp(load(xr, j) * inv_t - m)
+        v = exp_for(xr, load(xr, j) * inv_t - m)
         e[j] = v
         s += v
     return s
@@ -521,7 +521,7 @@ def _exp_block(y, e):
     """``e = exp(y)`` (the probabilities, from log_softmax's output)."""
     wide_vectors()
     for j in range(y.shape[0]):
-        e[j] = fast_exp(load(y, j))
+        e[j] = exp_for(y, load(y, j))
 
 
 @njit(cache=True)
@@ -567,7 +567,7 @@ def _softmax_bwd_block(g, y, d, e):
 def _log_softmax_bwd_block(g, y, d, e):
     wide_vectors()
     for j in range(g.shape[0]):
-        e[j] = load(g, j) - fast_exp(load(y, j)) * d
+        e[j] = load(g, j) - exp_for(y, load(y, j)) * d
 
 
 @njit(cache=True)
@@ -627,7 +627,7 @@ def _exp_dot_block(xr, m, e):
     d = like(0, m)
     for j in range(xr.shape[0]):
         z = load(xr, j) - m
-        v = fast_exp(z)
+        v = exp_for(xr, z)
         e[j] = v
         s += v
         d += v * z
@@ -642,7 +642,7 @@ def _exp_dot_block_scaled(xr, m, e, inv_t):
     d = like(0, m)
     for j in range(xr.shape[0]):
         z = load(xr, j) * inv_t - m
-        v = fast_exp(z)
+        v = exp_for(xr, z)
         e[j] = v
         s += v
         d += v * z
@@ -657,7 +657,7 @@ def _exp_dot_block_cap(xr, m, e, cap, inv_cap, inv_t):
     d = like(0, m)
     for j in range(xr.shape[0]):
         z = cap * fast_tanh(load(xr, j) * inv_cap) * inv_t - m
-        v = fast_exp(z)
+        v = exp_for(xr, z)
         e[j] = v
         s += v
         d += v * z
