@@ -305,3 +305,45 @@ def test_module_matches_torchs(backend: str, bias: bool) -> None:
     for a, b_ in zip(*results, strict=True):
         testing.assert_close_to_oracle(a, b_, dtype=torch.float32)
     assert crossent.LinearCrossEntropyLoss is crossent.nn.LinearCrossEntropyLoss
+
+
+# At most D kept rows: all logits are computed at once, transposed, into the storage of
+# d(weight) (one full-size matmul each, d(weight) written back block by block over them). The
+# grid: both reductions that reach it, ignored rows (dropped before the projection: 20 rows
+# of which 10 kept take it, 20 rows all kept do not), bias, class weights, smoothing, chunks
+# of one row to all rows, and float64.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("shape", [(10, 16, 41), (16, 16, 7), (20, 16, 300)], ids=str)
+@pytest.mark.parametrize("chunk_rows", [1, 3, None], ids=["row", "three", "default"])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"ignore_index": 2, "label_smoothing": 0.2}, {"weight": True, "bias": True}],
+    ids=["plain", "ignore-smoothing", "weight-bias"],
+)
+def test_at_most_d_rows_transposed_pass_matches_torch(
+    backend: str, dtype: torch.dtype, reduction: str, shape: tuple[int, int, int],
+    chunk_rows: int | None, kw: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from crossent import _linear
+
+    n, d, v = shape
+    calls = []
+    real = _linear._run_transposed
+    monkeypatch.setattr(
+        _linear, "_run_transposed", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    kw = dict(kw)
+    x = hidden(n, d, dtype=dtype)
+    w = (hidden(v, d, dtype=torch.float64, seed=1) / d**0.5).to(dtype)
+    t = testing.make_targets((n,), v, 2)
+    if "ignore_index" in kw:
+        t[::2] = kw["ignore_index"]  # (20, 16): 10 kept rows
+    if kw.pop("weight", False):
+        kw["weight"] = testing.make_weight(v, dtype)
+    if kw.pop("bias", False):
+        kw["linear_bias"] = hidden(v, dtype=dtype, seed=3).requires_grad_()
+    chunk = None if chunk_rows is None else chunk_rows * v * dtype.itemsize
+    check_same(lce, x, w, t, backend=backend, chunk_bytes=chunk, reduction=reduction, **kw)
+    kept = int((t != kw.get("ignore_index", -100)).sum())
+    assert bool(calls) == (kept <= d)  # the transposed pass ran exactly when it applies

@@ -163,9 +163,11 @@ def _run(
     prob = target.dim() == 2
     acc = acc_dtype(x.dtype)
     want = any(need)
+    chunks = _Chunks(target, prob, opts.rows.ignore_index, opts.chunk_rows)
+    if row_grad is None and _transposable(x, w, target, chunks.count, need):
+        return _run_transposed(x, w, b, target, weight, opts, scale, need, chunks)
     loss = torch.zeros(n, dtype=acc, device=x.device)
     grads = param_grads(x, w, b, need)
-    chunks = _Chunks(target, prob, opts.rows.ignore_index, opts.chunk_rows)
     # a plain allocation, not the reusable-buffer cache: freed before the gradients are
     # converted to their final dtype, so it never adds to the peak
     buf = torch.empty((min(chunks.size, max(chunks.count, 1)), v), dtype=x.dtype, device=x.device)
@@ -187,6 +189,85 @@ def _run(
         add_chunk_grads(grads, logits, xc, w, rows)  # logits: now their gradient
     del buf
     return loss, final_grads(grads, w, b)
+
+
+DW_BLOCK_BYTES = 16 * 2**20  # one block of d(weight) rows, written back by the transposed pass
+
+
+def _transposable(x: Tensor, w: Tensor, target: Tensor, kept: int, need: tuple[bool, ...]) -> bool:
+    """Whether :func:`_run_transposed` applies: d(weight) wanted and of the logits' dtype (no
+    wider accumulator), and the kept rows' logits fit in its buffer (at most D rows)."""
+    return (
+        need[1]
+        and x.dtype == w.dtype
+        and x.dtype in (torch.float32, torch.float64)
+        and 0 < kept <= x.shape[1]
+        and target.dim() == 1
+    )
+
+
+def _run_transposed(
+    x: Tensor,
+    w: Tensor,
+    b: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    opts: LinearOptions,
+    scale: Tensor | None,
+    need: tuple[bool, bool, bool],
+    chunks: _Chunks,
+) -> tuple[Tensor, Grads]:
+    """As :func:`_run`, for at most D kept rows: all their logits, transposed ``(V, n)``, are
+    computed at once into the storage of d(weight) (``V·n <= V·D`` elements), turned into
+    their gradient column block by column block through a chunk buffer, and then feed d(input)
+    and d(bias) and, block of vocabulary rows by block from the last, d(weight) itself — each
+    block's product written over the logits it was computed from, never over ones still to be
+    read (those sit before it, and ``n <= D``). Every matmul runs once at full size, and W and
+    d(weight) are read and written once instead of once per chunk."""
+    n, d = x.shape
+    v = w.shape[0]
+    acc = acc_dtype(x.dtype)
+    kept = chunks.kept
+    xk = x if kept is None else x.index_select(0, kept)
+    tk = target if kept is None else target.index_select(0, kept)
+    nk = xk.shape[0]
+    dw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    lt = dw.view(-1)[: v * nk].view(v, nk)  # logits, then their gradient, transposed
+    if b is None:
+        torch.mm(w, xk.t(), out=lt)
+    else:
+        torch.addmm(b.unsqueeze(1), w, xk.t(), out=lt)
+    loss_k = torch.empty(nk, dtype=acc, device=x.device)
+    size = chunks.size
+    buf = torch.empty((min(size, nk), v), dtype=x.dtype, device=x.device)
+    be = opts.backend
+    for lo in range(0, nk, size):
+        hi = min(lo + size, nk)
+        rows = buf[: hi - lo]
+        rows.copy_(lt[:, lo:hi].t())
+        stats = be.cross_entropy_forward(rows, tk[lo:hi], weight, opts.rows, rows, scale)
+        loss_k[lo:hi] = stats.loss
+        lt[:, lo:hi].copy_(rows.t())
+    del buf
+    dx = db = None
+    if need[0]:
+        dxk = torch.mm(lt.t(), w)
+        dx = dxk if kept is None else torch.zeros_like(x).index_copy_(0, kept, dxk)
+        del dxk
+    if need[2] and b is not None:
+        db = lt.sum(1, dtype=b.dtype)
+    step = max(1, DW_BLOCK_BYTES // max(1, d * dw.element_size()))
+    block = torch.empty((min(step, v), d), dtype=dw.dtype, device=dw.device)
+    for hi in range(v, 0, -step):
+        lo = max(0, hi - step)
+        out = block[: hi - lo]
+        torch.mm(lt[lo:hi], xk, out=out)
+        dw[lo:hi].copy_(out)
+    del block
+    loss = loss_k if kept is None else torch.zeros(n, dtype=acc, device=x.device).index_copy_(
+        0, kept, loss_k
+    )
+    return loss, (dx, dw, db)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
