@@ -244,10 +244,10 @@ def _run_transposed(
     for lo in range(0, nk, size):
         hi = min(lo + size, nk)
         rows = buf[: hi - lo]
-        rows.copy_(lt[:, lo:hi].t())
+        be.copy_transposed(rows, lt[:, lo:hi])
         stats = be.cross_entropy_forward(rows, tk[lo:hi], weight, opts.rows, rows, scale)
         loss_k[lo:hi] = stats.loss
-        lt[:, lo:hi].copy_(rows.t())
+        be.copy_transposed(lt[:, lo:hi], rows)
     del buf
     dx = db = None
     if need[0]:

@@ -153,3 +153,7 @@ class Backend:
     ) -> Tensor:
         """Gradient ``(M, V)`` of :meth:`nll_forward`: ``-w[y]·row_grad[n]`` at ``(n, y)``."""
         raise NotImplementedError
+
+    def copy_transposed(self, dst: Tensor, src: Tensor) -> None:
+        """``dst[:] = src.T`` for 2-D tensors (either may be a strided view)."""
+        dst.copy_(src.t())
