@@ -347,3 +347,18 @@ def test_at_most_d_rows_transposed_pass_matches_torch(
     check_same(lce, x, w, t, backend=backend, chunk_bytes=chunk, reduction=reduction, **kw)
     kept = int((t != kw.get("ignore_index", -100)).sum())
     assert bool(calls) == (kept <= d)  # the transposed pass ran exactly when it applies
+
+
+# The transposed pass (at most D rows) with only some inputs requiring grad: d(weight) alone,
+# d(weight) with d(bias), and d(input) alone (no d(weight): the chunked path), each as torch's
+# and nothing else given a gradient.
+@pytest.mark.parametrize("which", ["w", "wb", "x"])
+def test_transposed_pass_gives_only_the_wanted_grads(backend: str, which: str) -> None:
+    n, d, v = 9, 16, 37
+    x = hidden(n, d).requires_grad_("x" in which)
+    w = (hidden(v, d, seed=1) / d**0.5).requires_grad_("w" in which)
+    b = hidden(v, seed=2).requires_grad_("b" in which)
+    t = testing.make_targets((n,), v, 3)
+    check_same(lce, x, w, t, backend=backend, grad=False, linear_bias=b)
+    crossent.linear_cross_entropy(x, w, t, linear_bias=b, backend=backend).backward()
+    assert [g is not None for g in (x.grad, w.grad, b.grad)] == [c in which for c in "xwb"]
