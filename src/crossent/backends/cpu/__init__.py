@@ -175,6 +175,25 @@ class CpuBackend(TorchBackend):
         _finish_grad(grad_out, grad)
         return RowStats(loss, lse)
 
+    # ---- transposition ------------------------------------------------------------------
+
+    def copy_transposed(self, dst: Tensor, src: Tensor) -> None:
+        """``dst[:] = src.T`` through a tiled kernel for 2-D float32/float64 CPU tensors with unit
+        stride along their rows (torch's own copy of a transposed view is several times slower
+        there); anything else through torch."""
+        ok = (
+            dst.device.type == src.device.type == "cpu"
+            and dst.dtype == src.dtype
+            and dst.dtype in (torch.float32, torch.float64)
+            and dst.dim() == src.dim() == 2
+            and dst.stride(1) == src.stride(1) == 1
+        )
+        if not ok:
+            dst.copy_(src.t())
+            return
+        _set_threads()
+        _kernels.transpose(src.numpy(), dst.numpy())
+
 
 def _transform(opts: RowOptions, acc: torch.dtype) -> tuple[np.floating, ...]:
     """``(cap, 1/cap, 1/T)`` for the kernels; ``cap = 0`` means no soft-capping."""
@@ -264,24 +283,3 @@ def token_stats_backward(
         _rows(g_h).numpy(), cap, inv_cap, inv_t, as_numpy(out),
         np.empty(0, dtype=_np_dtype(acc)), _streams(out, x),
     )
-
-
-def _copy_transposed(dst: Tensor, src: Tensor) -> None:
-    """``dst[:] = src.T`` through a tiled kernel for 2-D float32/float64 CPU tensors with unit
-    stride along their rows (torch's own copy of a transposed view is several times slower
-    there); anything else through torch."""
-    ok = (
-        dst.device.type == src.device.type == "cpu"
-        and dst.dtype == src.dtype
-        and dst.dtype in (torch.float32, torch.float64)
-        and dst.dim() == src.dim() == 2
-        and dst.stride(1) == src.stride(1) == 1
-    )
-    if not ok:
-        dst.copy_(src.t())
-        return
-    _set_threads()
-    _kernels.transpose(src.numpy(), dst.numpy())
-
-
-CpuBackend.copy_transposed = staticmethod(_copy_transposed)  # type: ignore[method-assign, assignment]

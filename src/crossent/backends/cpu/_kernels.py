@@ -54,6 +54,12 @@ LINE = 64  # bytes per cache line
 # V = 262144 terms stay within the tolerance rule. Reductions start from element 0 (V >= 1).
 
 
+@njit(cache=True)
+def _prefetch_lines(a, lo, hi):
+    for j in range(lo, hi, LINE // a.itemsize):
+        prefetch(a, j)
+
+
 @njit(fastmath=FM_REDUCE, cache=True)
 def _row_max(xr):
     """Max of a row (maxNum: NaNs are skipped here and caught by the sum of exponentials)."""
@@ -92,21 +98,6 @@ def _exp_sum_only_block(xr, m):
     for j in range(xr.shape[0]):
         s += exp_for(xr, load(xr, j) - m)
     return s
-
-
-@njit(cache=True)
-def _exp_sum_only(xr, m, nxt, ahead):
-    """As :func:`_exp_sum` for plain logits, the exponentials not kept."""
-    v = xr.shape[0]
-    per_line = LINE // nxt.itemsize
-    s = 0.0
-    for lo in range(0, v, BLOCK):
-        hi = min(lo + BLOCK, v)
-        if ahead:
-            for j in range(lo, hi, per_line):
-                prefetch(nxt, j)
-        s += _exp_sum_only_block(xr[lo:hi], m)
-    return like(s, m)
 
 
 @njit(cache=True, error_model="numpy")
@@ -171,18 +162,19 @@ def _cap_grad(e, xr, a, b, w, has_w, cap, inv_cap, inv_t):
 
 
 @njit(cache=True)
-def _exp_sum(xr, m, e, nxt, ahead, transformed, cap, inv_cap, inv_t):
+def _exp_sum(xr, m, e, nxt, ahead, transformed, cap, inv_cap, inv_t, keep=True):
     """Exponentials of a row (of its transformed logits when ``transformed``) into ``e`` and
-    their sum (NaN if the row holds NaN); prefetches row ``nxt`` alongside when ``ahead``."""
+    their sum (NaN if the row holds NaN); prefetches row ``nxt`` alongside when ``ahead``.
+    Without ``keep`` (plain logits only) the exponentials are summed, not stored."""
     v = xr.shape[0]
-    per_line = LINE // nxt.itemsize
     s = 0.0
     for lo in range(0, v, BLOCK):
         hi = min(lo + BLOCK, v)
         if ahead:
-            for j in range(lo, hi, per_line):
-                prefetch(nxt, j)
-        if cap > 0:
+            _prefetch_lines(nxt, lo, hi)
+        if not keep:
+            s += _exp_sum_only_block(xr[lo:hi], m)
+        elif cap > 0:
             s += _exp_sum_block_cap(xr[lo:hi], m, e[lo:hi], cap, inv_cap, inv_t)
         elif transformed:
             s += _exp_sum_block_scaled(xr[lo:hi], m, e[lo:hi], inv_t)
@@ -475,10 +467,8 @@ def softmax_fwd(x, out, log, proto, nt):
             nxt, ahead = _next_row(x, i, last)
             m = _row_max(xr)
             one = like(1, m)
-            if log and nt:  # the output comes from x itself: exponentials only summed
-                s = _exp_sum_only(xr, m, nxt, ahead)
-            else:
-                s = _exp_sum(xr, m, e, nxt, ahead, False, one - one, one, one)
+            # streamed log_softmax output comes from x itself: exponentials only summed
+            s = _exp_sum(xr, m, e, nxt, ahead, False, one - one, one, one, not (log and nt))
             if _bad(m, s):
                 _fill(out[i], math.nan)
                 continue
@@ -508,12 +498,6 @@ def _lsum(g):
     for j in range(g.shape[0]):
         s += np.float64(load(g, j))
     return s
-
-
-@njit(cache=True)
-def _prefetch_lines(a, lo, hi):
-    for j in range(lo, hi, LINE // a.itemsize):
-        prefetch(a, j)
 
 
 @njit(fastmath=FM_WRITE, cache=True)
