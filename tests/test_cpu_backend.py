@@ -473,3 +473,60 @@ def test_copy_transposed(dtype: torch.dtype, shape: tuple[int, int]) -> None:
     CpuBackend().copy_transposed(back[:, 1 : 1 + c], dst)  # into a strided view
     assert torch.equal(back[:, 1 : 1 + c], src)
     assert (back[:, 0] == 7).all() and (back[:, 1 + c :] == 7).all()
+
+
+# The cross entropy down the columns of transposed logits (the linear cross entropy's
+# transposed pass): against the float64 oracle of the rows, with the row kernel in the same
+# dtype as the torch-like comparison. Shapes cover one class, group edges of the row walk (32
+# rows), column counts that are not multiples of a cache line, and several bands per thread;
+# columns hold NaN, +inf, only -inf, one -inf, and ignored targets; every option on.
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the oracle's -inf rows
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 6), (7, 3), (33, 17), (70, 40), (65, 2200)], ids=str)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"label_smoothing": 0.2, "weight": True},
+        {"label_smoothing": 0.1, "z_loss": 1e-3, "temperature": 1.5},
+        {"softcap": 4.0, "weight": True, "z_loss": 1e-4},
+        {"softcap": 6.0, "label_smoothing": 0.3, "temperature": 0.7},
+    ],
+    ids=["plain", "smooth-weight", "smooth-z-temp", "cap-weight-z", "cap-smooth-temp"],
+)
+def test_cross_entropy_columns_matches_oracle(
+    dtype: torch.dtype, shape: tuple[int, int], kw: dict[str, object]
+) -> None:
+    from crossent import reference
+    from crossent.backends.base import RowOptions
+    from crossent.backends.cpu import CpuBackend
+
+    v, n = shape
+    kw = dict(kw)
+    weighted = kw.pop("weight", False)
+    weight = make_logits((v,), torch.float64, seed=5).abs().add(0.5) if weighted else None
+    opts = RowOptions(ignore_index=-100, **kw)  # type: ignore[arg-type]
+    x = make_logits((n, v), torch.float64, scale=4.0, seed=v + n)
+    t = make_targets((n,), v, seed=n)
+    t[1::5] = -100
+    if v > 1:
+        x[0, 1] = float("nan")
+        x[2 % n, 0] = float("inf")
+        x[3 % n, :] = float("-inf")
+        x[4 % n, v - 1] = float("-inf")
+    scale = torch.linspace(0.5, 2.0, n, dtype=dtype)  # one gradient scale per row
+    w = None if weight is None else weight.to(dtype)
+    rows = x.to(dtype)
+    grad_rows = torch.empty_like(rows)
+    stats = CpuBackend().cross_entropy_forward(rows, t, w, opts, grad_rows, scale)
+    xt = rows.t().contiguous()
+    loss = CpuBackend().cross_entropy_columns(xt, t, w, opts, scale, 4)
+    ext = {k: getattr(opts, k) for k in ("label_smoothing", "z_loss", "softcap", "temperature")}
+    xo = rows.to(torch.float64)
+    wo = None if w is None else w.to(torch.float64)
+    oracle = reference.cross_entropy(xo, t, wo, reduction="none", **ext)
+    grad = reference.cross_entropy_grad(
+        xo, t, scale.to(torch.float64).numpy(), wo, reduction="none", **ext
+    ).input
+    assert_close_to_oracle(loss, oracle, stats.loss, dtype, what="loss")
+    assert_close_to_oracle(xt.t(), grad, grad_rows, dtype, what="grad")

@@ -219,7 +219,9 @@ def _run_transposed(
 ) -> tuple[Tensor, Grads]:
     """As :func:`_run`, for at most D kept rows: all their logits, transposed ``(V, n)``, are
     computed at once into the storage of d(weight) (``V·n <= V·D`` elements), turned into
-    their gradient column block by column block through a chunk buffer, and then feed d(input)
+    their gradient in place by the backend's column-wise cross entropy (the CPU backend's
+    kernel walks the transposed rows; the portable one transposes a chunk of rows at a time
+    through a buffer), and then feed d(input)
     and d(bias) and, block of vocabulary rows by block from the last, d(weight) itself — each
     block's product written over the logits it was computed from, never over ones still to be
     read (those sit before it, and ``n <= D``). Every matmul runs once at full size, and W and
@@ -237,18 +239,8 @@ def _run_transposed(
         torch.mm(w, xk.t(), out=lt)
     else:
         torch.addmm(b.unsqueeze(1), w, xk.t(), out=lt)
-    loss_k = torch.empty(nk, dtype=acc, device=x.device)
-    size = chunks.size
-    buf = torch.empty((min(size, nk), v), dtype=x.dtype, device=x.device)
     be = opts.backend
-    for lo in range(0, nk, size):
-        hi = min(lo + size, nk)
-        rows = buf[: hi - lo]
-        be.copy_transposed(rows, lt[:, lo:hi])
-        stats = be.cross_entropy_forward(rows, tk[lo:hi], weight, opts.rows, rows, scale)
-        loss_k[lo:hi] = stats.loss
-        be.copy_transposed(lt[:, lo:hi], rows)
-    del buf
+    loss_k = be.cross_entropy_columns(lt, tk, weight, opts.rows, scale, chunks.size)
     dx = db = None
     if need[0]:
         dxk = torch.mm(lt.t(), w)

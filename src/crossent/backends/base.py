@@ -157,3 +157,27 @@ class Backend:
     def copy_transposed(self, dst: Tensor, src: Tensor) -> None:
         """``dst[:] = src.T`` for 2-D tensors (either may be a strided view)."""
         dst.copy_(src.t())
+
+    def cross_entropy_columns(
+        self,
+        xt: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        opts: RowOptions,
+        grad_scale: Tensor | None,
+        chunk_rows: int,
+    ) -> Tensor:
+        """:meth:`cross_entropy_forward` of the rows of ``xt.T`` (``xt``: ``(V, M)``, the logits
+        of M rows transposed, rows contiguous), the gradient written over ``xt``; returns the
+        ``(M,)`` losses. Here: ``chunk_rows`` rows at a time, transposed into a buffer and back."""
+        v, n = xt.shape
+        loss = torch.empty(n, dtype=acc_dtype(xt.dtype), device=xt.device)
+        buf = torch.empty((min(chunk_rows, n), v), dtype=xt.dtype, device=xt.device)
+        for lo in range(0, n, chunk_rows):
+            hi = min(lo + chunk_rows, n)
+            rows = buf[: hi - lo]
+            self.copy_transposed(rows, xt[:, lo:hi])
+            stats = self.cross_entropy_forward(rows, target[lo:hi], weight, opts, rows, grad_scale)
+            loss[lo:hi] = stats.loss
+            self.copy_transposed(xt[:, lo:hi], rows)
+        return loss

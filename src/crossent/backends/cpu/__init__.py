@@ -175,6 +175,43 @@ class CpuBackend(TorchBackend):
         _finish_grad(grad_out, grad)
         return RowStats(loss, lse)
 
+    def cross_entropy_columns(
+        self,
+        xt: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        opts: RowOptions,
+        grad_scale: Tensor | None,
+        chunk_rows: int,
+    ) -> Tensor:
+        """As the base method, for float32/float64 CPU logits with contiguous rows: one kernel
+        walking the rows of ``xt`` (no transposition); anything else as the base does."""
+        ok = (
+            xt.device.type == "cpu"
+            and xt.dtype in (torch.float32, torch.float64)
+            and xt.dim() == 2
+            and xt.stride(1) == 1
+            and xt.shape[0] > 0
+        )
+        if not ok:
+            return super().cross_entropy_columns(xt, target, weight, opts, grad_scale, chunk_rows)
+        _check_cpu(xt, target, weight)
+        v, n = xt.shape
+        acc = acc_dtype(xt.dtype)
+        loss = torch.empty(n, dtype=acc)
+        lse = torch.empty(n, dtype=acc)
+        w, w_total = _weight(weight, acc)
+        _set_threads()
+        eps = opts.label_smoothing
+        cap, inv_cap, inv_t = _transform(opts, acc)
+        _kernels.ce_index_cols(
+            xt.numpy(), _rows(target).numpy(), w, weight is not None, w_total,
+            opts.ignore_index, eps > 0, _scalar(1.0 - eps, acc), _scalar(eps / v, acc),
+            _scalar(opts.z_loss, acc), _scale(grad_scale, acc), as_numpy(loss), as_numpy(lse),
+            True, cap, inv_cap, inv_t, numba.get_num_threads(),
+        )
+        return loss
+
     # ---- transposition ------------------------------------------------------------------
 
     def copy_transposed(self, dst: Tensor, src: Tensor) -> None:

@@ -27,7 +27,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._math import exp_for, fast_tanh, fma, fmax, like, load, store
+from ._math import exp_for, fast_exp, fast_tanh, fma, fmax, like, load, store
 from ._memory import (
     LOG_PROBS,
     LOG_SOFTMAX_GRAD,
@@ -784,3 +784,158 @@ def transpose(src, dst):
         for j in range(j0, j1):
             for i in range(i0, i1):
                 dst[j, i] = src[i, j]
+
+
+# ---- cross entropy over columns -----------------------------------------------------------
+# The linear cross entropy holds the logits of up to D rows transposed, (V, n): one token per
+# column. ce_index_cols computes what ce_index computes for each column, in place, without
+# transposing: bands of columns are spread over threads, and each band walks its V rows twice.
+# The first walk, a group of rows at a time (the group stays in L2), takes the group's column
+# maxima, rescales the running sums of exponentials where a maximum grew, and adds the group's
+# exponentials; the second writes the gradient. A column is too long to keep its
+# exponentials, so the second walk evaluates each one again; both run along contiguous rows,
+# vectorised across columns. Per-column sums accumulate in float64.
+
+COL_BAND = 1024  # columns per band at most: its per-column state stays in L1
+ROW_GROUP = 32  # rows per group of the first walk
+
+
+@njit(fastmath=FM_REDUCE, cache=True)
+def _cols_max(xr, m):
+    for c in range(m.shape[0]):
+        m[c] = fmax(m[c], xr[c])
+
+
+@njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
+def _cols_rescale(gm, m, s, cap, inv_cap, inv_t):
+    """The running maxima ``m`` (of u) raised to the group's maxima ``gm`` (of x, reset to -inf
+    here), the running sums ``s`` scaled by ``exp(old m - new m)``."""
+    for c in range(m.shape[0]):
+        mn = fmax(m[c], _u(gm[c], cap, inv_cap, inv_t))
+        f = np.float64(mn) - np.float64(m[c])
+        s[c] *= np.float64(1) if m[c] == mn else fast_exp(-f)
+        m[c] = mn
+        gm[c] = -np.inf
+
+
+# u is evaluated by _u (compiled without fast-math) in both walks: each exponential of the
+# second walk is then the very one summed in the first, whatever the loops' own flags.
+
+
+@njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
+def _cols_exp_sum(xr, m, s, su, wr, smoothing, cap, inv_cap, inv_t):
+    """``s_c += exp(u_c - m_c)`` and, with smoothing, ``su_c += w_r·u_c``."""
+    for c in range(m.shape[0]):
+        u = _u(xr[c], cap, inv_cap, inv_t)
+        s[c] += np.float64(exp_for(xr, u - m[c]))
+        if smoothing:
+            su[c] += np.float64(wr * u)
+
+
+@njit(fastmath=FM_WRITE, cache=True, error_model="numpy")
+def _cols_grad(xr, m, a, b, keep, wr, cap, inv_cap, inv_t):
+    """``x_c = exp(u_c - m_c)·a_c - b_c·w_r`` (times d u/d x with a cap) in place; zero in
+    columns not kept."""
+    if cap > 0:
+        for c in range(m.shape[0]):
+            xv = xr[c]
+            e = exp_for(xr, _u(xv, cap, inv_cap, inv_t) - m[c])
+            g = (e * a[c] - b[c] * wr) * _du_dx(xv, inv_cap, inv_t)
+            xr[c] = g if keep[c] else like(0, g)
+    else:
+        for c in range(m.shape[0]):
+            g = exp_for(xr, _u(xr[c], cap, inv_cap, inv_t) - m[c]) * a[c] - b[c] * wr
+            xr[c] = g if keep[c] else like(0, g)
+
+
+@njit(cache=True)
+def _ce_index_band(
+    x, target, w, has_w, w_total, ignore_index, smoothing, c_t, c_s, z_loss, scales, loss, lse,
+    want_grad, cap, inv_cap, inv_t, lo, hi,
+):
+    """Columns ``lo:hi`` of :func:`ce_index_cols`."""
+    v = x.shape[0]
+    k = hi - lo
+    proto = loss[:1]
+    transformed = cap > 0 or inv_t != 1
+    m = np.full(k, -np.inf, dtype=loss.dtype)  # of u
+    gm = np.full(k, -np.inf, dtype=loss.dtype)  # of x, in a group of rows
+    s = np.zeros(k, dtype=np.float64)
+    su = np.zeros(k, dtype=np.float64)
+    one = like(1, proto[0])
+    for r0 in range(0, v, ROW_GROUP):
+        r1 = min(r0 + ROW_GROUP, v)
+        for r in range(r0, r1):
+            _cols_max(x[r, lo:hi], gm)
+        _cols_rescale(gm, m, s, cap, inv_cap, inv_t)
+        for r in range(r0, r1):
+            wr = w[r] if has_w else one
+            _cols_exp_sum(x[r, lo:hi], m, s, su, wr, smoothing, cap, inv_cap, inv_t)
+    a = np.zeros(k, dtype=loss.dtype)
+    b = np.zeros(k, dtype=loss.dtype)
+    cy = np.zeros(k, dtype=loss.dtype)  # subtracted at the target
+    keep = np.zeros(k, dtype=np.bool_)
+    wt = w_total if has_w else like(v, proto[0])
+    for c in range(k):
+        i = lo + c
+        y = target[i]
+        if y == ignore_index:
+            loss[i] = 0
+            lse[i] = math.nan
+            continue
+        keep[c] = True
+        mc = m[c]
+        sc = like(s[c], mc)
+        if _bad(mc, sc):
+            loss[i] = math.nan
+            lse[i] = math.nan
+            a[c] = b[c] = math.nan
+            continue
+        scale = scales[i] if scales.shape[0] > 1 else scales[0]
+        wy = w[y] if has_w else one
+        xy = x[y, i]
+        zy = (_u(xy, cap, inv_cap, inv_t) if transformed else xy) - mc
+        log_s = like(math.log(sc), mc)
+        lse[i] = mc + log_s
+        li = c_t * wy * (log_s - zy)
+        if smoothing:
+            li += c_s * (wt * log_s - like(su[c] - np.float64(mc) * np.float64(wt), mc))
+        if z_loss != 0:
+            li += z_loss * lse[i] * lse[i]
+        loss[i] = li
+        a[c] = like(scale * (c_t * wy + c_s * wt + 2 * z_loss * lse[i]) / sc, mc)
+        b[c] = like(scale * c_s, mc)
+        cy[c] = like(scale * c_t * wy, mc)
+        if cap > 0:
+            cy[c] *= _du_dx(xy, inv_cap, inv_t)
+        else:  # 1/T folds into the affine map
+            a[c], b[c], cy[c] = a[c] * inv_t, b[c] * inv_t, cy[c] * inv_t
+    if not want_grad:
+        return
+    for r in range(v):
+        wr = w[r] if has_w else one
+        _cols_grad(x[r, lo:hi], m, a, b, keep, wr, cap, inv_cap, inv_t)
+    for c in range(k):
+        if keep[c]:
+            x[target[lo + c], lo + c] -= cy[c]
+
+
+@njit(parallel=True, cache=True)
+def ce_index_cols(
+    x, target, w, has_w, w_total, ignore_index, smoothing, c_t, c_s, z_loss, scales, loss, lse,
+    want_grad, cap, inv_cap, inv_t, bands,
+):
+    """Cross entropy with class indices down the columns of ``x`` ``(V, n)``, arguments as in
+    :func:`ce_index`; the gradient (when wanted) is written over ``x``. ``bands``: how many
+    bands of columns to split the work into (at least one per thread)."""
+    n = x.shape[1]
+    for bnd in prange(bands):
+        # band edges on cache lines: neighbouring bands never write to one line
+        per_line = LINE // x.itemsize
+        lo = min(n, (bnd * n // bands) // per_line * per_line)
+        hi = n if bnd == bands - 1 else min(n, ((bnd + 1) * n // bands) // per_line * per_line)
+        for c0 in range(lo, hi, COL_BAND):
+            _ce_index_band(
+                x, target, w, has_w, w_total, ignore_index, smoothing, c_t, c_s, z_loss, scales,
+                loss, lse, want_grad, cap, inv_cap, inv_t, c0, min(c0 + COL_BAND, hi),
+            )
