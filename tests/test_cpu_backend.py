@@ -481,7 +481,7 @@ def test_copy_transposed(dtype: torch.dtype, shape: tuple[int, int]) -> None:
 # rows), column counts that are not multiples of a cache line, and several bands per thread;
 # columns hold NaN, +inf, only -inf, one -inf, and ignored targets; every option on.
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the oracle's -inf rows
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 6), (7, 3), (33, 17), (70, 40), (65, 2200)], ids=str)
 @pytest.mark.parametrize(
     "kw",
@@ -519,7 +519,7 @@ def test_cross_entropy_columns_matches_oracle(
     rows = x.to(dtype)
     grad_rows = torch.empty_like(rows)
     stats = CpuBackend().cross_entropy_forward(rows, t, w, opts, grad_rows, scale)
-    xt = rows.t().contiguous()
+    xt = rows.t().clone(memory_format=torch.contiguous_format)  # never a view of rows
     loss = CpuBackend().cross_entropy_columns(xt, t, w, opts, scale, 4)
     ext = {k: getattr(opts, k) for k in ("label_smoothing", "z_loss", "softcap", "temperature")}
     xo = rows.to(torch.float64)

@@ -362,3 +362,38 @@ def test_transposed_pass_gives_only_the_wanted_grads(backend: str, which: str) -
     check_same(lce, x, w, t, backend=backend, grad=False, linear_bias=b)
     crossent.linear_cross_entropy(x, w, t, linear_bias=b, backend=backend).backward()
     assert [g is not None for g in (x.grad, w.grad, b.grad)] == [c in which for c in "xwb"]
+
+
+# float16/bfloat16 class-index problems on the CPU backend hold each chunk's logits
+# transposed; without native 16-bit matmul instructions every product runs in float32, slice
+# by slice of W's rows. Both ways, whichever this CPU takes by default: every reduction (the
+# incoming gradient non-uniform), ignored rows, bias, class weights with smoothing, chunks of
+# one row and of several, and a slice narrower than V.
+@pytest.mark.parametrize("widened", [False, True], ids=["native", "widened"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_rows", [1, 5])
+@pytest.mark.parametrize("kw", [{}, {"weight": True, "label_smoothing": 0.2}], ids=["", "w-ls"])
+def test_half_column_chunks_both_ways(
+    widened: bool, reduction: str, chunk_rows: int, kw: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from crossent import _linear
+
+    monkeypatch.setattr(_linear, "_widened", lambda dtype: widened)
+    monkeypatch.setattr(_linear, "SLICE_BYTES", 7 * D * 4)  # 7-row slices of W
+    calls = []
+    real = _linear._add_widened_chunk_grads
+    monkeypatch.setattr(
+        _linear, "_add_widened_chunk_grads", lambda *a: calls.append(1) or real(*a)
+    )
+    kw = dict(kw)
+    if kw.pop("weight", False):
+        kw["weight"] = testing.make_weight(V, torch.bfloat16)
+    x, w, b = problem(torch.bfloat16, True)
+    t = index_targets(-100)
+    check_half(
+        "cpu", x, w, t, chunk_rows * V * 2, reduction=reduction, ignore_index=-100,
+        linear_bias=b.requires_grad_(), **kw,  # type: ignore[union-attr]
+    )
+    assert _linear._by_columns(x, t, crossent.dispatch.resolve("cpu", x))
+    assert bool(calls) == widened

@@ -12,6 +12,12 @@ gradient summed over rows, so its forward computes losses only and its backward 
 chunks' logits with the incoming gradient at hand. Rows whose target is ``ignore_index`` are
 dropped before the projection. d(weight) and d(bias) of float16/bfloat16 parameters accumulate
 in float32 and are rounded once at the end.
+
+float16/bfloat16 class-index chunks on the CPU backend hold their logits transposed, ``(V,
+rows)``, and the backend's column-wise cross entropy turns them into their gradient in place
+(see :func:`_by_columns` for why the layout matters); on CPUs without native 16-bit matmul
+instructions every product of such a chunk runs in float32, slice by slice of W's rows
+(:func:`_widened`).
 """
 
 from __future__ import annotations
@@ -78,13 +84,93 @@ def _take(t: Tensor, rows: slice | Tensor) -> Tensor:
 
 
 def _logits(buf: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``x @ w.T (+ b)`` written into ``buf`` (its first ``len(x)`` rows)."""
-    out = buf[: x.shape[0]]
+    """``x @ w.T (+ b)``, ``(n, V)``, written into the flat ``buf``."""
+    out = buf[: x.shape[0] * w.shape[0]].view(x.shape[0], w.shape[0])
     if b is None:
         torch.mm(x, w.t(), out=out)
     else:
         torch.addmm(b, x, w.t(), out=out)
     return out
+
+
+def _logits_t(buf: Tensor, x: Tensor, w: Tensor, b: Tensor | None, wide: bool) -> Tensor:
+    """``(x @ w.T + b).T``, ``(V, n)``, written into the flat ``buf``; when ``wide``, slice by
+    slice of W's rows in float32, each product rounded once (see :func:`_widened`)."""
+    out = buf[: x.shape[0] * w.shape[0]].view(w.shape[0], x.shape[0])
+    if not wide:
+        if b is None:
+            torch.mm(w, x.t(), out=out)
+        else:
+            torch.addmm(b.unsqueeze(1), w, x.t(), out=out)
+        return out
+    xf = x.float()
+    for lo, hi in _slices(w.shape[0], max(x.shape[0], w.shape[1])):
+        ws = w[lo:hi].float()
+        if b is None:
+            out[lo:hi].copy_(torch.mm(ws, xf.t()))
+        else:
+            out[lo:hi].copy_(torch.addmm(b[lo:hi, None].float(), ws, xf.t()))
+    return out
+
+
+def _slices(v: int, width: int) -> Iterator[tuple[int, int]]:
+    """Row ranges of a ``(v, ·)`` operand such that a float32 slice ``width`` wide holds at
+    most :data:`SLICE_BYTES`."""
+    step = max(1, SLICE_BYTES // max(1, width * 4))
+    for lo in range(0, v, step):
+        yield lo, min(lo + step, v)
+
+
+def _widened(dtype: torch.dtype) -> bool:
+    """Whether float16/bfloat16 products run in float32, slice by slice: on CPUs without
+    native instructions for the format (AVX512-BF16 or AMX for bfloat16, AMX-FP16 for
+    float16), where torch's 16-bit matmuls reach 14 GFLOP/s at best and float32 ones about 90
+    (2-core AVX2 machine). Decided by the CPU's features alone, so results never depend on a
+    timing. The products are the same — exact products summed in float32, rounded once."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    native = "_is_avx512_bf16_supported" if dtype == torch.bfloat16 else "_is_amx_fp16_supported"
+    probes = (native, "_is_amx_tile_supported")
+    return not any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def _add_widened_chunk_grads(
+    grads: Grads, gt: Tensor, xc: Tensor, w: Tensor, rows: slice | Tensor
+) -> None:
+    """As :func:`add_chunk_grads` from ``gt``, the chunk's logit gradient transposed
+    ``(V, n)``, with every product in float32 slice by slice of W's rows: d(input) sums its
+    slices in float32 and is rounded once."""
+    dx, dw, db = grads
+    n = gt.shape[1]
+    dxf = None if dx is None else torch.zeros((n, w.shape[1]), dtype=torch.float32)
+    xf = None if dw is None else xc.float()
+    for lo, hi in _slices(w.shape[0], max(n, w.shape[1])):
+        gs = gt[lo:hi].float()
+        if dxf is not None:
+            dxf.addmm_(gs.t(), w[lo:hi].float())
+        if dw is not None and xf is not None:
+            dw[lo:hi].addmm_(gs, xf)
+        if db is not None:
+            db[lo:hi].add_(gs.sum(1))
+    if dx is not None and dxf is not None:
+        if isinstance(rows, slice):
+            dx[rows] = dxf
+        else:
+            dx.index_copy_(0, rows, dxf.to(dx.dtype))
+
+
+def _by_columns(x: Tensor, target: Tensor, be: Backend) -> bool:
+    """Whether chunks hold their logits transposed: for float16/bfloat16 class-index problems
+    on a backend whose column-wise cross entropy works in place. The products then read
+    both operands along their contracted dimension or both across it (``W @ x.T`` and
+    ``G.T`` as the left factor of ``G @ W``), never one of each: torch's CPU matmuls of 16-bit
+    floats without native instructions for them run those mixed layouts tens of times slower
+    (``G @ W`` with G and W both row-major, 0.4 GFLOP/s against 14 on AVX2)."""
+    return (
+        be.columns_in_place
+        and target.dim() == 1
+        and x.dtype in (torch.float16, torch.bfloat16)
+    )
 
 
 def _add_weight_grad(acc: Tensor, g: Tensor, x: Tensor) -> None:
@@ -168,23 +254,38 @@ def _run(
         return _run_transposed(x, w, b, target, weight, opts, scale, need, chunks)
     loss = torch.zeros(n, dtype=acc, device=x.device)
     grads = param_grads(x, w, b, need)
+    be = opts.backend
+    columns = _by_columns(x, target, be)
+    rows_per_chunk = min(chunks.size, max(chunks.count, 1))
     # a plain allocation, not the reusable-buffer cache: freed before the gradients are
     # converted to their final dtype, so it never adds to the peak
-    buf = torch.empty((min(chunks.size, max(chunks.count, 1)), v), dtype=x.dtype, device=x.device)
-    be = opts.backend
+    buf = torch.empty(rows_per_chunk * v, dtype=x.dtype, device=x.device)
     forward = be.cross_entropy_prob_forward if prob else be.cross_entropy_forward
     for rows in chunks:
+        want_rows = want
         xc = _take(x, rows)
-        logits = _logits(buf, xc, w, b)
         # per-row incoming gradients go into the kernel: the gradient is rounded only once
         sc = scale if row_grad is None else _take(row_grad, rows)
-        grad_out = logits if want else None
-        stats = forward(logits, _take(target, rows), weight, opts.rows, grad_out, sc)
-        if isinstance(rows, slice):
-            loss[rows] = stats.loss
+        tc = _take(target, rows)
+        if columns:  # logits (V, rows): gradient (rows, V) as a transposed view
+            wide = _widened(x.dtype)
+            lt = _logits_t(buf, xc, w, b, wide)
+            chunk_loss = be.cross_entropy_columns(
+                lt, tc, weight, opts.rows, sc, rows_per_chunk, want
+            )
+            logits = lt.t()
+            if wide and want:
+                _add_widened_chunk_grads(grads, lt, xc, w, rows)
+                want_rows = False
         else:
-            loss.index_copy_(0, rows, stats.loss)
-        if not want:
+            logits = _logits(buf, xc, w, b)
+            grad_out = logits if want else None
+            chunk_loss = forward(logits, tc, weight, opts.rows, grad_out, sc).loss
+        if isinstance(rows, slice):
+            loss[rows] = chunk_loss
+        else:
+            loss.index_copy_(0, rows, chunk_loss)
+        if not want or not want_rows:
             continue
         add_chunk_grads(grads, logits, xc, w, rows)  # logits: now their gradient
     del buf

@@ -75,6 +75,8 @@ class Backend:
     """
 
     name: str = "base"
+    # whether cross_entropy_columns works in place, with no buffer and no transposition
+    columns_in_place: bool = False
 
     def softmax_forward(self, x: Tensor, log: bool) -> Tensor:
         """Return ``softmax(x, -1)`` (or ``log_softmax``), ``(M, V)`` in ``x``'s dtype."""
@@ -166,10 +168,13 @@ class Backend:
         opts: RowOptions,
         grad_scale: Tensor | None,
         chunk_rows: int,
+        want_grad: bool = True,
     ) -> Tensor:
         """:meth:`cross_entropy_forward` of the rows of ``xt.T`` (``xt``: ``(V, M)``, the logits
-        of M rows transposed, rows contiguous), the gradient written over ``xt``; returns the
-        ``(M,)`` losses. Here: ``chunk_rows`` rows at a time, transposed into a buffer and back."""
+        of M rows transposed, rows contiguous), the gradient written over ``xt`` when
+        ``want_grad``; returns the ``(M,)`` losses. ``grad_scale``: one value or one per row.
+        Here: ``chunk_rows`` rows at a time, transposed into a buffer and back (see
+        :attr:`columns_in_place`)."""
         v, n = xt.shape
         loss = torch.empty(n, dtype=acc_dtype(xt.dtype), device=xt.device)
         buf = torch.empty((min(chunk_rows, n), v), dtype=xt.dtype, device=xt.device)
@@ -177,7 +182,12 @@ class Backend:
             hi = min(lo + chunk_rows, n)
             rows = buf[: hi - lo]
             self.copy_transposed(rows, xt[:, lo:hi])
-            stats = self.cross_entropy_forward(rows, target[lo:hi], weight, opts, rows, grad_scale)
+            sc = grad_scale
+            if sc is not None and sc.numel() > 1:
+                sc = sc[lo:hi]
+            grad = rows if want_grad else None
+            stats = self.cross_entropy_forward(rows, target[lo:hi], weight, opts, grad, sc)
             loss[lo:hi] = stats.loss
-            self.copy_transposed(xt[:, lo:hi], rows)
+            if want_grad:
+                self.copy_transposed(xt[:, lo:hi], rows)
         return loss

@@ -86,6 +86,7 @@ class CpuBackend(TorchBackend):
     """Fused Numba kernels for CPU tensors; float16/bfloat16/float32/float64 logits."""
 
     name = "cpu"
+    columns_in_place = True
 
     # ---- softmax / log_softmax ---------------------------------------------------------------
 
@@ -183,18 +184,21 @@ class CpuBackend(TorchBackend):
         opts: RowOptions,
         grad_scale: Tensor | None,
         chunk_rows: int,
+        want_grad: bool = True,
     ) -> Tensor:
-        """As the base method, for float32/float64 CPU logits with contiguous rows: one kernel
-        walking the rows of ``xt`` (no transposition); anything else as the base does."""
+        """As the base method, for CPU logits with contiguous rows: one kernel walking the rows
+        of ``xt`` (no transposition); anything else as the base does."""
         ok = (
             xt.device.type == "cpu"
-            and xt.dtype in (torch.float32, torch.float64)
+            and xt.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
             and xt.dim() == 2
             and xt.stride(1) == 1
             and xt.shape[0] > 0
         )
         if not ok:
-            return super().cross_entropy_columns(xt, target, weight, opts, grad_scale, chunk_rows)
+            return super().cross_entropy_columns(
+                xt, target, weight, opts, grad_scale, chunk_rows, want_grad
+            )
         _check_cpu(xt, target, weight)
         v, n = xt.shape
         acc = acc_dtype(xt.dtype)
@@ -205,10 +209,10 @@ class CpuBackend(TorchBackend):
         eps = opts.label_smoothing
         cap, inv_cap, inv_t = _transform(opts, acc)
         _kernels.ce_index_cols(
-            xt.numpy(), _rows(target).numpy(), w, weight is not None, w_total,
+            as_numpy(xt), _rows(target).numpy(), w, weight is not None, w_total,
             opts.ignore_index, eps > 0, _scalar(1.0 - eps, acc), _scalar(eps / v, acc),
             _scalar(opts.z_loss, acc), _scale(grad_scale, acc), as_numpy(loss), as_numpy(lse),
-            True, cap, inv_cap, inv_t, numba.get_num_threads(),
+            want_grad, cap, inv_cap, inv_t, numba.get_num_threads(),
         )
         return loss
 

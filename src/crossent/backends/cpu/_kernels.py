@@ -803,7 +803,7 @@ ROW_GROUP = 32  # rows per group of the first walk
 @njit(fastmath=FM_REDUCE, cache=True)
 def _cols_max(xr, m):
     for c in range(m.shape[0]):
-        m[c] = fmax(m[c], xr[c])
+        m[c] = fmax(m[c], load(xr, c))
 
 
 @njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
@@ -826,7 +826,7 @@ def _cols_rescale(gm, m, s, cap, inv_cap, inv_t):
 def _cols_exp_sum(xr, m, s, su, wr, smoothing, cap, inv_cap, inv_t):
     """``s_c += exp(u_c - m_c)`` and, with smoothing, ``su_c += w_r·u_c``."""
     for c in range(m.shape[0]):
-        u = _u(xr[c], cap, inv_cap, inv_t)
+        u = _u(load(xr, c), cap, inv_cap, inv_t)
         s[c] += np.float64(exp_for(xr, u - m[c]))
         if smoothing:
             su[c] += np.float64(wr * u)
@@ -838,14 +838,16 @@ def _cols_grad(xr, m, a, b, keep, wr, cap, inv_cap, inv_t):
     columns not kept."""
     if cap > 0:
         for c in range(m.shape[0]):
-            xv = xr[c]
+            xv = load(xr, c)
             e = exp_for(xr, _u(xv, cap, inv_cap, inv_t) - m[c])
             g = (e * a[c] - b[c] * wr) * _du_dx(xv, inv_cap, inv_t)
-            xr[c] = g if keep[c] else like(0, g)
+            g = g if keep[c] else like(0, g)  # (a conditional passed straight to store is
+            store(xr, c, g)  # dropped by Numba's inlining: named first)
     else:
         for c in range(m.shape[0]):
-            g = exp_for(xr, _u(xr[c], cap, inv_cap, inv_t) - m[c]) * a[c] - b[c] * wr
-            xr[c] = g if keep[c] else like(0, g)
+            g = exp_for(xr, _u(load(xr, c), cap, inv_cap, inv_t) - m[c]) * a[c] - b[c] * wr
+            g = g if keep[c] else like(0, g)
+            store(xr, c, g)
 
 
 @njit(cache=True)
@@ -874,6 +876,7 @@ def _ce_index_band(
     a = np.zeros(k, dtype=loss.dtype)
     b = np.zeros(k, dtype=loss.dtype)
     cy = np.zeros(k, dtype=loss.dtype)  # subtracted at the target
+    xys = np.zeros(k, dtype=loss.dtype)  # the target logits
     keep = np.zeros(k, dtype=np.bool_)
     wt = w_total if has_w else like(v, proto[0])
     for c in range(k):
@@ -893,7 +896,8 @@ def _ce_index_band(
             continue
         scale = scales[i] if scales.shape[0] > 1 else scales[0]
         wy = w[y] if has_w else one
-        xy = x[y, i]
+        xy = load(x[y], i)
+        xys[c] = xy
         zy = (_u(xy, cap, inv_cap, inv_t) if transformed else xy) - mc
         log_s = like(math.log(sc), mc)
         lse[i] = mc + log_s
@@ -915,9 +919,18 @@ def _ce_index_band(
     for r in range(v):
         wr = w[r] if has_w else one
         _cols_grad(x[r, lo:hi], m, a, b, keep, wr, cap, inv_cap, inv_t)
+    # each target's element computed again, whole, and rounded once to the storage dtype
     for c in range(k):
         if keep[c]:
-            x[target[lo + c], lo + c] -= cy[c]
+            y = target[lo + c]
+            xv = xys[c]
+            wy = w[y] if has_w else one
+            e = exp_for(x, _u(xv, cap, inv_cap, inv_t) - m[c])
+            if cap > 0:
+                gy = (e * a[c] - b[c] * wy) * _du_dx(xv, inv_cap, inv_t) - cy[c]
+            else:
+                gy = e * a[c] - b[c] * wy - cy[c]
+            store(x[y], lo + c, gy)
 
 
 @njit(parallel=True, cache=True)
