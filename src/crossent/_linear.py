@@ -84,8 +84,8 @@ def _take(t: Tensor, rows: slice | Tensor) -> Tensor:
 
 
 def _logits(buf: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``x @ w.T (+ b)``, ``(n, V)``, written into the flat ``buf``."""
-    out = buf[: x.shape[0] * w.shape[0]].view(x.shape[0], w.shape[0])
+    """``x @ w.T (+ b)``, ``(n, V)``, written into the contiguous ``buf`` (any shape)."""
+    out = buf.view(-1)[: x.shape[0] * w.shape[0]].view(x.shape[0], w.shape[0])
     if b is None:
         torch.mm(x, w.t(), out=out)
     else:
@@ -94,9 +94,9 @@ def _logits(buf: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 def _logits_t(buf: Tensor, x: Tensor, w: Tensor, b: Tensor | None, wide: bool) -> Tensor:
-    """``(x @ w.T + b).T``, ``(V, n)``, written into the flat ``buf``; when ``wide``, slice by
+    """``(x @ w.T + b).T``, ``(V, n)``, written into the contiguous ``buf``; when ``wide``, slice by
     slice of W's rows in float32, each product rounded once (see :func:`_widened`)."""
-    out = buf[: x.shape[0] * w.shape[0]].view(w.shape[0], x.shape[0])
+    out = buf.view(-1)[: x.shape[0] * w.shape[0]].view(w.shape[0], x.shape[0])
     if not wide:
         if b is None:
             torch.mm(w, x.t(), out=out)
