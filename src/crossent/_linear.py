@@ -142,7 +142,7 @@ def _add_widened_chunk_grads(
     slices in float32 and is rounded once."""
     dx, dw, db = grads
     n = gt.shape[1]
-    dxf = None if dx is None else torch.zeros((n, w.shape[1]), dtype=torch.float32)
+    dxf = None if dx is None else torch.zeros((n, w.shape[1]), dtype=torch.float32, device=w.device)
     xf = None if dw is None else xc.float()
     for lo, hi in _slices(w.shape[0], max(n, w.shape[1])):
         gs = gt[lo:hi].float()
@@ -261,22 +261,18 @@ def _run(
     # converted to their final dtype, so it never adds to the peak
     buf = torch.empty(rows_per_chunk * v, dtype=x.dtype, device=x.device)
     forward = be.cross_entropy_prob_forward if prob else be.cross_entropy_forward
+    wide = columns and _widened(x.dtype)
     for rows in chunks:
-        want_rows = want
         xc = _take(x, rows)
         # per-row incoming gradients go into the kernel: the gradient is rounded only once
         sc = scale if row_grad is None else _take(row_grad, rows)
         tc = _take(target, rows)
-        if columns:  # logits (V, rows): gradient (rows, V) as a transposed view
-            wide = _widened(x.dtype)
+        if columns:  # logits (V, rows): their gradient (rows, V) as a transposed view
             lt = _logits_t(buf, xc, w, b, wide)
             chunk_loss = be.cross_entropy_columns(
                 lt, tc, weight, opts.rows, sc, rows_per_chunk, want
             )
             logits = lt.t()
-            if wide and want:
-                _add_widened_chunk_grads(grads, lt, xc, w, rows)
-                want_rows = False
         else:
             logits = _logits(buf, xc, w, b)
             grad_out = logits if want else None
@@ -285,9 +281,12 @@ def _run(
             loss[rows] = chunk_loss
         else:
             loss.index_copy_(0, rows, chunk_loss)
-        if not want or not want_rows:
+        if not want:
             continue
-        add_chunk_grads(grads, logits, xc, w, rows)  # logits: now their gradient
+        if wide:
+            _add_widened_chunk_grads(grads, lt, xc, w, rows)
+        else:
+            add_chunk_grads(grads, logits, xc, w, rows)  # logits: now their gradient
     del buf
     return loss, final_grads(grads, w, b)
 
