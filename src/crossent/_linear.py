@@ -332,13 +332,8 @@ def _run_transposed(
     kept = chunks.kept
     xk = x if kept is None else x.index_select(0, kept)
     tk = target if kept is None else target.index_select(0, kept)
-    nk = xk.shape[0]
     dw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
-    lt = dw.view(-1)[: v * nk].view(v, nk)  # logits, then their gradient, transposed
-    if b is None:
-        torch.mm(w, xk.t(), out=lt)
-    else:
-        torch.addmm(b.unsqueeze(1), w, xk.t(), out=lt)
+    lt = _logits_t(dw, xk, w, b, False)  # logits, then their gradient, transposed
     be = opts.backend
     loss_k = be.cross_entropy_columns(lt, tk, weight, opts.rows, scale, chunks.size)
     dx = db = None
