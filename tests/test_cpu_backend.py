@@ -454,27 +454,6 @@ def test_softmax_fwd_streamed_equals_cached(dtype: torch.dtype, log: bool, v: in
     assert torch.equal(outs[0].view(-1).view(torch.uint8), outs[1].view(-1).view(torch.uint8))
 
 
-# The tiled transpose behind the linear cross entropy's transposed pass: shapes below, at and
-# not multiples of its 64-wide tiles, a strided view on either side, and the torch fallback
-# for other dtypes; the result is exactly the transposed tensor, nothing beside it written.
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 70), (64, 64), (130, 65), (200, 7)], ids=str)
-def test_copy_transposed(dtype: torch.dtype, shape: tuple[int, int]) -> None:
-    from crossent.backends.cpu import CpuBackend
-
-    r, c = shape
-    gen = torch.Generator().manual_seed(r * 1000 + c)
-    big = torch.randn(r, c + 5, generator=gen).to(dtype)
-    src = big[:, 2 : 2 + c]  # a strided view
-    dst = torch.full((c, r), 7.0, dtype=dtype)
-    CpuBackend().copy_transposed(dst, src)
-    assert torch.equal(dst, src.t())
-    back = torch.full((r, c + 3), 7.0, dtype=dtype)
-    CpuBackend().copy_transposed(back[:, 1 : 1 + c], dst)  # into a strided view
-    assert torch.equal(back[:, 1 : 1 + c], src)
-    assert (back[:, 0] == 7).all() and (back[:, 1 + c :] == 7).all()
-
-
 # The cross entropy down the columns of transposed logits (the linear cross entropy's
 # transposed pass): against the float64 oracle of the rows, with the row kernel in the same
 # dtype as the torch-like comparison. Shapes cover one class, group edges of the row walk (32

@@ -156,10 +156,6 @@ class Backend:
         """Gradient ``(M, V)`` of :meth:`nll_forward`: ``-w[y]·row_grad[n]`` at ``(n, y)``."""
         raise NotImplementedError
 
-    def copy_transposed(self, dst: Tensor, src: Tensor) -> None:
-        """``dst[:] = src.T`` for 2-D tensors (either may be a strided view)."""
-        dst.copy_(src.t())
-
     def cross_entropy_columns(
         self,
         xt: Tensor,
@@ -181,7 +177,7 @@ class Backend:
         for lo in range(0, n, chunk_rows):
             hi = min(lo + chunk_rows, n)
             rows = buf[: hi - lo]
-            self.copy_transposed(rows, xt[:, lo:hi])
+            rows.copy_(xt[:, lo:hi].t())
             sc = grad_scale
             if sc is not None and sc.numel() > 1:
                 sc = sc[lo:hi]
@@ -189,5 +185,5 @@ class Backend:
             stats = self.cross_entropy_forward(rows, target[lo:hi], weight, opts, grad, sc)
             loss[lo:hi] = stats.loss
             if want_grad:
-                self.copy_transposed(xt[:, lo:hi], rows)
+                xt[:, lo:hi].copy_(rows.t())
         return loss

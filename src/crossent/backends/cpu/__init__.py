@@ -216,25 +216,6 @@ class CpuBackend(TorchBackend):
         )
         return loss
 
-    # ---- transposition ------------------------------------------------------------------
-
-    def copy_transposed(self, dst: Tensor, src: Tensor) -> None:
-        """``dst[:] = src.T`` through a tiled kernel for 2-D float32/float64 CPU tensors with unit
-        stride along their rows (torch's own copy of a transposed view is several times slower
-        there); anything else through torch."""
-        ok = (
-            dst.device.type == src.device.type == "cpu"
-            and dst.dtype == src.dtype
-            and dst.dtype in (torch.float32, torch.float64)
-            and dst.dim() == src.dim() == 2
-            and dst.stride(1) == src.stride(1) == 1
-        )
-        if not ok:
-            dst.copy_(src.t())
-            return
-        _set_threads()
-        _kernels.transpose(src.numpy(), dst.numpy())
-
 
 def _transform(opts: RowOptions, acc: torch.dtype) -> tuple[np.floating, ...]:
     """``(cap, 1/cap, 1/T)`` for the kernels; ``cap = 0`` means no soft-capping."""

@@ -765,27 +765,6 @@ def stats_bwd(x, target, ignore_index, g_lp, g_h, cap, inv_cap, inv_t, gx, proto
         fence()
 
 
-# ---- transposition ----------------------------------------------------------------------
-
-TILE = 64  # a 64x64 tile of float32 (16 KiB) is read and written while it sits in L1
-
-
-@njit(parallel=True, cache=True)
-def transpose(src, dst):
-    """``dst[j, i] = src[i, j]``, tile by tile, tiles spread over threads."""
-    r, c = src.shape
-    nbi = (r + TILE - 1) // TILE
-    nbj = (c + TILE - 1) // TILE
-    for t in prange(nbi * nbj):
-        i0 = (t // nbj) * TILE
-        j0 = (t % nbj) * TILE
-        i1 = min(i0 + TILE, r)
-        j1 = min(j0 + TILE, c)
-        for j in range(j0, j1):
-            for i in range(i0, i1):
-                dst[j, i] = src[i, j]
-
-
 # ---- cross entropy over columns -----------------------------------------------------------
 # The linear cross entropy holds the logits of up to D rows transposed, (V, n): one token per
 # column. ce_index_cols computes what ce_index computes for each column, in place, without
