@@ -492,11 +492,33 @@ def _dot(g, y):
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
+def _dot_short(g, y):
+    """``Σ g·y`` over a block of 16-bit rows, accumulated in float32 (block sums meet in
+    float64, as every sum here). With :func:`_dot`'s float64 products, a pass over two 16-bit
+    rows is bound by its vector instructions rather than by memory."""
+    wide_vectors()
+    s = np.float32(0)
+    for j in range(g.shape[0]):
+        s += load(g, j) * load(y, j)
+    return s
+
+
+@njit(fastmath=FM_REDUCE, cache=True)
 def _lsum(g):
     wide_vectors()
     s = np.float64(0)
     for j in range(g.shape[0]):
         s += np.float64(load(g, j))
+    return s
+
+
+@njit(fastmath=FM_REDUCE, cache=True)
+def _lsum_short(g):
+    """``Σ g`` over a block of a 16-bit row, accumulated in float32 (see :func:`_dot_short`)."""
+    wide_vectors()
+    s = np.float32(0)
+    for j in range(g.shape[0]):
+        s += load(g, j)
     return s
 
 
@@ -519,7 +541,7 @@ def _lsum_exp_row(g, y, e, g_next, y_next, ahead):
         if ahead:
             _prefetch_lines(g_next, lo, hi)
             _prefetch_lines(y_next, lo, hi)
-        s += _lsum(g[lo:hi])
+        s += _lsum_short(g[lo:hi]) if g.itemsize == 2 else _lsum(g[lo:hi])
         _exp_block(y[lo:hi], e[lo:hi])
     return like(s, e[0])
 
@@ -534,7 +556,9 @@ def _bwd_reduce(g, y, log, ahead):
         if log:
             if ahead:
                 _prefetch_lines(y, lo, hi)
-            s += _lsum(g[lo:hi])
+            s += _lsum_short(g[lo:hi]) if g.itemsize == 2 else _lsum(g[lo:hi])
+        elif g.itemsize == 2:
+            s += _dot_short(g[lo:hi], y[lo:hi])
         else:
             s += _dot(g[lo:hi], y[lo:hi])
     return like(s, load(g, 0))
@@ -581,9 +605,8 @@ def softmax_bwd(g, y, gx, log, proto, nt):
         for i in range(b * m_rows // nb, last + 1):
             g_next, ahead = _next_row(g, i, last)
             y_next = y[min(i + 1, last)]
-            # the output computed while streaming, from the inputs; except for log_softmax with
-            # 16-bit storage, where the three passes below measured faster
-            if nt and not (log and y.itemsize == 2):
+            # the output computed while streaming, from the inputs
+            if nt:
                 if log:  # g - exp(y)·Σg: the exponentials while Σg is read
                     d = _lsum_exp_row(g[i], y[i], e, g_next, y_next, ahead)
                     stream_formula(LOG_SOFTMAX_GRAD, e, g[i], gx[i], d, d, y_next, g_next, False)
