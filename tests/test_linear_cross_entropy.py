@@ -364,6 +364,44 @@ def test_transposed_pass_gives_only_the_wanted_grads(backend: str, which: str) -
     assert [g is not None for g in (x.grad, w.grad, b.grad)] == [c in which for c in "xwb"]
 
 
+# float16/bfloat16 with at most D kept rows on the CPU backend: the transposed pass, its 16-bit
+# gradients each rounded once from float32 (every product in float32 when widened). Both ways;
+# both reductions that reach it (the incoming gradient non-uniform through the scale), ignored
+# rows, bias, class weights with smoothing; d(weight) blocks and W slices of 3 rows, so
+# several of each and a ragged last one.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("widened", [False, True], ids=["native", "widened"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    "kw", [{}, {"weight": True, "label_smoothing": 0.2, "bias": True}], ids=["", "w-ls-b"]
+)
+def test_half_transposed_pass_both_ways(
+    dtype: torch.dtype, widened: bool, reduction: str, kw: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from crossent import _linear
+
+    n, d, v = 16, 24, 41
+    monkeypatch.setattr(_linear, "_widened", lambda dt: widened)
+    monkeypatch.setattr(_linear, "DW_BLOCK_BYTES", 3 * d * 4)  # 3-row blocks and slices
+    calls = []
+    real = _linear._run_transposed
+    monkeypatch.setattr(
+        _linear, "_run_transposed", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    kw = dict(kw)
+    if kw.pop("weight", False):
+        kw["weight"] = testing.make_weight(v, dtype)
+    if kw.pop("bias", False):
+        kw["linear_bias"] = hidden(v, dtype=dtype, seed=3).requires_grad_()
+    x = hidden(n, d, dtype=dtype)
+    w = (hidden(v, d, dtype=torch.float64, seed=1) / d**0.5).to(dtype)
+    t = testing.make_targets((n,), v, 2)
+    t[::3] = -100
+    check_half("cpu", x, w, t, 48 * 2**20, reduction=reduction, ignore_index=-100, **kw)
+    assert calls  # the transposed pass ran (11 kept rows <= D)
+
+
 # float16/bfloat16 class-index problems on the CPU backend hold each chunk's logits
 # transposed; without native 16-bit matmul instructions every product runs in float32, slice
 # by slice of W's rows. Both ways, whichever this CPU takes by default: every reduction (the

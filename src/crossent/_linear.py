@@ -18,6 +18,9 @@ rows)``, and the backend's column-wise cross entropy turns them into their gradi
 (see :func:`_by_columns` for why the layout matters); on CPUs without native 16-bit matmul
 instructions every product of such a chunk runs in float32, slice by slice of W's rows
 (:func:`_widened`).
+
+With at most D kept rows and d(weight) wanted, there is a single chunk, held in d(weight)'s
+own storage (:func:`_run_transposed`): each matmul then runs once at full size.
 """
 
 from __future__ import annotations
@@ -93,9 +96,12 @@ def _logits(buf: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return out
 
 
-def _logits_t(buf: Tensor, x: Tensor, w: Tensor, b: Tensor | None, wide: bool) -> Tensor:
+def _logits_t(
+    buf: Tensor, x: Tensor, w: Tensor, b: Tensor | None, wide: bool, slice_bytes: int = 0
+) -> Tensor:
     """``(x @ w.T + b).T``, ``(V, n)``, written into the contiguous ``buf``; when ``wide``, slice by
-    slice of W's rows in float32, each product rounded once (see :func:`_widened`)."""
+    slice of W's rows in float32 (see :func:`_slices`), each product rounded once (see
+    :func:`_widened`)."""
     out = buf.view(-1)[: x.shape[0] * w.shape[0]].view(w.shape[0], x.shape[0])
     if not wide:
         if b is None:
@@ -104,7 +110,7 @@ def _logits_t(buf: Tensor, x: Tensor, w: Tensor, b: Tensor | None, wide: bool) -
             torch.addmm(b.unsqueeze(1), w, x.t(), out=out)
         return out
     xf = x.float()
-    for lo, hi in _slices(w.shape[0], max(x.shape[0], w.shape[1])):
+    for lo, hi in _slices(w.shape[0], max(x.shape[0], w.shape[1]), slice_bytes):
         ws = w[lo:hi].float()
         if b is None:
             out[lo:hi].copy_(torch.mm(ws, xf.t()))
@@ -113,10 +119,10 @@ def _logits_t(buf: Tensor, x: Tensor, w: Tensor, b: Tensor | None, wide: bool) -
     return out
 
 
-def _slices(v: int, width: int) -> Iterator[tuple[int, int]]:
+def _slices(v: int, width: int, slice_bytes: int = 0) -> Iterator[tuple[int, int]]:
     """Row ranges of a ``(v, ·)`` operand such that a float32 slice ``width`` wide holds at
-    most :data:`SLICE_BYTES`."""
-    step = max(1, SLICE_BYTES // max(1, width * 4))
+    most ``slice_bytes`` (:data:`SLICE_BYTES` when 0)."""
+    step = max(1, (slice_bytes or SLICE_BYTES) // max(1, width * 4))
     for lo in range(0, v, step):
         yield lo, min(lo + step, v)
 
@@ -250,7 +256,7 @@ def _run(
     acc = acc_dtype(x.dtype)
     want = any(need)
     chunks = _Chunks(target, prob, opts.rows.ignore_index, opts.chunk_rows)
-    if row_grad is None and _transposable(x, w, target, chunks.count, need):
+    if row_grad is None and _transposable(x, w, target, chunks.count, need, opts.backend):
         return _run_transposed(x, w, b, target, weight, opts, scale, need, chunks)
     loss = torch.zeros(n, dtype=acc, device=x.device)
     grads = param_grads(x, w, b, need)
@@ -294,13 +300,17 @@ def _run(
 DW_BLOCK_BYTES = 16 * 2**20  # one block of d(weight) rows, written back by the transposed pass
 
 
-def _transposable(x: Tensor, w: Tensor, target: Tensor, kept: int, need: tuple[bool, ...]) -> bool:
-    """Whether :func:`_run_transposed` applies: d(weight) wanted and of the logits' dtype (no
-    wider accumulator), and the kept rows' logits fit in its buffer (at most D rows)."""
+def _transposable(
+    x: Tensor, w: Tensor, target: Tensor, kept: int, need: tuple[bool, ...], be: Backend
+) -> bool:
+    """Whether :func:`_run_transposed` applies: class-index targets, d(weight) wanted and of
+    the logits' dtype, the kept rows' logits fitting in its storage (at most D rows); float32
+    and float64 on any backend, float16/bfloat16 where their chunks take the columns
+    (:func:`_by_columns`)."""
     return (
         need[1]
         and x.dtype == w.dtype
-        and x.dtype in (torch.float32, torch.float64)
+        and (x.dtype in (torch.float32, torch.float64) or _by_columns(x, target, be))
         and 0 < kept <= x.shape[1]
         and target.dim() == 1
     )
@@ -325,36 +335,54 @@ def _run_transposed(
     and d(bias) and, block of vocabulary rows by block from the last, d(weight) itself — each
     block's product written over the logits it was computed from, never over ones still to be
     read (those sit before it, and ``n <= D``). Every matmul runs once at full size, and W and
-    d(weight) are read and written once instead of once per chunk."""
+    d(weight) are read and written once instead of once per chunk. 16-bit gradients are
+    rounded once from float32 sums (every product in float32 where :func:`_widened`), so no
+    float32 d(weight) accumulator is needed."""
     n, d = x.shape
     v = w.shape[0]
     acc = acc_dtype(x.dtype)
     kept = chunks.kept
+    wide = _widened(x.dtype)
     xk = x if kept is None else x.index_select(0, kept)
     tk = target if kept is None else target.index_select(0, kept)
     dw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
-    lt = _logits_t(dw, xk, w, b, False)  # logits, then their gradient, transposed
+    # logits, then their gradient, transposed; float32 slices as large as d(weight)'s blocks
+    lt = _logits_t(dw, xk, w, b, wide, DW_BLOCK_BYTES)
     be = opts.backend
     loss_k = be.cross_entropy_columns(lt, tk, weight, opts.rows, scale, chunks.size)
     dx = db = None
     if need[0]:
-        dxk = torch.mm(lt.t(), w)
+        dxk = _grad_input_t(lt, w, wide)
         dx = dxk if kept is None else torch.zeros_like(x).index_copy_(0, kept, dxk)
         del dxk
     if need[2] and b is not None:
-        db = lt.sum(1, dtype=b.dtype)
-    step = max(1, DW_BLOCK_BYTES // max(1, d * dw.element_size()))
-    block = torch.empty((min(step, v), d), dtype=dw.dtype, device=dw.device)
+        db = lt.sum(1, dtype=_wide(b.dtype)).to(b.dtype)
+    xw = xk.float() if wide else xk
+    step = max(1, DW_BLOCK_BYTES // max(1, d * xw.element_size()))
+    block = torch.empty((min(step, v), d), dtype=xw.dtype, device=dw.device)
     for hi in range(v, 0, -step):
         lo = max(0, hi - step)
         out = block[: hi - lo]
-        torch.mm(lt[lo:hi], xk, out=out)
+        torch.mm(lt[lo:hi].float() if wide else lt[lo:hi], xw, out=out)
         dw[lo:hi].copy_(out)
     del block
     loss = loss_k if kept is None else torch.zeros(n, dtype=acc, device=x.device).index_copy_(
         0, kept, loss_k
     )
     return loss, (dx, dw, db)
+
+
+def _grad_input_t(gt: Tensor, w: Tensor, wide: bool) -> Tensor:
+    """``gt.T @ w`` for ``gt`` the logits' gradient transposed ``(V, n)``; when ``wide``, summed
+    in float32 slice by slice of W's rows (each slice's product adds to the float32 sum, so the
+    slices are large: :data:`DW_BLOCK_BYTES`) and rounded once."""
+    if not wide:
+        return torch.mm(gt.t(), w)
+    n = gt.shape[1]
+    dxf = torch.zeros((n, w.shape[1]), dtype=torch.float32, device=w.device)
+    for lo, hi in _slices(w.shape[0], max(n, w.shape[1]), DW_BLOCK_BYTES):
+        dxf.addmm_(gt[lo:hi].float().t(), w[lo:hi].float())
+    return dxf.to(w.dtype)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
