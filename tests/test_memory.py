@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -197,3 +200,47 @@ def test_linear_cross_entropy_skips_ignored_rows_before_the_projection() -> None
     assert seen.rows == 30
     loss.backward()
     assert torch.equal(h.grad[::4], torch.zeros(10, d))
+
+
+def _tensors_on(ptrs: set[int]) -> list[torch.Tensor]:
+    """Live tensors whose storage starts at one of ``ptrs``."""
+    gc.collect()
+    found = []
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and o.layout == torch.strided:
+            if o.untyped_storage().data_ptr() in ptrs:
+                found.append(o)
+    return found
+
+
+# The chunk buffer of linear_cross_entropy is freed before the gradients are converted from
+# their float32 accumulators to 16 bits: a view of it kept alive until then adds a chunk to
+# the peak. Checked when the conversion starts, with rows > D (the chunked path), for float32
+# (no conversion) and bfloat16 (column chunks).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_chunk_buffer_is_freed_before_the_gradients_are_converted(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crossent import _linear
+
+    n, d, v = 40, 8, 300
+    h = make_logits((n, d), dtype).requires_grad_()
+    w = make_logits((v, d), dtype).requires_grad_()
+    t = make_targets((n,), v)
+    buffers: set[int] = set()
+    alive: list[torch.Tensor] = []
+    real_chunk, real_final = _linear._chunk, _linear.final_grads
+
+    def chunk(buf: torch.Tensor, *a: Any) -> torch.Tensor:
+        buffers.add(buf.untyped_storage().data_ptr())
+        return real_chunk(buf, *a)
+
+    def final(*a: Any) -> Any:
+        alive.extend(_tensors_on(buffers))
+        return real_final(*a)
+
+    monkeypatch.setattr(_linear, "_chunk", chunk)
+    monkeypatch.setattr(_linear, "final_grads", final)
+    crossent.linear_cross_entropy(h, w, t, chunk_bytes=7 * v * dtype.itemsize).backward()
+    assert buffers and not alive
+    assert h.grad is not None and w.grad is not None and w.grad.dtype == dtype

@@ -260,41 +260,61 @@ def _run(
         return _run_transposed(x, w, b, target, weight, opts, scale, need, chunks)
     loss = torch.zeros(n, dtype=acc, device=x.device)
     grads = param_grads(x, w, b, need)
-    be = opts.backend
-    columns = _by_columns(x, target, be)
+    columns = _by_columns(x, target, opts.backend)
     rows_per_chunk = min(chunks.size, max(chunks.count, 1))
-    # a plain allocation, not the reusable-buffer cache: freed before the gradients are
-    # converted to their final dtype, so it never adds to the peak
+    # a plain allocation, not the reusable-buffer cache: freed (no view of it outlives
+    # _chunk) before the gradients are converted to their final dtype, so it never adds to
+    # the peak
     buf = torch.empty(rows_per_chunk * v, dtype=x.dtype, device=x.device)
-    forward = be.cross_entropy_prob_forward if prob else be.cross_entropy_forward
     wide = columns and _widened(x.dtype)
     for rows in chunks:
-        xc = _take(x, rows)
         # per-row incoming gradients go into the kernel: the gradient is rounded only once
         sc = scale if row_grad is None else _take(row_grad, rows)
-        tc = _take(target, rows)
-        if columns:  # logits (V, rows): their gradient (rows, V) as a transposed view
-            lt = _logits_t(buf, xc, w, b, wide)
-            chunk_loss = be.cross_entropy_columns(
-                lt, tc, weight, opts.rows, sc, rows_per_chunk, want
-            )
-            logits = lt.t()
-        else:
-            logits = _logits(buf, xc, w, b)
-            grad_out = logits if want else None
-            chunk_loss = forward(logits, tc, weight, opts.rows, grad_out, sc).loss
+        chunk_loss = _chunk(
+            buf, x, w, b, target, weight, opts, sc, grads if want else None, rows, columns, wide
+        )
         if isinstance(rows, slice):
             loss[rows] = chunk_loss
         else:
             loss.index_copy_(0, rows, chunk_loss)
-        if not want:
-            continue
-        if wide:
-            _add_widened_chunk_grads(grads, lt, xc, w, rows)
-        else:
-            add_chunk_grads(grads, logits, xc, w, rows)  # logits: now their gradient
     del buf
     return loss, final_grads(grads, w, b)
+
+
+def _chunk(
+    buf: Tensor,
+    x: Tensor,
+    w: Tensor,
+    b: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    opts: LinearOptions,
+    scale: Tensor | None,
+    grads: Grads | None,
+    rows: slice | Tensor,
+    columns: bool,
+    wide: bool,
+) -> Tensor:
+    """One chunk of :func:`_run`: its rows' losses; adds their share to ``grads`` if given.
+    ``buf`` holds the chunk's logits, then their gradient."""
+    be = opts.backend
+    xc, tc = _take(x, rows), _take(target, rows)
+    if columns:  # logits (V, rows): their gradient (rows, V) as a transposed view
+        lt = _logits_t(buf, xc, w, b, wide)
+        loss = be.cross_entropy_columns(
+            lt, tc, weight, opts.rows, scale, buf.numel() // w.shape[0], grads is not None
+        )
+        logits = lt.t()
+    else:
+        logits = _logits(buf, xc, w, b)
+        forward = be.cross_entropy_prob_forward if target.dim() == 2 else be.cross_entropy_forward
+        grad_out = logits if grads is not None else None
+        loss = forward(logits, tc, weight, opts.rows, grad_out, scale).loss
+    if grads is not None and wide:
+        _add_widened_chunk_grads(grads, lt, xc, w, rows)
+    elif grads is not None:
+        add_chunk_grads(grads, logits, xc, w, rows)  # logits: now their gradient
+    return loss
 
 
 DW_BLOCK_BYTES = 16 * 2**20  # one block of d(weight) rows, written back by the transposed pass
