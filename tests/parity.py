@@ -64,10 +64,11 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 # lambda, so that the float64 evaluation really is float64.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+# (None for what an older torch lacks: torch 2.13 added the linear cross entropy)
 TORCH = SimpleNamespace(
     name="torch",
-    **{op: getattr(F, op) for op in OPS},
-    **{m: getattr(torch.nn, m) for m in MODULES},
+    **{op: getattr(F, op, None) for op in OPS},
+    **{m: getattr(torch.nn, m, None) for m in MODULES},
 )
 
 

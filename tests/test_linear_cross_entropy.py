@@ -307,6 +307,36 @@ def test_module_matches_torchs(backend: str, bias: bool) -> None:
     assert crossent.LinearCrossEntropyLoss is crossent.nn.LinearCrossEntropyLoss
 
 
+# torch builds before 2.13 have no torch.nn.LinearCrossEntropyLoss; crossent's module then
+# builds on its own base, which must hold what torch's does: same parameters (same
+# initialisation under one seed), buffers, constants, repr, and the same errors for a badly
+# shaped weight and an out-of-range smoothing.
+@pytest.mark.parametrize("kw", [{}, {"bias": True, "out_features": (2,), "label_smoothing": 0.3}])
+def test_fallback_module_base_holds_what_torchs_does(kw: dict[str, Any]) -> None:
+    from crossent.nn import _LinearCrossEntropyModule
+
+    args = (D, V)
+    torch.manual_seed(0)
+    theirs = torch.nn.LinearCrossEntropyLoss(*args, weight=testing.make_weight(V), **kw)
+    torch.manual_seed(0)
+    ours = _LinearCrossEntropyModule(*args, weight=testing.make_weight(V), **kw)
+    assert repr(ours).replace(type(ours).__name__, "M") == repr(theirs).replace(
+        type(theirs).__name__, "M"
+    )
+    assert ours.__constants__ == theirs.__constants__
+    for (ka, a), (kb, b_) in zip(
+        ours.state_dict().items(), theirs.state_dict().items(), strict=True
+    ):
+        assert ka == kb and torch.equal(a, b_)
+    for bad in ({"weight": torch.ones(V + 1)}, {"label_smoothing": 1.5}):
+        errors = []
+        for cls in (_LinearCrossEntropyModule, torch.nn.LinearCrossEntropyLoss):
+            with pytest.raises(Exception) as info:
+                cls(*args, **bad)
+            errors.append((type(info.value), str(info.value)))
+        assert errors[0] == errors[1]
+
+
 # At most D kept rows: all logits are computed at once, transposed, into the storage of
 # d(weight) (one full-size matmul each, d(weight) written back block by block over them). The
 # grid: both reductions that reach it, ignored rows (dropped before the projection: 20 rows

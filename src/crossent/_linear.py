@@ -38,6 +38,8 @@ from .backends.base import Backend, RowOptions, acc_dtype
 
 DEFAULT_CHUNK_BYTES = 48 * 2**20  # logits of one chunk of rows
 SLICE_BYTES = 2 * 2**20  # float32 copy of one slice of a 16-bit chunk gradient
+# on other devices than the CPU each slice costs kernel launches, so slices are large there
+DEVICE_SLICE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,8 @@ def _add_weight_grad(acc: Tensor, g: Tensor, x: Tensor) -> None:
         acc.addmm_(g.t(), x)
         return
     xf = x.to(acc.dtype)
-    step = max(1, SLICE_BYTES // max(1, g.shape[0] * acc.element_size()))
+    budget = SLICE_BYTES if acc.device.type == "cpu" else DEVICE_SLICE_BYTES
+    step = max(1, budget // max(1, g.shape[0] * acc.element_size()))
     for lo in range(0, acc.shape[0], step):
         acc[lo : lo + step].addmm_(g[:, lo : lo + step].t().to(acc.dtype), xf)
 

@@ -31,7 +31,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from ._linear import _logits, add_chunk_grads, chunk_rows, final_grads, param_grads
 from .backends import buffers
 from .backends.base import RowOptions, acc_dtype
-from .backends.torch import CHUNK_ELEMENTS, transform
+from .backends.torch import chunk_elements, transform
 
 
 class TokenStats(NamedTuple):
@@ -244,12 +244,13 @@ def stats_options(
     softcap: Any,
     temperature: Any,
     chunk_bytes: int | None,
+    device: torch.device,
 ) -> StatsOptions:
     from ._args import check_extensions
 
     _, cap, temp = check_extensions(0.0, softcap, temperature)
     if chunk_bytes is None:
-        rows = max(1, CHUNK_ELEMENTS // max(1, num_classes))
+        rows = max(1, chunk_elements(device) // max(1, num_classes))
     else:
         rows = chunk_rows(num_classes, itemsize, chunk_bytes, None)
     return StatsOptions(int(ignore_index), cap, temp, rows, torch.is_grad_enabled())
@@ -291,7 +292,7 @@ def token_stats(
     flat_t = _flat_target(
         target, logits, v, ignore_index, "the logits' shape without the class dim"
     )
-    opts = stats_options(v, 4, ignore_index, softcap, temperature, chunk_bytes)
+    opts = stats_options(v, 4, ignore_index, softcap, temperature, chunk_bytes, logits.device)
     x = logits.reshape(-1, v)
     x = x if x.is_contiguous() else x.contiguous()
     outs = TokenStatsFunction.apply(x, flat_t, opts)
@@ -343,7 +344,9 @@ def linear_token_stats(
     from ._linear import DEFAULT_CHUNK_BYTES
 
     budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    opts = stats_options(v, input.element_size(), ignore_index, softcap, temperature, budget)
+    opts = stats_options(
+        v, input.element_size(), ignore_index, softcap, temperature, budget, input.device
+    )
     h = input.reshape(-1, d)
     h = h if h.is_contiguous() else h.contiguous()
     outs = LinearTokenStatsFunction.apply(h, linear_weight, linear_bias, flat_t, opts)

@@ -3,11 +3,14 @@
 Each subclasses its torch counterpart: construction, the ``weight`` buffer, ``state_dict``,
 ``repr``, ``__constants__`` and attribute mutation behave exactly as torch's, and
 ``isinstance(m, torch.nn.CrossEntropyLoss)`` holds. Only ``forward`` changes. Attributes are
-read at every forward, as in torch.
+read at every forward, as in torch. torch builds before 2.13 have no
+``torch.nn.LinearCrossEntropyLoss``; there :class:`LinearCrossEntropyLoss` builds on a module
+with the same constructor, checks, attributes and ``repr``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -89,7 +92,61 @@ class LogSoftmax(torch.nn.LogSoftmax):
         return functional.log_softmax(input, self.dim, _stacklevel=5, backend=self.backend)
 
 
-class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+class _LinearCrossEntropyModule(torch.nn.modules.loss._WeightedLoss):
+    """What ``torch.nn.LinearCrossEntropyLoss`` (torch 2.13) holds: the classifier as a
+    ``Linear`` of ``in_features`` to ``num_classes·prod(out_features)`` outputs, the class
+    ``weight`` buffer and the loss options. For torch builds that have no such module."""
+
+    __constants__ = ["num_classes", "out_features", "reduction", "ignore_index", "label_smoothing"]
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        out_features: tuple[int, ...] = (),
+        bias: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+        reduction: str = "mean",
+        weight: Tensor | None = None,
+        ignore_index: int | None = None,
+        label_smoothing: float = 0.0,
+        options: Any = None,
+    ) -> None:
+        if weight is not None and weight.shape != (num_classes,):
+            raise RuntimeError(
+                f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}"
+            )
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise RuntimeError(
+                f"expected label_smoothing to be in range [0, 1], got {label_smoothing}"
+            )
+        super().__init__(weight=weight, reduction=reduction)
+        self.num_classes = num_classes
+        self.out_features = out_features
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        # a 2-D Linear; forward views its weight as (num_classes, *out_features, in_features)
+        outputs = math.prod(out_features, start=num_classes)
+        self.linear = torch.nn.Linear(in_features, outputs, bias=bias, device=device, dtype=dtype)
+        self.options = options
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.linear.in_features}, num_classes={self.num_classes},"
+            f" out_features={self.out_features}, bias={self.linear.bias is not None},"
+            f" reduction={self.reduction}, ignore_index={self.ignore_index},"
+            f" label_smoothing={self.label_smoothing}, options={self.options}"
+        )
+
+
+_LinearCrossEntropyBase: type = getattr(
+    torch.nn, "LinearCrossEntropyLoss", _LinearCrossEntropyModule
+)
+
+
+class LinearCrossEntropyLoss(_LinearCrossEntropyBase):
     def __init__(
         self,
         in_features: int,
@@ -159,5 +216,5 @@ LinearCrossEntropyLoss.__doc__ = (
     ":func:`crossent.linear_cross_entropy`.\n\n    "
     + _docs.LINEAR_MODULE_NOTE
     + "\n    "
-    + (torch.nn.LinearCrossEntropyLoss.__doc__ or "")
+    + (_LinearCrossEntropyBase.__doc__ or "")
 )

@@ -13,8 +13,16 @@ from torch import Tensor
 
 from .base import Backend, RowOptions, RowStats, acc_dtype
 
-# Elements per chunk of upcast temporaries: 2**20 float32 = 4 MiB, about an L2 cache.
+# Elements per chunk of upcast temporaries: on CPU 2**20 float32 = 4 MiB, about an L2 cache.
+# On other devices every chunk costs a dozen kernel launches whatever its size, so chunks are
+# large there: 2**24 elements (64 MiB of float32), a handful per logits tensor.
 CHUNK_ELEMENTS = 1 << 20
+DEVICE_CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_elements(device: torch.device) -> int:
+    """The chunk budget, in elements, for tensors on ``device``."""
+    return CHUNK_ELEMENTS if device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
 
 
 def chunk_rows(m: int, v: int, budget: int = CHUNK_ELEMENTS) -> int:
@@ -64,7 +72,7 @@ class TorchBackend(Backend):
         eps = opts.label_smoothing
         w = None if weight is None else weight.to(acc)
         w_total = None if w is None else w.sum()
-        step = chunk_rows(m, v)
+        step = chunk_rows(m, v, chunk_elements(x.device))
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
             xs, du = transform(x[r0:r1].to(acc), opts)  # (m', V) upcast chunk
@@ -129,7 +137,7 @@ class TorchBackend(Backend):
         lse = torch.empty(m, dtype=acc, device=x.device)
         eps = opts.label_smoothing
         w = None if weight is None else weight.to(acc)
-        step = chunk_rows(m, v)
+        step = chunk_rows(m, v, chunk_elements(x.device))
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
             xs, du = transform(x[r0:r1].to(acc), opts)
@@ -180,7 +188,7 @@ class TorchBackend(Backend):
         d_target = torch.empty_like(target) if want_target else None
         d_weight = torch.zeros(v, dtype=acc, device=x.device) if want_weight else None
         rg = row_grad.to(acc).unsqueeze(1)  # (M, 1)
-        step = chunk_rows(m, v)
+        step = chunk_rows(m, v, chunk_elements(x.device))
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
             # (m', V) log-probabilities as (x - max) - log Σ exp(x - max): forming x - lse
