@@ -97,21 +97,23 @@ class TorchBackend(Backend):
             lse[r0:r1] = row_lse.squeeze(1)
             if grad_out is None:
                 continue
-            # d row / d x_j = p_j·(Σ_c w_c q_c + 2λ·lse) − w_j q_j with q = (1−ε)·onehot(y) + ε/V.
-            p = e.div_(s)
-            z_coef = 2.0 * opts.z_loss * row_lse if opts.z_loss else None
+            # d row / d x_j = p_j·(Σ_c w_c q_c + 2λ·lse) − w_j q_j with q = (1−ε)·onehot(y) + ε/V,
+            # times the row's gradient scale c; the first term as e_j·(a·c/s), one per-row
+            # factor (no rounded p_j, no separate scaling pass over the chunk).
+            c = 1.0 if grad_scale is None else row_scale(grad_scale, r0, r1, acc)
+            a = wt
             if eps > 0.0:
-                coef = (1.0 - eps) * wt + (eps / v) * (v if w_total is None else w_total)
-                g = p.mul_(coef if z_coef is None else coef + z_coef)
-                g.sub_((eps / v) * (1.0 if w is None else w))
-            elif z_coef is not None:
-                g = p.mul_(wt + z_coef)
-            else:
-                g = p.mul_(wt) if w is not None else p
-            target_term = torch.full_like(mx, -(1.0 - eps)) if w is None else -(1.0 - eps) * w[tc]
-            g.scatter_add_(1, tc, target_term)
-            if grad_scale is not None:
-                g.mul_(row_scale(grad_scale, r0, r1, acc))
+                a = (1.0 - eps) * wt + (eps / v) * (v if w_total is None else w_total)
+            if opts.z_loss:
+                a = a + 2.0 * opts.z_loss * row_lse
+            g = e.mul_(a * c / s)
+            if eps > 0.0:
+                if w is None:
+                    g.sub_((eps / v) * c)
+                else:  # - (ε/V)·c·w_j
+                    g.addcmul_(torch.as_tensor(c, dtype=acc, device=x.device), w, value=-eps / v)
+            t_term = torch.as_tensor(-(1.0 - eps) * wt * c, dtype=acc, device=x.device)
+            g.scatter_add_(1, tc, t_term.expand_as(mx).contiguous())
             if du is not None:
                 g.mul_(du)
             # Masking (not multiplying by 0) keeps ignored rows exactly 0 even with -inf logits.
