@@ -207,7 +207,9 @@ def _tensors_on(ptrs: set[int]) -> list[torch.Tensor]:
     gc.collect()
     found = []
     for o in gc.get_objects():
-        if isinstance(o, torch.Tensor) and o.layout == torch.strided:
+        # type(), not isinstance: isinstance reads __class__, which some deprecated objects
+        # answer with a warning
+        if issubclass(type(o), torch.Tensor) and o.layout == torch.strided:
             if o.untyped_storage().data_ptr() in ptrs:
                 found.append(o)
     return found
