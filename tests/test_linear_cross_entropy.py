@@ -465,3 +465,19 @@ def test_half_column_chunks_both_ways(
     )
     assert _linear._by_columns(x, t, crossent.dispatch.resolve("cpu", x))
     assert bool(calls) == widened
+
+
+def test_rows_are_spread_evenly_over_the_chunks() -> None:
+    from crossent._linear import _Chunks
+
+    def sizes(t: torch.Tensor, size: int) -> list[int]:
+        return [r.stop - r.start if isinstance(r, slice) else int(r.numel())
+                for r in _Chunks(t, False, -100, size)]
+
+    t = torch.zeros(9, dtype=torch.long)
+    assert sizes(t, 4) == [3, 3, 3]  # three chunks either way, none of them 1 row
+    assert sizes(t, 9) == [9] and sizes(t, 100) == [9] and sizes(t, 1) == [1] * 9
+    assert sizes(torch.zeros(8, dtype=torch.long), 4) == [4, 4]
+    t[::3] = -100  # ignored rows are dropped first: 6 kept
+    assert sizes(t, 4) == [3, 3]
+    assert sizes(torch.full((5,), -100), 4) == []

@@ -200,11 +200,12 @@ LINEAR_CROSS_ENTROPY = rf"""Compute the cross entropy of ``input @ linear_weight
         label_smoothing (float, optional): :math:`\varepsilon` in :math:`[0, 1]`, as in
             :func:`crossent.cross_entropy`. Default: :math:`0.0`
         options (LinearCrossEntropyOptions, optional): accepted for torch compatibility;
-            crossent always chunks, and uses its ``batch_chunk_size`` as the rows per
-            chunk when set. Default: ``None``
+            crossent always chunks, and uses its ``batch_chunk_size`` as the most rows
+            per chunk when set. Default: ``None``
         {BACKEND}
         chunk_bytes (int, keyword-only): memory budget for one chunk's logits, which sets
-            the rows per chunk. Default: ``None`` (48 MiB)
+            the most rows per chunk (the rows are then spread evenly over the chunks). Default:
+            ``None`` (60 MiB)
         {EXTENSIONS}
 
     Shape:
