@@ -320,7 +320,7 @@ def linear_token_stats(
         linear_bias (Tensor, keyword-only): ``(V,)`` bias. Default: ``None``
         ignore_index, softcap, temperature: as in :func:`token_stats`.
         chunk_bytes (int, keyword-only): memory budget of one chunk's logits.
-            Default: ``None`` (48 MiB)
+            Default: ``None`` (60 MiB)
 
     Returns:
         :class:`TokenStats`; ``logprob`` and ``entropy`` differentiable in ``input``,
