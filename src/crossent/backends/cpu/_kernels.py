@@ -522,6 +522,12 @@ def _lsum_short(g):
     return s
 
 
+@njit(inline="always", cache=True)
+def _block_sum(g):
+    """``Σ g`` over a block: float32 for 16-bit rows (:func:`_lsum_short`), else float64."""
+    return _lsum_short(g) if g.itemsize == 2 else _lsum(g)
+
+
 @njit(fastmath=FM_WRITE, cache=True)
 def _exp_block(y, e):
     """``e = exp(y)`` (the probabilities, from log_softmax's output)."""
@@ -541,7 +547,7 @@ def _lsum_exp_row(g, y, e, g_next, y_next, ahead):
         if ahead:
             _prefetch_lines(g_next, lo, hi)
             _prefetch_lines(y_next, lo, hi)
-        s += _lsum_short(g[lo:hi]) if g.itemsize == 2 else _lsum(g[lo:hi])
+        s += _block_sum(g[lo:hi])
         _exp_block(y[lo:hi], e[lo:hi])
     return like(s, e[0])
 
@@ -556,7 +562,7 @@ def _bwd_reduce(g, y, log, ahead):
         if log:
             if ahead:
                 _prefetch_lines(y, lo, hi)
-            s += _lsum_short(g[lo:hi]) if g.itemsize == 2 else _lsum(g[lo:hi])
+            s += _block_sum(g[lo:hi])
         elif g.itemsize == 2:
             s += _dot_short(g[lo:hi], y[lo:hi])
         else:
