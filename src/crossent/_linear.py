@@ -79,9 +79,9 @@ class _Chunks:
                 self.kept = keep.nonzero().squeeze(1)
         self.count = n if self.kept is None else int(self.kept.numel())
         # as many chunks as ``size`` rows each need, evened out: no larger buffer than that
-        # number of chunks requires, and no small last chunk
+        # number of chunks requires, and no small last chunk (1 row when nothing is kept)
         chunks = -(-self.count // max(1, size))
-        self.size = -(-self.count // chunks) if chunks else max(1, size)
+        self.size = -(-self.count // chunks) if chunks else 1
 
     def __iter__(self) -> Iterator[slice | Tensor]:
         """Each chunk's rows: a slice, or the kept rows' indices when some are dropped."""
@@ -270,11 +270,10 @@ def _run(
     loss = torch.zeros(n, dtype=acc, device=x.device)
     grads = param_grads(x, w, b, need)
     columns = _by_columns(x, target, opts.backend)
-    rows_per_chunk = min(chunks.size, max(chunks.count, 1))
     # a plain allocation, not the reusable-buffer cache: freed (no view of it outlives
     # _chunk) before the gradients are converted to their final dtype, so it never adds to
     # the peak
-    buf = torch.empty(rows_per_chunk * v, dtype=x.dtype, device=x.device)
+    buf = torch.empty(chunks.size * v, dtype=x.dtype, device=x.device)
     wide = columns and _widened(x.dtype)
     for rows in chunks:
         # per-row incoming gradients go into the kernel: the gradient is rounded only once
