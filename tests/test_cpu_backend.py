@@ -3,6 +3,7 @@ threads, and memory safety at the edges (the parity grids run it on every option
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -455,6 +456,100 @@ def test_softmax_fwd_streamed_equals_cached(dtype: torch.dtype, log: bool, v: in
         _kernels.softmax_fwd(as_numpy(x), as_numpy(out), log, proto, nt)
         outs.append(out)
     assert torch.equal(outs[0].view(-1).view(torch.uint8), outs[1].view(-1).view(torch.uint8))
+
+
+# The row max through integer order keys (how a row's exponential pass finds the next row's
+# max): the float max of every storage dtype, with -inf, both zeros and huge values; a NaN
+# whose sign bit is clear comes out as NaN (the row is then NaN anyway), one whose sign bit is
+# set is passed over as maxNum passes over NaN.
+@njit
+def _key_max(a):
+    k = _math.order_key(a, 0)
+    for j in range(a.shape[0]):
+        k = _math.kmax(k, _math.order_key(a, j))
+    return _math.from_key(a, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_order_key_max_is_the_float_max(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(7)
+    big = torch.finfo(dtype).max
+    rows = [
+        torch.randn(33, generator=gen, dtype=torch.float64) * 100,
+        -torch.rand(9, generator=gen, dtype=torch.float64) - 1,  # all negative
+        torch.tensor([-0.0, -3.0, 0.0, -1.0], dtype=torch.float64),
+        torch.tensor([-0.0, -3.0, -1.0], dtype=torch.float64),
+        torch.tensor([-math.inf, -math.inf], dtype=torch.float64),
+        torch.tensor([-math.inf, -2.0, -math.inf], dtype=torch.float64),
+        torch.tensor([1.0, math.inf, 2.0], dtype=torch.float64),
+        torch.tensor([-big, big, 0.5], dtype=torch.float64),
+        torch.tensor([5.0], dtype=torch.float64),
+    ]
+    for row in rows:
+        r = row.to(dtype)
+        got = _key_max(as_numpy(r))
+        want = float(r.max())
+        assert got == want and math.copysign(1, got) == math.copysign(1, want), (row, got)
+    r = torch.tensor([1.0, 3.0, 2.0], dtype=dtype)
+    r[1] = math.nan  # sign bit clear: above +inf
+    assert math.isnan(_key_max(as_numpy(r)))
+    _negative_nan(r, 1)  # sign bit set: below -inf
+    assert _key_max(as_numpy(r)) == 2.0
+
+
+def _negative_nan(row: torch.Tensor, j: int) -> None:
+    """Writes a quiet NaN with its sign bit set (conversions may drop the sign of a NaN)."""
+    bits = {torch.float32: (torch.int32, -(1 << 22)), torch.float64: (torch.int64, -(1 << 51)),
+            torch.bfloat16: (torch.int16, -64), torch.float16: (torch.int16, -512)}
+    itype, value = bits[row.dtype]
+    row.view(itype)[j] = value
+    assert math.isnan(float(row[j]))
+
+
+# Each row's max is found while the row before it is computed, except for the first row of a
+# thread's block and a row after an ignored one; rows of NaN (either sign), +inf, only -inf and
+# a max of ±0 next to ordinary rows, ignored rows between them, against torch.
+@pytest.mark.parametrize("v", [5, 1031, 40000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_rows_next_to_special_rows_match_torch(dtype: torch.dtype, v: int) -> None:
+    x = make_logits((40, v), dtype, seed=v)
+    x[3, v // 2] = math.nan
+    _negative_nan(x[4], v - 1)
+    x[7, 0] = math.inf
+    x[8, :] = -math.inf
+    x[11, :] = -x[11, :].abs()
+    x[11, v // 3] = -0.0
+    x[12, :] = -x[12, :].abs()
+    x[12, 0] = 0.0
+    x[13, :] = x[13, :] * 1000
+    x[25, v // 2] = math.nan
+    x[26, :] = -math.inf
+    t = make_targets((40,), v, seed=v + 1)
+    t[[2, 9, 10, 19, 20, 39]] = -100
+    for fn in ("softmax", "log_softmax"):
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        ours = getattr(crossent, fn)(xs[0], -1, backend="cpu")
+        theirs = getattr(F, fn)(xs[1].double(), -1).to(dtype)
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ours = crossent.cross_entropy(xs[0], t, reduction="none", backend="cpu")
+    theirs = F.cross_entropy(xs[1].double(), t, reduction="none")
+    torch.testing.assert_close(ours.double(), theirs, equal_nan=True, **_tol(dtype))
+    ours.sum().backward()
+    theirs.sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, equal_nan=True, **_tol(dtype))
+    p = torch.softmax(make_logits((40, v), torch.float64, seed=3), -1).to(dtype)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ours = crossent.cross_entropy(xs[0], p, reduction="none", backend="cpu")
+    theirs = F.cross_entropy(xs[1].double(), p.double(), reduction="none")
+    torch.testing.assert_close(ours.double(), theirs, equal_nan=True, **_tol(dtype))
+
+
+def _tol(dtype: torch.dtype) -> dict[str, float]:
+    """Bounds for a result computed in ``dtype`` against the float64 one (the loss in float32
+    for 16-bit logits, the gradient rounded to the logits' dtype)."""
+    eps = torch.finfo(dtype).eps
+    return {"rtol": 4 * eps, "atol": 4 * eps * 10}
 
 
 # The cross entropy down the columns of transposed logits (the linear cross entropy's

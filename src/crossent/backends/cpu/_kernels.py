@@ -5,9 +5,12 @@ sums them, keeping the exponentials in a per-thread float scratch row; and one s
 of the finished row to memory (:mod:`._memory`), which skips the read-for-ownership of
 ordinary stores. Where the output is an affine map of the exponentials (probabilities, the
 cross-entropy gradient without weighted label smoothing) the map is applied during that copy;
-otherwise one more pass over the cache-hot scratch row finishes it first. While a row's
-exponentials are computed, the next row is prefetched when rows are small enough for both to
-stay in L2. Rows are spread over threads with ``prange``.
+otherwise one more pass over the cache-hot scratch row finishes it first. The loop that
+computes a row's exponentials also finds the next row's max (through integer order keys, see
+:mod:`._math`): the next row's loads from memory overlap this row's arithmetic, and where rows
+fit in L2 its own exponential pass then reads it from there. The backward kernels prefetch the
+next row instead, when rows are small enough for both to stay in L2. Rows are spread over
+threads with ``prange``.
 
 Fast-math is chosen per loop: reductions (max, sums, dot products) and the exp-and-sum loop
 may be reassociated so LLVM vectorises them — the exponential of :mod:`._math` is written with
@@ -27,7 +30,20 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._math import exp_for, fast_exp, fast_tanh, fma, fmax, like, load, store
+from ._math import (
+    compute_zero,
+    exp_for,
+    fast_exp,
+    fast_tanh,
+    fma,
+    fmax,
+    from_key,
+    kmax,
+    like,
+    load,
+    order_key,
+    store,
+)
 from ._memory import (
     LOG_PROBS,
     LOG_SOFTMAX_GRAD,
@@ -44,7 +60,7 @@ FM_REDUCE = {"reassoc", "nsz", "contract", "arcp"}
 FM_WRITE = {"contract"}
 
 BLOCK = 1024  # elements per step of the exp-and-sum loop: its float32 sum stays short
-PREFETCH_ROW_BYTES = 128 * 1024  # prefetch the next row while the current one is computed
+PREFETCH_ROW_BYTES = 128 * 1024  # backward: prefetch the next row while this one is computed
 LINE = 64  # bytes per cache line
 
 
@@ -71,15 +87,17 @@ def _row_max(xr):
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
-def _exp_sum_block(xr, m, e):
-    """``e[j] = exp(x[j] - m)`` (the one exponential of each element) and their sum."""
+def _exp_sum_block(xr, m, e, xn, k):
+    """``e[j] = exp(x[j] - m)`` (the one exponential of each element) and their sum; also the
+    max of ``k`` and the order keys of ``xn`` (the same block of the next row)."""
     wide_vectors()
     s = like(0, m)
     for j in range(xr.shape[0]):
         v = exp_for(xr, load(xr, j) - m)
         e[j] = v
         s += v
-    return s
+        k = kmax(k, order_key(xn, j))
+    return s, k
 
 
 # ---- transformed logits (soft-capping, temperature) --------------------------------------
@@ -91,13 +109,14 @@ def _exp_sum_block(xr, m, e):
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
-def _exp_sum_only_block(xr, m):
-    """``Σ exp(x[j] - m)`` over a block, the exponentials not kept."""
+def _exp_sum_only_block(xr, m, xn, k):
+    """``Σ exp(x[j] - m)`` over a block, the exponentials not kept; next row's keys as above."""
     wide_vectors()
     s = like(0, m)
     for j in range(xr.shape[0]):
         s += exp_for(xr, load(xr, j) - m)
-    return s
+        k = kmax(k, order_key(xn, j))
+    return s, k
 
 
 @njit(cache=True, error_model="numpy")
@@ -113,7 +132,7 @@ def _du_dx(xv, inv_cap, inv_t):
 
 
 @njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
-def _exp_sum_block_cap(xr, m, e, cap, inv_cap, inv_t):
+def _exp_sum_block_cap(xr, m, e, cap, inv_cap, inv_t, xn, k):
     """As :func:`_exp_sum_block` for soft-capped (and scaled) logits."""
     wide_vectors()
     s = like(0, m)
@@ -121,11 +140,12 @@ def _exp_sum_block_cap(xr, m, e, cap, inv_cap, inv_t):
         v = exp_for(xr, cap * fast_tanh(load(xr, j) * inv_cap) * inv_t - m)
         e[j] = v
         s += v
-    return s
+        k = kmax(k, order_key(xn, j))
+    return s, k
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
-def _exp_sum_block_scaled(xr, m, e, inv_t):
+def _exp_sum_block_scaled(xr, m, e, inv_t, xn, k):
     """As :func:`_exp_sum_block` for logits divided by a temperature."""
     wide_vectors()
     s = like(0, m)
@@ -133,7 +153,8 @@ def _exp_sum_block_scaled(xr, m, e, inv_t):
         v = exp_for(xr, load(xr, j) * inv_t - m)
         e[j] = v
         s += v
-    return s
+        k = kmax(k, order_key(xn, j))
+    return s, k
 
 
 @njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
@@ -162,29 +183,38 @@ def _cap_grad(e, xr, a, b, w, has_w, cap, inv_cap, inv_t):
 
 
 @njit(cache=True)
-def _exp_sum(xr, m, e, nxt, ahead, transformed, cap, inv_cap, inv_t, keep=True):
+def _exp_sum(xr, m, e, nxt, transformed, cap, inv_cap, inv_t, keep=True):
     """Exponentials of a row (of its transformed logits when ``transformed``) into ``e`` and
-    their sum (NaN if the row holds NaN); prefetches row ``nxt`` alongside when ``ahead``.
-    Without ``keep`` (plain logits only) the exponentials are summed, not stored."""
+    their sum (NaN if the row holds NaN), and the max of row ``nxt`` (as :func:`_row_max`,
+    except that it may be a NaN where the row holds one), read in the same loop: its loads
+    from memory overlap the exponentials' arithmetic. Without ``keep`` (plain logits only) the
+    exponentials are summed, not stored."""
     v = xr.shape[0]
     s = 0.0
+    k = order_key(nxt, 0)
     for lo in range(0, v, BLOCK):
         hi = min(lo + BLOCK, v)
-        if ahead:
-            _prefetch_lines(nxt, lo, hi)
         if not keep:
-            s += _exp_sum_only_block(xr[lo:hi], m)
+            b, k = _exp_sum_only_block(xr[lo:hi], m, nxt[lo:hi], k)
         elif cap > 0:
-            s += _exp_sum_block_cap(xr[lo:hi], m, e[lo:hi], cap, inv_cap, inv_t)
+            b, k = _exp_sum_block_cap(xr[lo:hi], m, e[lo:hi], cap, inv_cap, inv_t, nxt[lo:hi], k)
         elif transformed:
-            s += _exp_sum_block_scaled(xr[lo:hi], m, e[lo:hi], inv_t)
+            b, k = _exp_sum_block_scaled(xr[lo:hi], m, e[lo:hi], inv_t, nxt[lo:hi], k)
         else:
-            s += _exp_sum_block(xr[lo:hi], m, e[lo:hi])
-    return like(s, m)
+            b, k = _exp_sum_block(xr[lo:hi], m, e[lo:hi], nxt[lo:hi], k)
+        s += b
+    return like(s, m), from_key(nxt, k)
 
 
 @njit(inline="always", cache=True)
 def _next_row(x, i, last):
+    """The row whose max the exponential pass of row ``i`` finds, and whether it is the next
+    one: row ``i`` itself when that is the last of the block (its max found again)."""
+    return x[min(i + 1, last)], i < last
+
+
+@njit(inline="always", cache=True)
+def _prefetch_row(x, i, last):
     """The row after ``i`` (``i`` itself when it is the last) and whether to prefetch it."""
     return x[min(i + 1, last)], x.shape[1] * x.itemsize <= PREFETCH_ROW_BYTES and i < last
 
@@ -239,10 +269,11 @@ def _nblocks(m, per_block):
 
 @njit(cache=True)
 def _ce_index_row(
-    xr, y, w, has_w, w_total, smoothing, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad, nt,
+    xr, mx, y, w, has_w, w_total, smoothing, c_t, c_s, z_loss, scale, e, nxt, g, want_grad, nt,
     cap, inv_cap, inv_t,
 ):
-    """One row: returns ``(loss, lse)`` and, if ``want_grad``, writes ``scale·d loss/d x``.
+    """One row, whose max is ``mx``: returns ``(loss, lse, max of row nxt)`` and, if
+    ``want_grad``, writes ``scale·d loss/d x``.
 
     With u the logits as read (x, or transformed: see :func:`_u`), z = u - max u,
     s = Σ exp(z), c_t = 1-ε, c_s = ε/V, W = Σ_c w_c and λ = z_loss:
@@ -252,9 +283,7 @@ def _ce_index_row(
     """
     v = xr.shape[0]
     transformed = cap > 0 or inv_t != 1
-    m = _row_max(xr)
-    if transformed:
-        m = _u(m, cap, inv_cap, inv_t)
+    m = _u(mx, cap, inv_cap, inv_t) if transformed else mx
     one = like(1, m)
     wy = w[y] if has_w else one
     wt = w_total if has_w else like(v, m)
@@ -266,11 +295,11 @@ def _ce_index_row(
     # read before the gradient may overwrite the row (in-place mode)
     xy = load(xr, y)
     zy = (_u(xy, cap, inv_cap, inv_t) if transformed else xy) - m
-    s = _exp_sum(xr, m, e, nxt, ahead, transformed, cap, inv_cap, inv_t)
+    s, m_next = _exp_sum(xr, m, e, nxt, transformed, cap, inv_cap, inv_t)
     if _bad(m, s):
         if want_grad:
             _fill(g, math.nan)
-        return math.nan, math.nan
+        return math.nan, math.nan, m_next
     log_s = like(math.log(s), m)
     lse = m + log_s
     loss = c_t * wy * (log_s - zy)
@@ -286,7 +315,7 @@ def _ce_index_row(
             _cap_grad(e, xr, a, b, w, has_w, cap, inv_cap, inv_t)
             e[y] -= c * _du_dx(xy, inv_cap, inv_t)
             stream_row(e, g, nt)
-            return loss, lse
+            return loss, lse, m_next
         a, b, c = a * inv_t, b * inv_t, c * inv_t  # 1/T folds into the affine map
         if has_w and smoothing:
             _waffine(e, a, b, w)
@@ -295,7 +324,7 @@ def _ce_index_row(
         else:  # the affine map is applied while streaming; element y is finished here
             e[y] = fma(e[y], a, -b) - c
             stream_row_affine(e, g, a, b, y, y + 1, nt)
-    return loss, lse
+    return loss, lse, m_next
 
 
 @njit(parallel=True, cache=True)
@@ -314,6 +343,7 @@ def ce_index(
     for b in prange(nb):
         e = np.empty(v, dtype=loss.dtype)
         last = (b + 1) * m_rows // nb - 1
+        mx, known = compute_zero(x), False  # the max of row i when known (found with row i - 1)
         for i in range(b * m_rows // nb, last + 1):
             y = target[i]
             if y == ignore_index:
@@ -321,14 +351,16 @@ def ce_index(
                 lse[i] = math.nan  # not computed for ignored rows
                 if want_grad:
                     _fill(grad[i], 0.0)
+                known = False
                 continue
             nxt, ahead = _next_row(x, i, last)
             g = grad[i]  # an empty row when no gradient is wanted
             scale = scales[i] if scales.shape[0] > 1 else scales[0]
-            loss[i], lse[i] = _ce_index_row(
-                x[i], y, w, has_w, w_total, smoothing, c_t, c_s, z_loss, scale, e, nxt, ahead, g,
-                want_grad, nt, cap, inv_cap, inv_t,
+            loss[i], lse[i], m_next = _ce_index_row(
+                x[i], mx if known else _row_max(x[i]), y, w, has_w, w_total, smoothing, c_t, c_s,
+                z_loss, scale, e, nxt, g, want_grad, nt, cap, inv_cap, inv_t,
             )
+            mx, known = m_next, ahead
         fence()
 
 
@@ -391,25 +423,24 @@ def _prob_grad_cap(e, tr, xr, w, has_w, c_t, c_s, a, b, inv_cap, inv_t):
 
 @njit(cache=True)
 def _ce_prob_row(
-    xr, tr, w, has_w, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad, nt, cap, inv_cap,
-    inv_t,
+    xr, mx, tr, w, has_w, c_t, c_s, z_loss, scale, e, nxt, g, want_grad, nt, cap, inv_cap, inv_t,
 ):
-    """With u the logits as read (see :func:`_u`), z = u - max u:
+    """One row, whose max is ``mx``: returns ``(loss, lse, max of row nxt)``; with u the logits
+    as read (see :func:`_u`), z = u - max u:
     loss = -Σ_j w_j t'_j (z_j - log s) + λ·lse²;
     d loss/d u_j = p_j·(Σ w t' + 2λ·lse) - w_j t'_j, times d u_j/d x_j."""
     transformed = cap > 0 or inv_t != 1
-    mx = _row_max(xr)
     total, dot = _prob_dots(xr, tr, mx, w, has_w, c_t, c_s)
     m = _u(mx, cap, inv_cap, inv_t) if transformed else mx
     if cap > 0:
         dot = _prob_dot_cap(xr, tr, m, w, has_w, c_t, c_s, cap, inv_cap, inv_t)
     elif transformed:  # u - m = (x - max x)/T
         dot = dot * inv_t
-    s = _exp_sum(xr, m, e, nxt, ahead, transformed, cap, inv_cap, inv_t)
+    s, m_next = _exp_sum(xr, m, e, nxt, transformed, cap, inv_cap, inv_t)
     if _bad(m, s):
         if want_grad:
             _fill(g, math.nan)
-        return math.nan, math.nan
+        return math.nan, math.nan, m_next
     log_s = like(math.log(s), m)
     lse = m + log_s
     if want_grad:
@@ -419,7 +450,7 @@ def _ce_prob_row(
         else:
             _prob_grad(e, tr, w, has_w, c_t, c_s, a * inv_t, scale * inv_t)
         stream_row(e, g, nt)
-    return log_s * total - dot + z_loss * lse * lse, lse
+    return log_s * total - dot + z_loss * lse * lse, lse, m_next
 
 
 @njit(parallel=True, cache=True)
@@ -433,14 +464,16 @@ def ce_prob(
     for b in prange(nb):
         e = np.empty(v, dtype=loss.dtype)
         last = (b + 1) * m_rows // nb - 1
+        mx, known = compute_zero(x), False  # the max of row i when known (found with row i - 1)
         for i in range(b * m_rows // nb, last + 1):
             nxt, ahead = _next_row(x, i, last)
             g = grad[i]  # an empty row when no gradient is wanted
             scale = scales[i] if scales.shape[0] > 1 else scales[0]
-            loss[i], lse[i] = _ce_prob_row(
-                x[i], t[i], w, has_w, c_t, c_s, z_loss, scale, e, nxt, ahead, g, want_grad, nt,
-                cap, inv_cap, inv_t,
+            loss[i], lse[i], m_next = _ce_prob_row(
+                x[i], mx if known else _row_max(x[i]), t[i], w, has_w, c_t, c_s, z_loss, scale, e,
+                nxt, g, want_grad, nt, cap, inv_cap, inv_t,
             )
+            mx, known = m_next, ahead
         fence()
 
 
@@ -462,13 +495,15 @@ def softmax_fwd(x, out, log, proto, nt):
     for b in prange(nb):
         e = np.empty(v, dtype=proto.dtype)
         last = (b + 1) * m_rows // nb - 1
+        m_next, known = compute_zero(x), False  # the max of row i when known
         for i in range(b * m_rows // nb, last + 1):
             xr = x[i]
             nxt, ahead = _next_row(x, i, last)
-            m = _row_max(xr)
+            m = m_next if known else _row_max(xr)
             one = like(1, m)
             # streamed log_softmax output comes from x itself: exponentials only summed
-            s = _exp_sum(xr, m, e, nxt, ahead, False, one - one, one, one, not (log and nt))
+            s, m_next = _exp_sum(xr, m, e, nxt, False, one - one, one, one, not (log and nt))
+            known = ahead
             if _bad(m, s):
                 _fill(out[i], math.nan)
                 continue
@@ -609,7 +644,7 @@ def softmax_bwd(g, y, gx, log, proto, nt):
         e = np.empty(v, dtype=proto.dtype)
         last = (b + 1) * m_rows // nb - 1
         for i in range(b * m_rows // nb, last + 1):
-            g_next, ahead = _next_row(g, i, last)
+            g_next, ahead = _prefetch_row(g, i, last)
             y_next = y[min(i + 1, last)]
             # the output computed while streaming, from the inputs
             if nt:

@@ -318,6 +318,20 @@ def _store(a, i, v):
     return None
 
 
+def compute_zero(a):
+    """0 in the compute dtype of array ``a``'s elements (float64 for float64, else float32)."""
+    raise NotImplementedError
+
+
+@overload(compute_zero, inline="always")
+def _compute_zero(a):
+    if a.dtype == types.float64:
+        return lambda a: np.float64(0)
+    if a.dtype in (types.float32, types.int16, types.uint16):
+        return lambda a: np.float32(0)
+    return None
+
+
 def like(v, ref):
     """``v`` converted to the float type of ``ref`` (keeps float32 loops in float32)."""
     raise NotImplementedError
@@ -329,6 +343,92 @@ def _like(v, ref):
         return lambda v, ref: np.float32(v)
     if ref == types.float64:
         return lambda v, ref: np.float64(v)
+    return None
+
+
+# ---- max through order keys -------------------------------------------------------------
+# A float's bits, read as a signed integer and with the magnitude bits flipped when the sign
+# is set, order like the floats themselves (-0 just below +0; NaN with a clear sign bit above
+# +inf, with a set one below -inf). An integer max of such keys vectorises inside any loop,
+# which LLVM's maxNum reduction does not when the loop also sums something else: this is how
+# a kernel finds the next row's max while it evaluates this row's exponentials.
+
+_KEY_BITS = {types.float32: 32, types.float64: 64, types.int16: 16, types.uint16: 16}
+
+
+def _flip(builder, bits):
+    """Signed-order key of float bits (an involution: it also maps a key back to its bits)."""
+    it = bits.type
+    sign = builder.ashr(bits, ir.Constant(it, it.width - 1))
+    return builder.xor(bits, builder.lshr(sign, ir.Constant(it, 1)))
+
+
+@intrinsic
+def _key_of(typingctx, v):
+    width = _KEY_BITS.get(v)
+    if width is None:
+        return None
+    key_type = types.int64 if width == 64 else types.int32 if width == 32 else types.int16
+
+    def codegen(context, builder, sig, args):
+        return _flip(builder, builder.bitcast(args[0], ir.IntType(width)))
+
+    return key_type(v), codegen
+
+
+@intrinsic
+def kmax(typingctx, a, b):
+    """Signed integer max (LLVM ``llvm.smax``) of two keys."""
+    if a != b or not isinstance(a, types.Integer) or not a.signed:
+        return None
+
+    def codegen(context, builder, sig, args):
+        t = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.smax", [t], ir.FunctionType(t, [t, t]))
+        return builder.call(fn, args)
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def _bits_of_key(typingctx, k):
+    if not isinstance(k, types.Integer) or not k.signed or k.bitwidth not in (16, 32, 64):
+        return None
+    result = {16: types.int16, 32: types.float32, 64: types.float64}[k.bitwidth]
+
+    def codegen(context, builder, sig, args):
+        bits = _flip(builder, args[0])
+        return bits if k.bitwidth == 16 else builder.bitcast(bits, context.get_value_type(result))
+
+    return result(k), codegen
+
+
+def order_key(a, i):
+    """The order key of ``a[i]`` (an integer as wide as its storage dtype)."""
+    raise NotImplementedError
+
+
+@overload(order_key, inline="always")
+def _order_key(a, i):
+    if a.dtype in _KEY_BITS:
+        return lambda a, i: _key_of(a[i])
+    return None
+
+
+def from_key(a, k):
+    """The element of ``a``'s storage dtype whose key is ``k``, in the compute dtype."""
+    raise NotImplementedError
+
+
+@overload(from_key, inline="always")
+def _from_key(a, k):
+    dt = a.dtype
+    if dt in (types.float32, types.float64):
+        return lambda a, k: _bits_of_key(k)
+    if dt == types.int16:
+        return lambda a, k: _bf16_bits_to_f32(_bits_of_key(k))
+    if dt == types.uint16:
+        return lambda a, k: _half_bits_to_f32(np.uint16(_bits_of_key(k)))
     return None
 
 
