@@ -563,27 +563,42 @@ def _block_sum(g):
     return _lsum_short(g) if g.itemsize == 2 else _lsum(g)
 
 
-@njit(fastmath=FM_WRITE, cache=True)
-def _exp_block(y, e):
-    """``e = exp(y)`` (the probabilities, from log_softmax's output)."""
+# e = exp(y) (the probabilities, from log_softmax's output) and Σ g over a block, in one loop:
+# the loads of both rows overlap the exponentials' arithmetic. The sum as in _block_sum; the
+# exponential is exact under the reassociation the sum needs (explicit fused multiply-adds).
+
+
+@njit(fastmath=FM_REDUCE, cache=True)
+def _exp_lsum_block(y, e, g):
     wide_vectors()
+    s = np.float64(0)
     for j in range(y.shape[0]):
         e[j] = exp_for(y, load(y, j))
+        s += np.float64(load(g, j))
+    return s
+
+
+@njit(fastmath=FM_REDUCE, cache=True)
+def _exp_lsum_block_short(y, e, g):
+    wide_vectors()
+    s = np.float32(0)
+    for j in range(y.shape[0]):
+        e[j] = exp_for(y, load(y, j))
+        s += load(g, j)
+    return s
 
 
 @njit(cache=True)
-def _lsum_exp_row(g, y, e, g_next, y_next, ahead):
-    """``Σ g``, and ``e = exp(y)``, block by block while both rows pass through L1; prefetches
-    the next row's inputs alongside when ``ahead``."""
+def _lsum_exp_row(g, y, e):
+    """``Σ g``, and ``e = exp(y)``, block by block."""
     v = g.shape[0]
     s = 0.0
     for lo in range(0, v, BLOCK):
         hi = min(lo + BLOCK, v)
-        if ahead:
-            _prefetch_lines(g_next, lo, hi)
-            _prefetch_lines(y_next, lo, hi)
-        s += _block_sum(g[lo:hi])
-        _exp_block(y[lo:hi], e[lo:hi])
+        if g.itemsize == 2:
+            s += _exp_lsum_block_short(y[lo:hi], e[lo:hi], g[lo:hi])
+        else:
+            s += _exp_lsum_block(y[lo:hi], e[lo:hi], g[lo:hi])
     return like(s, e[0])
 
 
@@ -649,7 +664,7 @@ def softmax_bwd(g, y, gx, log, proto, nt):
             # the output computed while streaming, from the inputs
             if nt:
                 if log:  # g - exp(y)·Σg: the exponentials while Σg is read
-                    d = _lsum_exp_row(g[i], y[i], e, g_next, y_next, ahead)
+                    d = _lsum_exp_row(g[i], y[i], e)
                     stream_formula(LOG_SOFTMAX_GRAD, e, g[i], gx[i], d, d, y_next, g_next, False)
                 else:  # y·(g - Σ g·y)
                     d = _bwd_reduce(g[i], y[i], log, ahead)
