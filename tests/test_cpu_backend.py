@@ -355,14 +355,23 @@ def test_softmax_backward_long_rows(fn: str, dtype: torch.dtype, v: int) -> None
 @njit
 def _stream_softmax_grad(y, g, dst, d, log):
     kind = _memory.LOG_SOFTMAX_GRAD if log else _memory.SOFTMAX_GRAD
-    _memory.stream_formula(kind, y, g, dst, d, d, y, g, False)
+    _memory.stream_formula(kind, y, g, dst, d, d, True)
     _memory.fence()
+
+
+@njit
+def _stream_softmax_grad_dot(y, g, dst, d, y_next, g_next):
+    s = _memory.stream_softmax_grad(y, g, dst, d, y_next, g_next, True)
+    _memory.fence()
+    return s
 
 
 # softmax's gradient y·(g - d) and log_softmax's g - e·d are streamed straight from their two
 # input rows (of the storage dtype, or e of the compute dtype): every start offset and length
 # around whole lines must give exactly the formula (rounded as written, then to the storage
-# dtype) and write nothing beside the row.
+# dtype) and write nothing beside the row. Softmax's of 16-bit rows also comes with the next
+# row's Σ g·y read in the same loop: the same output, and that sum within its rounding (exact
+# float32 products, float32 sums of at most a line of them).
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_stream_softmax_grad_writes_exactly_the_row(dtype: torch.dtype, log: bool) -> None:
@@ -390,6 +399,20 @@ def test_stream_softmax_grad_writes_exactly_the_row(dtype: torch.dtype, log: boo
             got = dst[start : start + length]
             assert torch.equal(got, expected.to(dtype)), (start, length)
             assert (dst[:start] == 5.0).all() and (dst[start + length :] == 5.0).all()
+            if log or dtype.itemsize != 2:
+                continue
+            yn = torch.rand(length, generator=gen).to(dtype)
+            gn = torch.randn(length, generator=gen).to(dtype)
+            dst = torch.full((start + length + per_line,), 5.0, dtype=dtype)
+            dot = _stream_softmax_grad_dot(
+                as_numpy(y), as_numpy(g), as_numpy(dst)[start : start + length],
+                d.numpy()[()], as_numpy(yn), as_numpy(gn),
+            )
+            assert torch.equal(dst[start : start + length], expected.to(dtype)), (start, length)
+            assert (dst[:start] == 5.0).all() and (dst[start + length :] == 5.0).all()
+            products = yn.double() * gn.double()
+            bound = per_line * 2.0**-24 * float(products.abs().sum())
+            assert abs(dot - float(products.sum())) <= bound, (start, length, dot)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -413,7 +436,7 @@ def test_stream_log_probs_writes_exactly_the_row(dtype: torch.dtype) -> None:
 
 @njit
 def _stream_log_probs(x, dst, c1, c2):
-    _memory.stream_formula(_memory.LOG_PROBS, x, x, dst, c1, c2, x, x, False)
+    _memory.stream_formula(_memory.LOG_PROBS, x, x, dst, c1, c2, True)
     _memory.fence()
 
 

@@ -1,15 +1,16 @@
 """Fused CPU kernels: softmax, log_softmax and cross entropy on ``(M, V)`` row blocks.
 
-Per row: one read for the max; one pass that evaluates every exponential exactly once and
-sums them, keeping the exponentials in a per-thread float scratch row; and one streaming copy
-of the finished row to memory (:mod:`._memory`), which skips the read-for-ownership of
-ordinary stores. Where the output is an affine map of the exponentials (probabilities, the
-cross-entropy gradient without weighted label smoothing) the map is applied during that copy;
-otherwise one more pass over the cache-hot scratch row finishes it first. The loop that
-computes a row's exponentials also finds the next row's max (through integer order keys, see
-:mod:`._math`): the next row's loads from memory overlap this row's arithmetic, and where rows
-fit in L2 its own exponential pass then reads it from there. The backward kernels prefetch the
-next row instead, when rows are small enough for both to stay in L2. Rows are spread over
+Per row: one pass that evaluates every exponential exactly once and sums them, keeping the
+exponentials in a per-thread float scratch row; and one streaming copy of the finished row to
+memory (:mod:`._memory`), which skips the read-for-ownership of ordinary stores. Where the
+output is an affine map of the exponentials (probabilities, the cross-entropy gradient without
+weighted label smoothing) the map is applied during that copy; otherwise one more pass over
+the cache-hot scratch row finishes it first. The exponential pass needs the row's max: the
+same loop finds the next row's (through integer order keys, see :mod:`._math`), so the next
+row's loads from memory overlap this row's arithmetic and, where rows fit in L2, its own pass
+reads it from there; only the first row of a thread's block (or one after an ignored row) is
+read once more for its max. Softmax's backward of 16-bit rows likewise reads the next row's
+two inputs for their dot product while it streams this row's gradient. Rows are spread over
 threads with ``prange``.
 
 Fast-math is chosen per loop: reductions (max, sums, dot products) and the exp-and-sum loop
@@ -29,6 +30,7 @@ import math
 
 import numpy as np
 from numba import njit, prange
+from numba.core.extending import overload
 
 from ._math import (
     compute_zero,
@@ -49,10 +51,10 @@ from ._memory import (
     LOG_SOFTMAX_GRAD,
     SOFTMAX_GRAD,
     fence,
-    prefetch,
     stream_formula,
     stream_row,
     stream_row_affine,
+    stream_softmax_grad,
     wide_vectors,
 )
 
@@ -60,7 +62,6 @@ FM_REDUCE = {"reassoc", "nsz", "contract", "arcp"}
 FM_WRITE = {"contract"}
 
 BLOCK = 1024  # elements per step of the exp-and-sum loop: its float32 sum stays short
-PREFETCH_ROW_BYTES = 128 * 1024  # backward: prefetch the next row while this one is computed
 LINE = 64  # bytes per cache line
 
 
@@ -68,12 +69,6 @@ LINE = 64  # bytes per cache line
 # Sums accumulate per block in the compute dtype (vector lanes of at most BLOCK/16 terms each)
 # and across blocks in float64, then round to the compute dtype once: float32 sums over
 # V = 262144 terms stay within the tolerance rule. Reductions start from element 0 (V >= 1).
-
-
-@njit(cache=True)
-def _prefetch_lines(a, lo, hi):
-    for j in range(lo, hi, LINE // a.itemsize):
-        prefetch(a, j)
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
@@ -211,12 +206,6 @@ def _next_row(x, i, last):
     """The row whose max the exponential pass of row ``i`` finds, and whether it is the next
     one: row ``i`` itself when that is the last of the block (its max found again)."""
     return x[min(i + 1, last)], i < last
-
-
-@njit(inline="always", cache=True)
-def _prefetch_row(x, i, last):
-    """The row after ``i`` (``i`` itself when it is the last) and whether to prefetch it."""
-    return x[min(i + 1, last)], x.shape[1] * x.itemsize <= PREFETCH_ROW_BYTES and i < last
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
@@ -508,7 +497,7 @@ def softmax_fwd(x, out, log, proto, nt):
                 _fill(out[i], math.nan)
                 continue
             if log and nt:  # log p = (x - m) - log s, computed while streaming
-                stream_formula(LOG_PROBS, xr, xr, out[i], m, like(math.log(s), m), xr, xr, False)
+                stream_formula(LOG_PROBS, xr, xr, out[i], m, like(math.log(s), m), nt)
             elif log:
                 _log_probs(xr, m, like(math.log(s), m), e)
                 stream_row(e, out[i], nt)
@@ -538,34 +527,10 @@ def _dot_short(g, y):
     return s
 
 
-@njit(fastmath=FM_REDUCE, cache=True)
-def _lsum(g):
-    wide_vectors()
-    s = np.float64(0)
-    for j in range(g.shape[0]):
-        s += np.float64(load(g, j))
-    return s
-
-
-@njit(fastmath=FM_REDUCE, cache=True)
-def _lsum_short(g):
-    """``Σ g`` over a block of a 16-bit row, accumulated in float32 (see :func:`_dot_short`)."""
-    wide_vectors()
-    s = np.float32(0)
-    for j in range(g.shape[0]):
-        s += load(g, j)
-    return s
-
-
-@njit(inline="always", cache=True)
-def _block_sum(g):
-    """``Σ g`` over a block: float32 for 16-bit rows (:func:`_lsum_short`), else float64."""
-    return _lsum_short(g) if g.itemsize == 2 else _lsum(g)
-
-
 # e = exp(y) (the probabilities, from log_softmax's output) and Σ g over a block, in one loop:
-# the loads of both rows overlap the exponentials' arithmetic. The sum as in _block_sum; the
-# exponential is exact under the reassociation the sum needs (explicit fused multiply-adds).
+# the loads of both rows overlap the exponentials' arithmetic. The sum in float32 for 16-bit
+# rows (block sums meet in float64, see _dot_short), else in float64; the exponential is exact
+# under the reassociation the sum needs (explicit fused multiply-adds).
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
@@ -603,76 +568,59 @@ def _lsum_exp_row(g, y, e):
 
 
 @njit(cache=True)
-def _bwd_reduce(g, y, log, ahead):
-    """``Σ g`` (log_softmax, prefetching y for the next pass) or ``Σ g·y`` (softmax)."""
+def _bwd_dot(g, y):
+    """``Σ g·y`` of a row (softmax's backward), block by block."""
     v = g.shape[0]
     s = 0.0
     for lo in range(0, v, BLOCK):
         hi = min(lo + BLOCK, v)
-        if log:
-            if ahead:
-                _prefetch_lines(y, lo, hi)
-            s += _block_sum(g[lo:hi])
-        elif g.itemsize == 2:
+        if g.itemsize == 2:
             s += _dot_short(g[lo:hi], y[lo:hi])
         else:
             s += _dot(g[lo:hi], y[lo:hi])
     return like(s, load(g, 0))
 
 
-@njit(fastmath=FM_WRITE, cache=True)
-def _softmax_bwd_block(g, y, d, e):
-    wide_vectors()
-    for j in range(g.shape[0]):
-        e[j] = load(y, j) * (load(g, j) - d)
+def _softmax_grad_row(y, g, dst, d, y_next, g_next, nt):
+    """``dst = y·(g - d)``, and returns the next row's ``Σ g·y`` (float64)."""
+    raise NotImplementedError  # only callable from jitted code
 
 
-@njit(fastmath=FM_WRITE, cache=True)
-def _log_softmax_bwd_block(g, y, d, e):
-    wide_vectors()
-    for j in range(g.shape[0]):
-        e[j] = load(g, j) - exp_for(y, load(y, j)) * d
+@overload(_softmax_grad_row, inline="always")
+def _softmax_grad_row_impl(y, g, dst, d, y_next, g_next, nt):
+    if y.dtype.bitwidth == 16:  # the next row read in the same loop
+        return lambda y, g, dst, d, y_next, g_next, nt: stream_softmax_grad(
+            y, g, dst, d, y_next, g_next, nt
+        )
 
+    def separate(y, g, dst, d, y_next, g_next, nt):  # float64 products: a pass apart
+        stream_formula(SOFTMAX_GRAD, y, g, dst, d, d, nt)
+        return np.float64(_bwd_dot(g_next, y_next))
 
-@njit(cache=True)
-def _bwd_row(g, y, d, e, g_next, y_next, log, ahead):
-    """One row of the input gradient into ``e``, prefetching the next row's inputs."""
-    v = g.shape[0]
-    for lo in range(0, v, BLOCK):
-        hi = min(lo + BLOCK, v)
-        if ahead:
-            _prefetch_lines(g_next, lo, hi)
-            if not log:
-                _prefetch_lines(y_next, lo, hi)
-        if log:
-            _log_softmax_bwd_block(g[lo:hi], y[lo:hi], d, e[lo:hi])
-        else:
-            _softmax_bwd_block(g[lo:hi], y[lo:hi], d, e[lo:hi])
+    return separate
 
 
 @njit(parallel=True, cache=True)
 def softmax_bwd(g, y, gx, log, proto, nt):
-    """softmax: ``gx = y·(g - Σ g·y)``; log_softmax: ``gx = g - exp(y)·Σ g``."""
+    """softmax: ``gx = y·(g - Σ g·y)``; log_softmax: ``gx = g - exp(y)·Σ g``. The output is
+    computed from the inputs as it is stored (streamed when ``nt``): for softmax after a pass
+    for ``Σ g·y`` (16-bit rows: the next row's read in the same loop as this row's output);
+    for log_softmax after one pass that sums g and keeps exp(y) in a scratch row."""
     m_rows, v = g.shape
     nb = _nblocks(m_rows, 8)
     for b in prange(nb):
         e = np.empty(v, dtype=proto.dtype)
         last = (b + 1) * m_rows // nb - 1
+        d_next, known = compute_zero(y), False  # softmax's Σ g·y of row i, found with row i - 1
         for i in range(b * m_rows // nb, last + 1):
-            g_next, ahead = _prefetch_row(g, i, last)
-            y_next = y[min(i + 1, last)]
-            # the output computed while streaming, from the inputs
-            if nt:
-                if log:  # g - exp(y)·Σg: the exponentials while Σg is read
-                    d = _lsum_exp_row(g[i], y[i], e)
-                    stream_formula(LOG_SOFTMAX_GRAD, e, g[i], gx[i], d, d, y_next, g_next, False)
-                else:  # y·(g - Σ g·y)
-                    d = _bwd_reduce(g[i], y[i], log, ahead)
-                    stream_formula(SOFTMAX_GRAD, y[i], g[i], gx[i], d, d, y_next, g_next, ahead)
-                continue
-            d = _bwd_reduce(g[i], y[i], log, ahead)
-            _bwd_row(g[i], y[i], d, e, g_next, y_next, log, ahead)
-            stream_row(e, gx[i], nt)
+            if log:  # g - exp(y)·Σg: the exponentials while Σg is read
+                d = _lsum_exp_row(g[i], y[i], e)
+                stream_formula(LOG_SOFTMAX_GRAD, e, g[i], gx[i], d, d, nt)
+            else:  # y·(g - Σ g·y), then the next row's Σ g·y
+                d = d_next if known else _bwd_dot(g[i], y[i])
+                k = min(i + 1, last)
+                d_next = like(_softmax_grad_row(y[i], g[i], gx[i], d, y[k], g[k], nt), d)
+                known = i < last
         fence()
 
 

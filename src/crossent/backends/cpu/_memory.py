@@ -1,10 +1,9 @@
-"""How the kernels move memory: wide vectors, prefetches and streaming (non-temporal) stores.
+"""How the kernels move memory: wide vectors and streaming (non-temporal) stores.
 
 - :func:`wide_vectors` marks the function it is called from to prefer 512-bit vectors. LLVM
   defaults to 256 bits on AVX-512 CPUs (to avoid frequency drops on older parts); the kernels'
   loops are dominated by the exponential's fused multiply-adds and run faster at full width.
   On CPUs without 512-bit registers the hint has no effect.
-- :func:`prefetch` asks for one cache line of an array (into L2) ahead of its use.
 - :func:`stream_row` writes a finished row to its destination: the 64-byte-aligned middle
   with non-temporal stores, which bypass the caches and skip the read-for-ownership a normal
   store costs (a third of a kernel's memory traffic); head and tail with ordinary stores.
@@ -13,7 +12,9 @@
   last step is that map saves a read and a write of its scratch row.
   :func:`stream_formula` computes an output from one or two input rows (16-bit storage
   widened on load) as it streams it, with no scratch row at all: the softmax and log_softmax
-  input gradients, and log_softmax's output.
+  input gradients, and log_softmax's output. :func:`stream_softmax_grad` streams softmax's
+  input gradient of 16-bit rows and, in the same loop, reads the next row's two inputs for
+  their dot product: its loads from memory overlap the stores.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic, overload
 
-from ._math import fma, like
+from ._math import fma, like, load
 
 _WIDE = '"prefer-vector-width"="512"'
 _ITEMSIZE = {types.float32: 4, types.float64: 8, types.int16: 2, types.uint16: 2}
@@ -53,23 +54,6 @@ def wide_vectors(typingctx):
 def _element_pointer(context, builder, arrty, arr, index):
     data = context.make_array(arrty)(context, builder, arr).data
     return builder.gep(data, [index])
-
-
-@intrinsic
-def prefetch(typingctx, arr, index):
-    """Prefetch the cache line holding ``arr[index]`` for reading (into L2)."""
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fn = builder.module.declare_intrinsic(
-            "llvm.prefetch", [i8p], ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        )
-        rw, locality, data = ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)
-        builder.call(fn, [builder.bitcast(ptr, i8p), rw, locality, data])
-        return context.get_dummy_value()
-
-    return types.none(arr, index), codegen
 
 
 @intrinsic
@@ -197,7 +181,7 @@ LOG_SOFTMAX_GRAD = 1  # g - y·c1: log_softmax's, y = exp(output), c1 = Σ g (on
 LOG_PROBS = 2  # (y - c1) - c2: log_softmax's output, c1 = max, c2 = log Σ exp (g unused)
 
 
-def _formula_codegen(context, builder, sig, args, n, partial, kind):
+def _formula_codegen(context, builder, sig, args, n, partial, kind, nontemporal=True):
     """Stores formula ``kind`` over ``n`` elements from ``index`` into dst's dtype: the whole
     line non-temporally, or (``partial``) its first ``count`` lanes."""
     y, g, dst, index, c1, c2 = args[:6]
@@ -218,11 +202,54 @@ def _formula_codegen(context, builder, sig, args, n, partial, kind):
             v = builder.call(fma_v, [vy, builder.fneg(v1), vg])
         else:
             v = builder.fmul(vy, builder.fsub(vg, v1))
-    _store_lanes(context, builder, v, sig.args[2], dst, index, n, mask, True)
+    _store_lanes(context, builder, v, sig.args[2], dst, index, n, mask, nontemporal)
     return context.get_dummy_value()
 
 
 _NAMES = {ir.FloatType(): "f32", ir.DoubleType(): "f64", ir.IntType(16): "i16"}
+
+
+def _dot_codegen(context, builder, sig, args, n):
+    """``Σ a·b`` over the ``n`` elements of 16-bit arrays ``a``, ``b`` from ``index``
+    (unaligned), as a float64: products (exact) and their sum in float32, as the kernels'
+    block dot products of 16-bit rows."""
+    a, b, index = args
+    va = _load_lanes(context, builder, sig.args[0], a, index, n, None)
+    vb = _load_lanes(context, builder, sig.args[1], b, index, n, None)
+    p = builder.fmul(va, vb)
+    name = f"llvm.vector.reduce.fadd.v{n}f32"
+    f32 = ir.FloatType()
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, p.type]), name)
+    r = builder.call(fn, [ir.Constant(f32, 0.0), p], fastmath=("reassoc",))
+    return builder.fpext(r, ir.DoubleType())
+
+
+def _grad_line_dot_intrinsic(nontemporal):
+    def typer(typingctx, y, g, dst, index, c, y_next, g_next):
+        size = _formula_types(y, g, dst, c, c, types.IntegerLiteral(SOFTMAX_GRAD))
+        if size is None or y_next != y or g_next != g or y.dtype.bitwidth != 16:
+            return None
+        n = 64 // size
+
+        def codegen(context, builder, sig, args):
+            y, g, dst, index, c, y_next, g_next = args
+            fsig = types.none(*sig.args[:5], sig.args[4])
+            _formula_codegen(
+                context, builder, fsig, [y, g, dst, index, c, c], n, False, SOFTMAX_GRAD,
+                nontemporal,
+            )
+            dsig = types.float64(sig.args[5], sig.args[6], sig.args[3])
+            return _dot_codegen(context, builder, dsig, [y_next, g_next, index], n)
+
+        return types.float64(y, g, dst, index, c, y_next, g_next), codegen
+
+    return intrinsic(typer)
+
+
+# One line of softmax's gradient y·(g - c) (non-temporally, or with an ordinary store), and
+# the float64 Σ y_next·g_next over the same indices of the next row (unaligned loads).
+_stream_grad_line_dot = _grad_line_dot_intrinsic(True)
+_store_grad_line_dot = _grad_line_dot_intrinsic(False)
 
 
 @intrinsic
@@ -287,6 +314,20 @@ def _stream_formula_line(typingctx, y, g, dst, index, c1, c2, kind):
 
     def codegen(context, builder, sig, args):
         return _formula_codegen(context, builder, sig, args, 64 // size, False, k)
+
+    return types.none(y, g, dst, index, c1, c2, kind), codegen
+
+
+@intrinsic
+def _store_formula_line(typingctx, y, g, dst, index, c1, c2, kind):
+    """As :func:`_stream_formula_line` with an ordinary (cached) store."""
+    size = _formula_types(y, g, dst, c1, c2, kind)
+    if size is None:
+        return None
+    k = kind.literal_value
+
+    def codegen(context, builder, sig, args):
+        return _formula_codegen(context, builder, sig, args, 64 // size, False, k, False)
 
     return types.none(y, g, dst, index, c1, c2, kind), codegen
 
@@ -381,31 +422,79 @@ def _formula_part(y, g, dst, c1, c2, count, kind):
         _store_formula_part(y, g, dst, 0, c1, c2, count, LOG_PROBS)
 
 
+# The line loops, one per formula and store kind: a branch inside a loop whose body is a few
+# vector instructions would cost about a tenth of its time.
+@njit(inline="always", cache=True)
+def _formula_lines(y, g, dst, head, lines, c1, c2, kind, nt):
+    per_line = 64 // dst.itemsize
+    if kind == SOFTMAX_GRAD and nt:
+        for q in range(lines):
+            _stream_formula_line(y, g, dst, head + q * per_line, c1, c2, SOFTMAX_GRAD)
+    elif kind == SOFTMAX_GRAD:
+        for q in range(lines):
+            _store_formula_line(y, g, dst, head + q * per_line, c1, c2, SOFTMAX_GRAD)
+    elif kind == LOG_SOFTMAX_GRAD and nt:
+        for q in range(lines):
+            _stream_formula_line(y, g, dst, head + q * per_line, c1, c2, LOG_SOFTMAX_GRAD)
+    elif kind == LOG_SOFTMAX_GRAD:
+        for q in range(lines):
+            _store_formula_line(y, g, dst, head + q * per_line, c1, c2, LOG_SOFTMAX_GRAD)
+    elif nt:
+        for q in range(lines):
+            _stream_formula_line(y, g, dst, head + q * per_line, c1, c2, LOG_PROBS)
+    else:
+        for q in range(lines):
+            _store_formula_line(y, g, dst, head + q * per_line, c1, c2, LOG_PROBS)
+
+
 @njit(cache=True)
-def stream_formula(kind, y, g, dst, c1, c2, y_next, g_next, ahead):
+def stream_formula(kind, y, g, dst, c1, c2, nt):
     """``dst[:] =`` formula ``kind`` (:data:`SOFTMAX_GRAD`, :data:`LOG_SOFTMAX_GRAD`,
     :data:`LOG_PROBS`) of the rows ``y`` and ``g`` (16-bit storage widened on load) and the
-    scalars ``c1``, ``c2``, rounded to dst's storage dtype, bypassing the caches; prefetches the
-    rows ``y_next`` and ``g_next`` (of the same length) alongside when ``ahead``."""
+    scalars ``c1``, ``c2``, rounded to dst's storage dtype, bypassing the caches when ``nt``
+    (else with ordinary stores, the same values)."""
     v = dst.shape[0]
     per_line = 64 // dst.itemsize
     head = min(v, ((64 - address(dst) % 64) % 64) // dst.itemsize)
     if head > 0:
         _formula_part(y, g, dst, c1, c2, head, kind)
     lines = (v - head) // per_line
-    for q in range(lines):
-        lo = head + q * per_line
-        if ahead:
-            for j in range(lo, lo + per_line, 64 // y_next.itemsize):
-                prefetch(y_next, j)
-            for j in range(lo, lo + per_line, 64 // g_next.itemsize):
-                prefetch(g_next, j)
-        if kind == SOFTMAX_GRAD:
-            _stream_formula_line(y, g, dst, lo, c1, c2, SOFTMAX_GRAD)
-        elif kind == LOG_SOFTMAX_GRAD:
-            _stream_formula_line(y, g, dst, lo, c1, c2, LOG_SOFTMAX_GRAD)
-        else:
-            _stream_formula_line(y, g, dst, lo, c1, c2, LOG_PROBS)
+    _formula_lines(y, g, dst, head, lines, c1, c2, kind, nt)
     tail = head + lines * per_line
     if v > tail:
         _formula_part(y[tail:], g[tail:], dst[tail:], c1, c2, v - tail, kind)
+
+
+@njit(inline="always", cache=True)
+def _dot_range(a, b, lo, hi):
+    """``Σ a·b`` over elements ``lo:hi`` (a row's head or tail) of 16-bit rows."""
+    s = 0.0
+    for j in range(lo, hi):
+        s += np.float64(load(a, j) * load(b, j))
+    return s
+
+
+@njit(cache=True)
+def stream_softmax_grad(y, g, dst, c, y_next, g_next, nt):
+    """``dst[:] = y·(g - c)`` as :func:`stream_formula` (:data:`SOFTMAX_GRAD`) for 16-bit rows,
+    and returns ``Σ g_next·y_next`` (rows of the same length and dtype as ``y`` and ``g``),
+    read line by line in the same loop (float32 within a line, float64 across lines)."""
+    v = dst.shape[0]
+    per_line = 64 // dst.itemsize
+    head = min(v, ((64 - address(dst) % 64) % 64) // dst.itemsize)
+    s = 0.0
+    if head > 0:
+        _store_formula_part(y, g, dst, 0, c, c, head, SOFTMAX_GRAD)
+        s += _dot_range(g_next, y_next, 0, head)
+    lines = (v - head) // per_line
+    if nt:  # two loops: see _formula_lines
+        for q in range(lines):
+            s += _stream_grad_line_dot(y, g, dst, head + q * per_line, c, y_next, g_next)
+    else:
+        for q in range(lines):
+            s += _store_grad_line_dot(y, g, dst, head + q * per_line, c, y_next, g_next)
+    tail = head + lines * per_line
+    if v > tail:
+        _store_formula_part(y[tail:], g[tail:], dst[tail:], 0, c, c, v - tail, SOFTMAX_GRAD)
+        s += _dot_range(g_next, y_next, tail, v)
+    return s
