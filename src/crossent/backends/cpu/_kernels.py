@@ -609,7 +609,7 @@ def softmax_bwd(g, y, gx, log, proto, nt):
     m_rows, v = g.shape
     nb = _nblocks(m_rows, 8)
     for b in prange(nb):
-        e = np.empty(v, dtype=proto.dtype)
+        e = np.empty(v if log else 0, dtype=proto.dtype)  # exp(y): log_softmax's only
         last = (b + 1) * m_rows // nb - 1
         d_next, known = compute_zero(y), False  # softmax's Σ g·y of row i, found with row i - 1
         for i in range(b * m_rows // nb, last + 1):

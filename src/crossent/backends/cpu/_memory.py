@@ -23,9 +23,9 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.core.extending import intrinsic, overload
+from numba.core.extending import intrinsic
 
-from ._math import fma, like, load
+from ._math import compute_zero, fma, like, load
 
 _WIDE = '"prefer-vector-width"="512"'
 _ITEMSIZE = {types.float32: 4, types.float64: 8, types.int16: 2, types.uint16: 2}
@@ -391,25 +391,11 @@ def stream_row_affine(src, dst, a, b, keep_lo, keep_hi, nt):
     _segment(src, dst, head + lines * per_line, v, a, b, keep_lo, keep_hi, False, nt)
 
 
-def _unit(arr):
-    """1 in the compute dtype of a float array (only callable from jitted code)."""
-    raise NotImplementedError
-
-
-@overload(_unit, inline="always")
-def _unit_impl(arr):
-    if arr.dtype == types.float32:
-        return lambda arr: np.float32(1)
-    if arr.dtype == types.float64:
-        return lambda arr: np.float64(1)
-    return None
-
-
 @njit(cache=True)
 def stream_row(src, dst, nt):
     """``dst[:] = src[:]`` rounded to dst's storage dtype, bypassing the caches."""
-    one = _unit(src)
-    stream_row_affine(src, dst, one, one - one, 0, 0, nt)
+    zero = compute_zero(src)
+    stream_row_affine(src, dst, like(1, zero), zero, 0, 0, nt)
 
 
 @njit(inline="always", cache=True)
