@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from oracle_inputs import _np, class_dim, grad_output_for, target_shape
 
 import crossent
-from crossent import dispatch, reference
+from crossent import _autograd, dispatch, reference
 from crossent.backends import torch as torch_backend
 from crossent.testing import (
     assert_close_to_oracle,
@@ -490,6 +490,22 @@ def test_class_counts(backend, dtype, V, weighted, eps):
     t = make_targets((4,), V, seed=16, ignore_index=-100, ignore_fraction=0.25)
     w = make_weight(V, dtype) if weighted else None
     check_cross_entropy(backend, x, t, w, reduction="none", label_smoothing=eps)
+
+
+# Many rows: on CPU the 'mean' denominator and the sum of the row losses are taken over chunks
+# of _SUM_CHUNK rows (a float64 copy of a whole long vector would add to the memory peak);
+# ignored rows and weights in every chunk, and a partial last chunk.
+LONG_M = 2 * _autograd._SUM_CHUNK + 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_many_rows_reduced_in_chunks(backend, dtype, weighted, reduction):
+    x = make_logits((LONG_M, C), dtype, seed=20)
+    t = make_targets((LONG_M,), C, seed=20, ignore_index=-100, ignore_fraction=0.25)
+    w = make_weight(C, dtype) if weighted else None
+    check_cross_entropy(backend, x, t, w, reduction=reduction)
 
 
 needs_torch_backend = pytest.mark.parametrize("backend", ["torch"])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from oracle_inputs import _np, class_dim, grad_output_for, target_shape
 
 import crossent
-from crossent import reference
+from crossent import _autograd, reference
 from crossent.testing import assert_close_to_oracle, make_logits, make_targets, make_weight
 
 # All four floating dtypes torch supports on CPU, forward and backward.
@@ -148,6 +148,18 @@ def test_float32_sum_no_worse_than_torch(backend, reduction):
     x = make_logits((12, C), torch.float32, seed=3)
     t = make_targets((12,), C, seed=3)
     check_nll(backend, x, t, reduction=reduction)
+
+
+# Many rows: on CPU the 'mean' denominator and the sum of the rows are taken over chunks of
+# _SUM_CHUNK rows; ignored rows and weights in every chunk, a partial last chunk.
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_many_rows_reduced_in_chunks(backend, weighted, reduction):
+    m = 2 * _autograd._SUM_CHUNK + 5
+    x = make_logits((m, C), torch.float32, seed=21)
+    t = make_targets((m,), C, seed=21, ignore_index=-100, ignore_fraction=0.25)
+    check_nll(backend, x, t, make_weight(C, torch.float32) if weighted else None,
+              reduction=reduction)  # fmt: skip
 
 
 # Every target ignored: 'mean' is 0/0 = NaN on purpose, 'sum' 0, 'none' zeros; the gradient is

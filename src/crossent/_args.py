@@ -320,6 +320,9 @@ def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> N
     """
     if target.numel() == 0:
         return
+    lo, hi = torch.aminmax(target)
+    if bool((lo >= 0) & (hi < num_classes)):  # all in range: no per-target masks
+        return
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         pos = int(bad.nonzero()[0, 0])

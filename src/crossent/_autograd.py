@@ -53,20 +53,41 @@ def _outputs(loss: Tensor, x: Tensor, grad: Tensor | None) -> Tensor | tuple[Ten
     return (loss, x) if grad is not None and grad is x else loss
 
 
+# On CPU, a sum with a wider dtype first casts its whole input: long vectors are summed in
+# chunks of this many elements, so the float64 copies stay small next to the loss's one
+# logits-sized buffer (on GPU the cast happens inside the reduction).
+_SUM_CHUNK = 1 << 14
+
+
+def _chunks(t: Tensor) -> tuple[Tensor, ...]:
+    if t.device.type != "cpu" or t.numel() <= _SUM_CHUNK:
+        return (t,)
+    return t.reshape(-1).split(_SUM_CHUNK)
+
+
+def _sum64(t: Tensor) -> Tensor:
+    """``Σ t`` accumulated in float64 (by chunks on CPU: :data:`_SUM_CHUNK`)."""
+    parts = [c.sum(dtype=torch.float64) for c in _chunks(t)]
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
+
 def _denominator(target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
     """The 'mean' denominator: summed weight of the non-ignored targets, in float64."""
-    keep = target != ignore_index
-    if weight is None:
-        return keep.sum(dtype=torch.float64)
-    kept = weight.to(torch.float64)[torch.where(keep, target, 0)].masked_fill_(~keep, 0.0)
-    return kept.sum()
+    if weight is None:  # a count: exact in int64, without a float64 copy of the mask
+        return torch.count_nonzero(target != ignore_index).to(torch.float64)
+    w64 = weight.to(torch.float64)
+    parts = []
+    for t in _chunks(target):
+        keep = t != ignore_index
+        parts.append(w64[torch.where(keep, t, 0)].masked_fill_(~keep, 0.0).sum())
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
 
 def _reduce(rows: Tensor, reduction: str, denom: Tensor | float | None) -> Tensor:
     """Reduce per-row losses; sums of M row values are accumulated in float64."""
     if reduction == "none":
         return rows
-    total = rows.sum(dtype=torch.float64)
+    total = _sum64(rows)
     if reduction == "sum":
         return total
     assert denom is not None
