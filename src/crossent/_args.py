@@ -218,13 +218,20 @@ class IndexRows:
 
 
 def index_rows(
-    x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, grad_fn_name: str
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    grad_fn_name: str,
+    classes: int | None = None,
 ) -> IndexRows:
     """Check a class-index problem as torch's ``nll_loss_nd`` does, then flatten it.
 
     ``x`` is ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``; the class dim is 0 for 1-D input
     and 1 otherwise. ``grad_fn_name`` is the prefix of torch's autograd function name used in
-    the "weight cannot require grad" message (``nll_loss``).
+    the "weight cannot require grad" message (``nll_loss``). ``classes``: how many classes the
+    targets and the weight index when ``x`` holds only some of them (a vocabulary shard);
+    ``x``'s class dim by default.
     """
     ndim = x.dim()
     if ndim < 1:
@@ -243,7 +250,8 @@ def index_rows(
             f"The function '{fn}' is not differentiable with respect to argument 'weight'. "
             "This input cannot have requires_grad True."
         )
-    C = x.shape[0] if ndim == 1 else x.shape[1]
+    c_here = x.shape[0] if ndim == 1 else x.shape[1]
+    C = c_here if classes is None else classes
 
     if not spatial:
         if target.dim() > 1:
@@ -300,7 +308,7 @@ def index_rows(
         out_shape = (x.shape[0],)
     else:
         out_shape = (x.shape[0], *x.shape[2:])
-        rows = x.movedim(1, -1).reshape(math.prod(out_shape), C)
+        rows = x.movedim(1, -1).reshape(math.prod(out_shape), c_here)
     flat = target.reshape(-1).to(torch.int64)
     check_target_range(flat, C, ignore_index)
     return IndexRows(rows, flat, None if weight is None else weight.reshape(C), out_shape)

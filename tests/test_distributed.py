@@ -1,0 +1,133 @@
+"""Vocabulary-parallel cross entropy: ranks of a gloo group on this machine, each holding a
+slice of the classes, against the float64 oracle on the whole logits (torch's own error on the
+whole logits as the yardstick). The ranks run ``dist_worker.py``; its cases list every option."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from dist_worker import CASES, Case, build, grad_for
+
+from crossent import reference
+from crossent.distributed import shard_offsets, vocab_parallel_cross_entropy
+from crossent.testing import assert_close_to_oracle
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+WORLDS = sorted({c.world for c in CASES})
+
+
+@pytest.fixture(scope="module")
+def ranks_results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, Any]]]:
+    """For each world size, every rank's ``{case: (loss, grad of its slice)}``."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for world in WORLDS:
+        d = tmp_path_factory.mktemp(f"world{world}")
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(WORKER), str(r), str(world), str(d / "store"), str(d)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+            for r in range(world)
+        ]  # fmt: skip
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+        for r, p in enumerate(procs):
+            assert p.returncode == 0, f"rank {r} of {world} failed:\n{logs[r]}"
+        out[world] = [torch.load(d / f"rank{r}.pt") for r in range(world)]
+    return out
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().to(torch.float64).numpy()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_matches_cross_entropy_on_the_whole_logits(
+    case: Case, ranks_results: dict[int, list[dict[str, Any]]]
+) -> None:
+    x, t, w = build(case, seed=CASES.index(case))
+    per_rank = [r[case.name] for r in ranks_results[case.world]]
+    losses = [loss for loss, _ in per_rank]
+    for loss in losses[1:]:  # every rank returns the same loss, bit for bit
+        assert torch.equal(loss, losses[0]) or (loss.isnan() == losses[0].isnan()).all()
+    loss = losses[0]
+    grad = torch.cat([g for _, g in per_rank], dim=case.class_dim)
+
+    kw = dict(case.kw)
+    kw.pop("inplace_backward", None)
+    red = kw.get("reduction", "mean")
+    okw = dict(weight=_np(w), **kw)
+    extended = any(k in kw for k in ("z_loss", "softcap", "temperature"))
+    theirs_loss = theirs_grad = None
+    if not extended:  # torch's own error on the whole logits, the yardstick
+        xt = x.clone().requires_grad_()
+        tl = F.cross_entropy(xt, t, w, **kw)
+        tl.backward(grad_for(tl, red))
+        theirs_loss, theirs_grad = tl.detach(), xt.grad
+        assert loss.dtype == tl.dtype and loss.shape == tl.shape
+    assert grad.dtype == x.dtype and grad.shape == x.shape
+    xn, tn = _np(x), t.numpy()
+    assert_close_to_oracle(loss, reference.cross_entropy(xn, tn, **okw), theirs_loss,
+                           dtype=x.dtype, what="loss")  # fmt: skip
+    oracle = reference.cross_entropy_grad(xn, tn, _np(grad_for(loss, red)), **okw)
+    assert_close_to_oracle(grad, oracle.input, theirs_grad, what="d input")
+
+
+def test_needs_a_process_group() -> None:
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        vocab_parallel_cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        shard_offsets(3)
+
+
+def test_probability_targets_are_refused_before_any_collective() -> None:
+    with pytest.raises(TypeError, match="class-index targets"):
+        vocab_parallel_cross_entropy(torch.zeros(2, 3), torch.full((2, 3), 1 / 3))
+
+
+@pytest.fixture()
+def one_rank_group(tmp_path: Path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_is_cross_entropy(one_rank_group: None) -> None:
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 6, -100, 3, 2])
+    ours = vocab_parallel_cross_entropy(x, t, label_smoothing=0.1)
+    (g,) = torch.autograd.grad(ours, x)
+    xt = x.detach().requires_grad_()
+    theirs = F.cross_entropy(xt, t, label_smoothing=0.1)
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, xt.grad, rtol=1e-12, atol=1e-12)
+    assert shard_offsets(7) == (0, 7)
+
+
+@pytest.mark.parametrize(
+    "target,match",
+    [(torch.tensor([0, 7]), "Target 7 is out of bounds"),
+     (torch.tensor([-1, 0]), "Target -1 is out of bounds")],
+)  # fmt: skip
+def test_targets_checked_against_the_whole_vocabulary(
+    one_rank_group: None, target: torch.Tensor, match: str
+) -> None:
+    with pytest.raises(IndexError, match=match):
+        vocab_parallel_cross_entropy(torch.zeros(2, 7), target)
+
+
+def test_weight_must_cover_the_whole_vocabulary(one_rank_group: None) -> None:
+    with pytest.raises(RuntimeError, match="weight tensor should be defined"):
+        vocab_parallel_cross_entropy(torch.zeros(2, 7), torch.tensor([0, 1]), torch.ones(6))
