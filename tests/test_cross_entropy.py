@@ -492,15 +492,37 @@ def test_class_counts(backend, dtype, V, weighted, eps):
     check_cross_entropy(backend, x, t, w, reduction="none", label_smoothing=eps)
 
 
+# Rows longer than any kernel's block of columns (Triton: 2048 float64, 4096 float32, 8192
+# 16-bit), so a row's max, sum and smoothing sum are carried from block to block: the max in
+# the last block, a first block of only -inf, large logits, targets on the last column.
+LONG_V = 3 * 8192 + 5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weighted,eps", [(False, 0.0), (True, 0.0), (False, 0.2), (True, 0.2)])
+def test_rows_longer_than_a_block(backend, dtype, weighted, eps):
+    x = make_logits((5, LONG_V), dtype, seed=22)
+    x[1, -1] = 40.0  # the max in the last block
+    x[2, :9000] = -math.inf  # every logit of the first blocks -inf
+    x[3] *= 1000.0  # exp(x) overflows without the shift
+    t = torch.tensor([LONG_V - 1, 3, LONG_V - 2, 100, -100])
+    w = make_weight(LONG_V, dtype) if weighted else None
+    check_cross_entropy(backend, x, t, w, reduction="none", label_smoothing=eps)
+
+
 # Many rows: on CPU the 'mean' denominator and the sum of the row losses are taken over chunks
 # of _SUM_CHUNK rows (a float64 copy of a whole long vector would add to the memory peak);
 # ignored rows and weights in every chunk, and a partial last chunk.
 LONG_M = 2 * _autograd._SUM_CHUNK + 5
+# Triton's interpreter runs one program per row in Python: tens of thousands of rows take
+# minutes there, and what these cases check lies above the backends.
+ROW_BACKENDS = [b for b in dispatch.available() if b != "triton"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
 def test_many_rows_reduced_in_chunks(backend, dtype, weighted, reduction):
     x = make_logits((LONG_M, C), dtype, seed=20)
     t = make_targets((LONG_M,), C, seed=20, ignore_index=-100, ignore_fraction=0.25)

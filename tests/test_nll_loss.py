@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from oracle_inputs import _np, class_dim, grad_output_for, target_shape
 
 import crossent
-from crossent import _autograd, reference
+from crossent import _autograd, dispatch, reference
 from crossent.testing import assert_close_to_oracle, make_logits, make_targets, make_weight
 
 # All four floating dtypes torch supports on CPU, forward and backward.
@@ -27,6 +27,13 @@ C = 7  # odd and not a power of two
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# The triton backend computes nll_loss with the torch backend's operations, which these tests
+# already cover.
+@pytest.fixture(params=[b for b in dispatch.available() if b != "triton"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 # --------------------------------------------------------------------------------------------

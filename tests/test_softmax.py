@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import crossent
-from crossent import reference
+from crossent import dispatch, reference
 from crossent.testing import assert_close_to_oracle, make_logits
 
 # All four floating dtypes torch supports on CPU, forward and backward.
@@ -31,6 +31,13 @@ OPS = {
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# The triton backend computes softmax and log_softmax with the torch backend's operations,
+# which these tests already cover.
+@pytest.fixture(params=[b for b in dispatch.available() if b != "triton"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -46,7 +46,8 @@ FLOOR_ALLOC = Provider("floor-alloc", "floor", about="same, allocating its outpu
 def crossent_providers(dtype: torch.dtype) -> list[Provider]:
     """``crossent-auto``, plus ``crossent-NAME`` for every other backend ``auto`` does not pick
     for a CPU tensor of ``dtype`` (the float64 ``reference`` backend is an oracle, not a
-    contender, and is left out)."""
+    contender, and is left out, as is ``triton``, which runs CPU tensors only in Triton's
+    interpreter)."""
     from crossent import dispatch
 
     try:
@@ -57,7 +58,7 @@ def crossent_providers(dtype: torch.dtype) -> list[Provider]:
     out += [
         Provider(f"crossent-{name}", "crossent", name)
         for name in dispatch.available()
-        if name not in ("reference", picked)
+        if name not in ("reference", "triton", picked)
     ]
     return out
 
