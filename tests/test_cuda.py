@@ -8,6 +8,11 @@ Skipped on machines without a CUDA device. The same parity rule as everywhere
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -144,3 +149,15 @@ def test_token_stats_match_the_cpu_kernels() -> None:
     on_cpu = crossent.token_stats(x, t)
     for a, e in zip(on_gpu, on_cpu, strict=True):
         torch.testing.assert_close(a.cpu(), e)
+
+
+# The triton backend compiled for the GPU (the rest of the suite runs its kernels in Triton's
+# interpreter): a fresh process without TRITON_INTERPRET, real vocabularies, every option.
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_kernels_compiled_for_the_gpu() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    script = Path(__file__).with_name("triton_check.py")
+    done = subprocess.run([sys.executable, str(script), "cuda"], env=env, capture_output=True,
+                          text=True, timeout=1800)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
+    assert done.stdout.rstrip().endswith("0 failed")
