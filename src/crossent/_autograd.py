@@ -65,10 +65,13 @@ def _chunks(t: Tensor) -> tuple[Tensor, ...]:
     return t.reshape(-1).split(_SUM_CHUNK)
 
 
+def _total(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
+
 def _sum64(t: Tensor) -> Tensor:
     """``Σ t`` accumulated in float64 (by chunks on CPU: :data:`_SUM_CHUNK`)."""
-    parts = [c.sum(dtype=torch.float64) for c in _chunks(t)]
-    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+    return _total([c.sum(dtype=torch.float64) for c in _chunks(t)])
 
 
 def _denominator(target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
@@ -80,7 +83,7 @@ def _denominator(target: Tensor, weight: Tensor | None, ignore_index: int) -> Te
     for t in _chunks(target):
         keep = t != ignore_index
         parts.append(w64[torch.where(keep, t, 0)].masked_fill_(~keep, 0.0).sum())
-    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+    return _total(parts)
 
 
 def _reduce(rows: Tensor, reduction: str, denom: Tensor | float | None) -> Tensor:

@@ -16,10 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _args
-from ._autograd import CrossEntropyIndex, LossOptions
-from .backends.base import RowOptions
 from .backends.vocab_parallel import VocabParallelBackend
+from .functional import _check_index_input, _index_cross_entropy, _loss_arguments
 
 __all__ = ["shard_offsets", "vocab_parallel_cross_entropy"]
 
@@ -80,35 +78,21 @@ def vocab_parallel_cross_entropy(
     weights and options; it exchanges one integer per rank (the slice sizes, with a host
     synchronisation) and two ``(N,)`` vectors per call.
     """
-    red = _args.reduction_string(size_average, reduce, reduction)
     fn = "vocab_parallel_cross_entropy"
-    _args.check_tensor(fn, "input", 1, input)
-    _args.check_tensor(fn, "target", 2, target)
-    _args.check_tensor(fn, "weight", 3, weight, optional=True)
-    ii = _args.as_int(fn, "ignore_index", 5, ignore_index)
-    ls = _args.as_float(fn, "label_smoothing", 6, label_smoothing)
-    zl, cap, temp = _args.check_extensions(z_loss, softcap, temperature)
+    red, ii, ls, extensions = _loss_arguments(
+        fn, input, target, weight, size_average, ignore_index, reduce, reduction,
+        label_smoothing, z_loss, softcap, temperature,
+    )  # fmt: skip
     if target.is_floating_point():
         raise TypeError(
             f"{fn} takes class-index targets (int64 or uint8), got a {target.dtype} target; "
             "probability targets are not supported across a vocabulary split"
         )
     _require_group(group)
-    _args.check_label_smoothing(ls)
-    _args.check_floating(input, _args.softmax_kernel_name("log_softmax", 1, input.dim()))
-    if input.dim() == 0:
-        raise ValueError("Expected 1 or more dimensions (got 0)")
+    _check_index_input(input, ls)
     here = input.shape[0] if input.dim() == 1 else input.shape[1]
     start, total = shard_offsets(here, group, input.device)
-    rows = _args.index_rows(input, target, weight, ii, "nll_loss", classes=total)
-    row_opts = RowOptions(
-        ignore_index=ii, label_smoothing=_args.effective_smoothing(ls), z_loss=zl, softcap=cap,
-        temperature=temp,
-    )
-    opts = LossOptions(
-        VocabParallelBackend(group, start, total), row_opts, red, torch.is_grad_enabled(),
-        inplace_backward,
-    )
-    out = CrossEntropyIndex.apply(rows.x, rows.target, rows.weight, opts)
-    loss = out[0] if isinstance(out, tuple) else out
-    return loss.view(rows.out_shape) if red == "none" else loss
+    return _index_cross_entropy(
+        input, target, weight, red, ii, ls, extensions, inplace_backward,
+        VocabParallelBackend(group, start, total), classes=total,
+    )  # fmt: skip

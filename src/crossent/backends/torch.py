@@ -8,6 +8,8 @@ caller's buffer: no log-probability tensor is ever kept.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -85,39 +87,22 @@ class TorchBackend(Backend):
             s = e.sum(1, keepdim=True)
             log_s = torch.log(s)  # (m', 1); -log p = log_s - z stays small for large logits
             wt = 1.0 if w is None else w[tc]  # (m', 1) weight of the target class
-            row = (log_s - z.gather(1, tc)) * wt
+            smooth = None
             if eps > 0.0:
                 dev = log_s - z  # (m', V): -log p
                 smooth = dev.sum(1, keepdim=True) if w is None else (dev * w).sum(1, keepdim=True)
-                row = (1.0 - eps) * row + (eps / v) * smooth
             row_lse = mx + log_s
-            if opts.z_loss:
-                row = row + opts.z_loss * row_lse * row_lse
+            row = index_loss((log_s - z.gather(1, tc)) * wt, smooth, eps, v, row_lse, opts.z_loss)
             loss[r0:r1] = row.squeeze(1).masked_fill(~keep.squeeze(1), 0.0)
             lse[r0:r1] = row_lse.squeeze(1)
             if grad_out is None:
                 continue
-            # d row / d x_j = p_j·(Σ_c w_c q_c + 2λ·lse) − w_j q_j with q = (1−ε)·onehot(y) + ε/V,
-            # times the row's gradient scale c; the first term as e_j·(a·c/s), one per-row
-            # factor (no rounded p_j, no separate scaling pass over the chunk).
             c = 1.0 if grad_scale is None else row_scale(grad_scale, r0, r1, acc)
-            a = wt
-            if eps > 0.0:
-                a = (1.0 - eps) * wt + (eps / v) * (v if w_total is None else w_total)
-            if opts.z_loss:
-                a = a + 2.0 * opts.z_loss * row_lse
-            g = e.mul_(a * c / s)
-            if eps > 0.0:
-                if w is None:
-                    g.sub_((eps / v) * c)
-                else:  # - (ε/V)·c·w_j
-                    g.addcmul_(torch.as_tensor(c, dtype=acc, device=x.device), w, value=-eps / v)
+            a = index_coef(wt, eps, v, v if w_total is None else w_total, row_lse, opts.z_loss)
             t_term = torch.as_tensor(-(1.0 - eps) * wt * c, dtype=acc, device=x.device)
-            g.scatter_add_(1, tc, t_term.expand_as(mx).contiguous())
-            if du is not None:
-                g.mul_(du)
-            # Masking (not multiplying by 0) keeps ignored rows exactly 0 even with -inf logits.
-            grad_out[r0:r1] = g.masked_fill_(~keep, 0.0)
+            grad_out[r0:r1] = index_grad_(
+                e, a * c / s, c, eps, v, w, tc, t_term.expand_as(mx), du, keep
+            )
         return RowStats(loss, lse)
 
     # ---- cross entropy, probability targets --------------------------------------------------
@@ -260,6 +245,52 @@ def transform(xs: Tensor, opts: RowOptions) -> tuple[Tensor, Tensor | None]:
         u = u / opts.temperature
         du = torch.full_like(u, 1.0 / opts.temperature) if du is None else du / opts.temperature
     return u, du
+
+
+# Class-index cross entropy of a row, given its nll = w_y·(lse - u_y), smooth = Σ_c w_c·(lse - u_c)
+# (for ε > 0) and lse: the loss, and the per-row factor a of its gradient (below).
+
+
+def index_loss(nll: Any, smooth: Any, eps: float, v: int, lse: Any, z_loss: float) -> Any:
+    """``(1-ε)·nll + (ε/V)·smooth + λ·lse²`` (``smooth`` unused when ``ε == 0``)."""
+    row = nll
+    if eps > 0.0:
+        row = (1.0 - eps) * row + (eps / v) * smooth
+    if z_loss:
+        row = row + z_loss * lse * lse
+    return row
+
+
+def index_coef(wt: Any, eps: float, v: int, w_total: Any, lse: Any, z_loss: float) -> Any:
+    """``a = (1-ε)·w_y + (ε/V)·Σ_c w_c + 2λ·lse``, the factor of ``p_j`` in d loss / d x_j."""
+    a = wt
+    if eps > 0.0:
+        a = (1.0 - eps) * wt + (eps / v) * w_total
+    if z_loss:
+        a = a + 2.0 * z_loss * lse
+    return a
+
+
+def index_grad_(
+    e: Tensor, k: Any, c: Any, eps: float, v: int, w: Tensor | None, t_col: Tensor,
+    t_term: Tensor, du: Tensor | None, keep: Tensor,
+) -> Tensor:  # fmt: skip
+    """The gradient of a chunk of rows, written over ``e = exp(u - m)``: d row / d x_j =
+    p_j·a − w_j·q_j with q = (1−ε)·onehot(y) + ε/V, times the row's scale ``c``, formed as
+    ``e_j·k`` (``k = a·c/s``: one per-row factor, no rounded p_j) ``- (ε/V)·c·w_j``, plus
+    ``t_term`` (``-(1-ε)·w_y·c``, ``(m', 1)``) at column ``t_col``, times ``du`` when the logits
+    were transformed; ``keep`` (``(m', 1)``) False makes a row exactly 0, even beside -inf
+    logits (masking, not multiplying by 0). ``v``: the number of classes of the whole row."""
+    g = e.mul_(k)
+    if eps > 0.0:
+        if w is None:
+            g.sub_((eps / v) * c)
+        else:  # - (ε/V)·c·w_j
+            g.addcmul_(torch.as_tensor(c, dtype=e.dtype, device=e.device), w, value=-eps / v)
+    g.scatter_add_(1, t_col, t_term.contiguous())
+    if du is not None:
+        g.mul_(du)
+    return g.masked_fill_(~keep, 0.0)
 
 
 def row_scale(grad_scale: Tensor, r0: int, r1: int, acc: torch.dtype) -> Tensor:

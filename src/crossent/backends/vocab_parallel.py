@@ -24,7 +24,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .base import Backend, RowOptions, RowStats, acc_dtype
-from .torch import chunk_elements, chunk_rows, row_scale, transform
+from .torch import (
+    chunk_elements,
+    chunk_rows,
+    index_coef,
+    index_grad_,
+    index_loss,
+    row_scale,
+    transform,
+)
 
 
 class VocabParallelBackend(Backend):
@@ -85,51 +93,31 @@ class VocabParallelBackend(Backend):
         dist.all_reduce(parts, dist.ReduceOp.SUM, group=self.group)
         s, zt, wz = parts[0], parts[1], parts[2]
 
-        # the row's loss, as TorchBackend.cross_entropy_forward forms it
+        # the row's loss, with TorchBackend.cross_entropy_forward's formula
         log_s = torch.log(s)
         tc = torch.where(keep, target, 0)  # ignored rows read class 0
         wt = torch.ones_like(s) if w is None else w[tc].double()  # the target's weight
-        row = (log_s - zt) * wt
         w_total = float(total) if w is None else w.double().sum()
-        if eps > 0.0:
-            row = (1.0 - eps) * row + (eps / total) * (log_s * w_total - wz)
         lse = mx.double() + log_s
-        if opts.z_loss:
-            row = row + opts.z_loss * lse * lse
+        row = index_loss((log_s - zt) * wt, log_s * w_total - wz, eps, total, lse, opts.z_loss)
         loss = row.masked_fill(~keep, 0.0).to(acc)
         if grad_out is None:
             return RowStats(loss, lse.to(acc))
 
         # 3. the gradient of this rank's columns
-        a = wt
-        if eps > 0.0:
-            a = (1.0 - eps) * wt + (eps / total) * w_total
-        if opts.z_loss:
-            a = a + 2.0 * opts.z_loss * lse
+        k_all = (index_coef(wt, eps, total, w_total, lse, opts.z_loss) / s).to(acc).unsqueeze(1)
+        t_all = torch.where(mine, -(1.0 - eps) * wt, 0.0).to(acc).unsqueeze(1)  # off-rank: 0
         for r0 in range(0, m if v else 0, step):
             r1 = min(m, r0 + step)
-            c = (
-                torch.ones((), dtype=acc, device=dev)
-                if grad_scale is None
-                else row_scale(grad_scale, r0, r1, acc)
-            )
+            c = 1.0 if grad_scale is None else row_scale(grad_scale, r0, r1, acc)
             du = None
             if keep_e:
                 e = grad_out[r0:r1]
             else:
                 u, du = transform(x[r0:r1].to(acc), opts)
                 e = torch.exp(u - mx[r0:r1].unsqueeze(1))
-            g = e.mul_((a[r0:r1] / s[r0:r1]).to(acc).unsqueeze(1) * c)
-            if eps > 0.0:
-                if w_local is None:
-                    g.sub_((eps / total) * c)
-                else:  # - (ε/V)·c·w_j
-                    g.sub_((eps / total) * c * w_local)
-            t_term = (-(1.0 - eps) * wt[r0:r1]).to(acc).unsqueeze(1) * c
-            t_term = torch.where(mine[r0:r1].unsqueeze(1), t_term, 0.0)
-            g.scatter_add_(1, tl[r0:r1], t_term.expand(r1 - r0, 1).contiguous())
-            if du is not None:
-                g.mul_(du)
-            # masking (not multiplying by 0) keeps ignored rows exactly 0 even with -inf logits
-            grad_out[r0:r1] = g.masked_fill_(~keep[r0:r1].unsqueeze(1), 0.0)
+            grad_out[r0:r1] = index_grad_(
+                e, k_all[r0:r1] * c, c, eps, total, w_local, tl[r0:r1], t_all[r0:r1] * c, du,
+                keep[r0:r1].unsqueeze(1),
+            )
         return RowStats(loss, lse.to(acc))
