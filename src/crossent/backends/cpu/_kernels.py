@@ -256,6 +256,26 @@ def _nblocks(m, per_block):
 # ---- cross entropy, class-index targets -------------------------------------------------
 
 
+@njit(cache=True, error_model="numpy")
+def _smoothing_terms(xr, m, log_s, w, cap, inv_cap, inv_t):
+    """``Σ_j w_j·(log s - z_j)``, term by term as torch sums them: with an inf weight each
+    term is inf or NaN by itself (``log s - z_j >= 0``), where ``W·log s - Σ_j w_j z_j`` would
+    give inf - inf. Used only when the weights' total is not finite."""
+    s = 0.0
+    for j in range(xr.shape[0]):
+        s += np.float64(w[j] * (log_s - (_u(load(xr, j), cap, inv_cap, inv_t) - m)))
+    return like(s, m)
+
+
+@njit(cache=True, error_model="numpy")
+def _smoothing_terms_col(x, i, m, log_s, w, cap, inv_cap, inv_t):
+    """As :func:`_smoothing_terms` down column ``i`` of ``x``."""
+    s = 0.0
+    for r in range(x.shape[0]):
+        s += np.float64(w[r] * (log_s - (_u(load(x[r], i), cap, inv_cap, inv_t) - m)))
+    return like(s, m)
+
+
 @njit(cache=True)
 def _ce_index_row(
     xr, mx, y, w, has_w, w_total, smoothing, c_t, c_s, z_loss, scale, e, nxt, g, want_grad, nt,
@@ -292,12 +312,17 @@ def _ce_index_row(
     log_s = like(math.log(s), m)
     lse = m + log_s
     loss = c_t * wy * (log_s - zy)
-    if smoothing:
+    if smoothing and math.isfinite(wt):
         loss += c_s * (wt * log_s + neg_wz)
+    elif smoothing:  # an inf or NaN class weight: each term as torch forms it
+        loss += c_s * _smoothing_terms(xr, m, log_s, w, cap, inv_cap, inv_t)
     if z_loss != 0:
         loss += z_loss * lse * lse
     if want_grad:
-        a = like(scale * (c_t * wy + c_s * wt + 2 * z_loss * lse) / s, m)
+        # without smoothing the class weights' total takes no part (an inf or NaN weight of
+        # a class no target uses leaves the gradient finite, as in torch)
+        ws = c_s * wt if smoothing else like(0, m)
+        a = like(scale * (c_t * wy + ws + 2 * z_loss * lse) / s, m)
         b = like(scale * c_s, m)
         c = like(scale * c_t * wy, m)
         if cap > 0:  # a factor per element: finished in the scratch row
@@ -356,21 +381,30 @@ def ce_index(
 # ---- cross entropy, probability targets -------------------------------------------------
 
 
-@njit(fastmath=FM_REDUCE, cache=True)
-def _prob_dots(xr, tr, m, w, has_w, c_t, c_s):
-    """``(Σ_j w_j t'_j, Σ_j w_j t'_j (x_j - m))`` with ``t' = c_t·t + c_s``."""
+@njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
+def _prob_dots(xr, tr, m, log_s, w, has_w, c_t, c_s, cap, inv_cap, inv_t):
+    """``(Σ_j w_j t'_j, Σ_j w_j t'_j (log s - z_j))`` with ``t' = c_t·t + c_s`` and
+    ``z = u - m`` (u: the logits as read, see :func:`_u`). Each term is torch's, a weight
+    times ``-log p_j >= 0``: an inf weight gives an inf loss, never inf - inf."""
     wide_vectors()
-    tj = c_t * load(tr, 0) + c_s
-    if has_w:
-        tj = tj * w[0]
-    total = np.float64(tj)
-    dot = np.float64(tj * (load(xr, 0) - m))
-    for j in range(1, xr.shape[0]):
-        tj = c_t * load(tr, j) + c_s
-        if has_w:
-            tj = tj * w[j]
-        total += np.float64(tj)
-        dot += np.float64(tj * (load(xr, j) - m))
+    total = 0.0
+    dot = 0.0
+    if cap > 0:  # the transform written out in each loop, so that both vectorise
+        for j in range(xr.shape[0]):
+            tj = c_t * load(tr, j) + c_s
+            if has_w:
+                tj = tj * w[j]
+            total += np.float64(tj)
+            z = np.float64(cap * fast_tanh(load(xr, j) * inv_cap) * inv_t) - np.float64(m)
+            dot += np.float64(tj) * (np.float64(log_s) - z)
+    else:  # z in float64 (exact for float32 logits at T = 1, however far from the max)
+        for j in range(xr.shape[0]):
+            tj = c_t * load(tr, j) + c_s
+            if has_w:
+                tj = tj * w[j]
+            total += np.float64(tj)
+            z = np.float64(load(xr, j)) * np.float64(inv_t) - np.float64(m)
+            dot += np.float64(tj) * (np.float64(log_s) - z)
     return like(total, m), like(dot, m)
 
 
@@ -383,19 +417,6 @@ def _prob_grad(e, tr, w, has_w, c_t, c_s, a, b):
         if has_w:
             tj = tj * w[j]
         e[j] = e[j] * a - b * tj
-
-
-@njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
-def _prob_dot_cap(xr, tr, m, w, has_w, c_t, c_s, cap, inv_cap, inv_t):
-    """``Σ_j w_j t'_j (u_j - m)`` for soft-capped logits."""
-    wide_vectors()
-    dot = 0.0
-    for j in range(xr.shape[0]):
-        tj = c_t * load(tr, j) + c_s
-        if has_w:
-            tj = tj * w[j]
-        dot += np.float64(tj * (cap * fast_tanh(load(xr, j) * inv_cap) * inv_t - m))
-    return like(dot, m)
 
 
 @njit(fastmath=FM_WRITE, cache=True, error_model="numpy")
@@ -416,15 +437,10 @@ def _ce_prob_row(
 ):
     """One row, whose max is ``mx``: returns ``(loss, lse, max of row nxt)``; with u the logits
     as read (see :func:`_u`), z = u - max u:
-    loss = -Σ_j w_j t'_j (z_j - log s) + λ·lse²;
+    loss = Σ_j w_j t'_j (log s - z_j) + λ·lse²;
     d loss/d u_j = p_j·(Σ w t' + 2λ·lse) - w_j t'_j, times d u_j/d x_j."""
     transformed = cap > 0 or inv_t != 1
-    total, dot = _prob_dots(xr, tr, mx, w, has_w, c_t, c_s)
     m = _u(mx, cap, inv_cap, inv_t) if transformed else mx
-    if cap > 0:
-        dot = _prob_dot_cap(xr, tr, m, w, has_w, c_t, c_s, cap, inv_cap, inv_t)
-    elif transformed:  # u - m = (x - max x)/T
-        dot = dot * inv_t
     s, m_next = _exp_sum(xr, m, e, nxt, transformed, cap, inv_cap, inv_t)
     if _bad(m, s):
         if want_grad:
@@ -432,6 +448,7 @@ def _ce_prob_row(
         return math.nan, math.nan, m_next
     log_s = like(math.log(s), m)
     lse = m + log_s
+    total, dot = _prob_dots(xr, tr, m, log_s, w, has_w, c_t, c_s, cap, inv_cap, inv_t)
     if want_grad:
         a = like(scale * (total + 2 * z_loss * lse) / s, m)
         if cap > 0:
@@ -439,7 +456,7 @@ def _ce_prob_row(
         else:
             _prob_grad(e, tr, w, has_w, c_t, c_s, a * inv_t, scale * inv_t)
         stream_row(e, g, nt)
-    return log_s * total - dot + z_loss * lse * lse, lse, m_next
+    return dot + z_loss * lse * lse, lse, m_next
 
 
 @njit(parallel=True, cache=True)
@@ -908,12 +925,15 @@ def _ce_index_band(
         log_s = like(math.log(sc), mc)
         lse[i] = mc + log_s
         li = c_t * wy * (log_s - zy)
-        if smoothing:
+        if smoothing and math.isfinite(wt):
             li += c_s * (wt * log_s - like(su[c] - np.float64(mc) * np.float64(wt), mc))
+        elif smoothing:  # an inf or NaN class weight (see _smoothing_terms)
+            li += c_s * _smoothing_terms_col(x, i, mc, log_s, w, cap, inv_cap, inv_t)
         if z_loss != 0:
             li += z_loss * lse[i] * lse[i]
         loss[i] = li
-        a[c] = like(scale * (c_t * wy + c_s * wt + 2 * z_loss * lse[i]) / sc, mc)
+        ws = c_s * wt if smoothing else like(0, mc)  # as in _ce_index_row
+        a[c] = like(scale * (c_t * wy + ws + 2 * z_loss * lse[i]) / sc, mc)
         b[c] = like(scale * c_s, mc)
         cy[c] = like(scale * c_t * wy, mc)
         if cap > 0:
@@ -922,15 +942,18 @@ def _ce_index_band(
             a[c], b[c], cy[c] = a[c] * inv_t, b[c] * inv_t, cy[c] * inv_t
     if not want_grad:
         return
+    # the weights enter the gradient only through the smoothing term, b·w_r (b = 0 without
+    # smoothing, where an inf or NaN weight must not turn 0·w into NaN)
+    weighted = has_w and smoothing
     for r in range(v):
-        wr = w[r] if has_w else one
+        wr = w[r] if weighted else one
         _cols_grad(x[r, lo:hi], m, a, b, keep, wr, cap, inv_cap, inv_t)
     # each target's element computed again, whole, and rounded once to the storage dtype
     for c in range(k):
         if keep[c]:
             y = target[lo + c]
             xv = xys[c]
-            wy = w[y] if has_w else one
+            wy = w[y] if weighted else one
             e = exp_for(x, _u(xv, cap, inv_cap, inv_t) - m[c])
             if cap > 0:
                 gy = (e * a[c] - b[c] * wy) * _du_dx(xv, inv_cap, inv_t) - cy[c]
