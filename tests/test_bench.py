@@ -26,12 +26,13 @@ FLOOR = "floor (exp float32)"
 
 
 def crossent_providers(dtype: torch.dtype) -> set[str]:
-    """What the harness must benchmark: backend="auto", plus each other backend by name (not
-    the float64 oracle, nor triton, which runs CPU tensors only in Triton's interpreter)."""
+    """What the harness must benchmark: backend="auto", with and without buffer reuse, plus
+    each other backend by name (not the float64 oracle, nor triton, which runs CPU tensors
+    only in Triton's interpreter)."""
     picked = dispatch.auto_name(torch.empty(0, dtype=dtype))
     skip = ("reference", "triton", picked)
     names = {f"crossent-{n}" for n in dispatch.available() if n not in skip}
-    return {"crossent-auto", *names}
+    return {"crossent-auto", "crossent-auto-reuse", *names}
 
 
 def run(args: list[str]) -> tuple[int, str, str]:

@@ -1,7 +1,10 @@
-"""Reuse of large CPU buffers: only once nothing else references them."""
+"""Reuse of large CPU buffers (switched on here): only once nothing else references them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +13,14 @@ from crossent.backends import buffers
 from crossent.testing import make_logits, make_targets
 
 SHAPE = (64, 8192)  # 2 MiB of float32: above buffers.MIN_BYTES
+
+
+@pytest.fixture(autouse=True)
+def reuse() -> Iterator[None]:
+    """These tests exercise reuse, which is off by default."""
+    previous = crossent.set_buffer_reuse(True)
+    yield
+    crossent.set_buffer_reuse(previous)
 
 
 def test_a_released_gradient_buffer_is_reused_and_a_held_one_is_not() -> None:

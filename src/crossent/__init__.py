@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ._token_stats import TokenStats, linear_token_stats, token_stats
-from .backends.buffers import empty_cache
+from .backends.buffers import buffer_reuse, empty_cache, set_buffer_reuse
 from .functional import cross_entropy, linear_cross_entropy, log_softmax, nll_loss, softmax
 from .nn import CrossEntropyLoss, LinearCrossEntropyLoss, LogSoftmax, NLLLoss, Softmax
 
@@ -25,5 +25,7 @@ __all__ = [
     "Softmax",
     "LogSoftmax",
     "empty_cache",
+    "set_buffer_reuse",
+    "buffer_reuse",
     "__version__",
 ]

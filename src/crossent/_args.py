@@ -289,6 +289,14 @@ def index_rows(
             raise RuntimeError(
                 f"size mismatch (got input: {shape_str(x)} , target: {shape_str(target)}"
             )
+        if ndim != 4 and x.numel() == 0 and target.numel() > 0:
+            # torch views an empty input as (N, C, 0, 0) and the targets as (N, 1, -1): only
+            # possible with no classes, and a mismatch
+            n = x.shape[0]
+            raise RuntimeError(
+                f"size mismatch (got input: [{n}, {x.shape[1]}, 0, 0] , target: "
+                f"[{n}, 1, {target.numel() // n}]"
+            )
         if weight is not None and weight.numel() != C:
             raise RuntimeError(
                 "weight tensor should be defined either for all or no classes "
@@ -398,3 +406,57 @@ def implicit_softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
         stacklevel=stacklevel,
     )
     return 0 if ndim in (0, 1, 3) else 1
+
+
+def _byte_span(t: Tensor) -> tuple[int, int]:
+    """The bytes ``t``'s elements can occupy: ``[first, last + itemsize)``."""
+    lo = hi = t.data_ptr()
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if size > 1:
+            step = (size - 1) * stride * t.element_size()
+            lo, hi = (lo + step, hi) if step < 0 else (lo, hi + step)
+    return lo, hi + t.element_size()
+
+
+def check_inplace(x: Tensor, *others: Tensor | None) -> None:
+    """torch's checks before an in-place write into ``x`` (``inplace_backward=True``), made
+    before anything is written: no leaf that requires grad (nor a view of one), no element
+    written twice (an expanded tensor), and no overlap with the tensors the kernels read while
+    they write (the targets, the weights), which would be overwritten before use."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return  # no gradient is wanted: nothing will be written
+    base = x._base if x._is_view() else None
+    if x.is_leaf:
+        raise RuntimeError(
+            "a leaf Variable that requires grad is being used in an in-place operation. "
+            "(inplace_backward=True writes the gradient over the input logits)"
+        )
+    if base is not None and base.is_leaf and base.requires_grad:
+        raise RuntimeError(
+            "a view of a leaf Variable that requires grad is being used in an in-place "
+            "operation. (inplace_backward=True writes the gradient over the input logits)"
+        )
+    if x.numel() > 1 and torch._debug_has_internal_overlap(x) == 1:
+        raise RuntimeError(
+            "unsupported operation: more than one element of the written-to tensor refers to "
+            "a single memory location. Please clone() the tensor before performing the "
+            f"operation. (input logits of shape {shape_str(x)} and strides {list(x.stride())} "
+            "with inplace_backward=True)"
+        )
+    if x.numel() == 0:
+        return
+    lo, hi = _byte_span(x)
+    storage = x.untyped_storage().data_ptr()
+    for name, t in zip(("target", "weight"), others, strict=False):
+        if t is None or t.numel() == 0 or t.device != x.device:
+            continue
+        if t.untyped_storage().data_ptr() != storage:
+            continue
+        t_lo, t_hi = _byte_span(t)
+        if t_lo < hi and lo < t_hi:
+            raise RuntimeError(
+                "unsupported operation: some elements of the input tensor and the written-to "
+                "tensor refer to a single memory location. Please clone() the tensor before "
+                f"performing the operation. (the {name} lies in the memory of the input logits "
+                "that inplace_backward=True overwrites)"
+            )

@@ -3,8 +3,10 @@
 The cross-entropy functions compute the per-row loss *and* the gradient of the logits in the
 same forward pass (the backend writes it into a buffer); backward then only multiplies that
 buffer by the incoming gradient, or returns it untouched when the incoming gradient is 1. The
-buffer is kept with ``save_for_backward``, so autograd frees it with the graph, and a
-``retain_graph=True`` second backward sees it unchanged.
+buffer is kept with ``save_for_backward``, so autograd frees it with the graph. It becomes the
+gradient itself (scaled in place) only when the graph is freed after that backward; with
+``retain_graph=True`` backward returns a scaled copy, so ``.grad`` and the graph never share
+memory (:func:`scale_saved`).
 
 Backward passes are ``once_differentiable``: asking for a second derivative raises instead of
 returning a wrong one.
@@ -33,24 +35,13 @@ class LossOptions:
     # Grad mode at the call: Function.forward always runs with grad disabled and its
     # needs_input_grad ignores no_grad(), so inference would otherwise pay for a gradient.
     grad_enabled: bool = True
-    # Write the gradient over the logits (opt-in): the forward then also returns the logits,
-    # marked dirty, so autograd knows they changed.
+    # Write the gradient over the logits (opt-in; see index_loss / prob_loss).
     inplace: bool = False
 
 
-def _grad_buffer(ctx: Any, x: Tensor, opts: LossOptions, need: bool) -> Tensor | None:
-    """Where the forward writes the gradient: a new buffer, the logits themselves, or nowhere."""
-    if not need:
-        return None
-    if opts.inplace:
-        ctx.mark_dirty(x)
-        return x
-    return buffers.empty(x.shape, x.dtype, x.device)
-
-
-def _outputs(loss: Tensor, x: Tensor, grad: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
-    # a tensor marked dirty must be returned by the forward
-    return (loss, x) if grad is not None and grad is x else loss
+def _grad_buffer(need: bool, x: Tensor) -> Tensor | None:
+    """Where the forward writes the gradient: a new buffer, or nowhere."""
+    return buffers.empty(x.shape, x.dtype, x.device) if need else None
 
 
 # On CPU, a sum with a wider dtype first casts its whole input: long vectors are summed in
@@ -102,13 +93,56 @@ def _is_one(g: Tensor) -> bool:
     return g.device.type == "cpu" and g.dim() == 0 and bool(g == 1)
 
 
-def _scale_saved_grad(grad: Tensor, g: Tensor, reduction: str) -> Tensor:
-    """The saved per-row gradient times the incoming gradient ``g``."""
-    if reduction == "none":
-        return grad * g.to(grad.dtype).unsqueeze(1)
-    if _is_one(g):
-        return grad  # the buffer itself: autograd can hand it over without a copy
-    return grad * g.to(grad.dtype)
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def graph_freed() -> bool:
+    """Whether the backward pass now running frees the graph when it ends (no
+    ``retain_graph``/``create_graph``): a buffer the graph saved may then leave it, as the
+    gradient handed to autograd or scaled in place, since nothing will read it again. Where
+    torch cannot tell (a torch without the query, a call outside the engine) the answer is
+    no, and buffers are copied."""
+    if _keep_graph is None:
+        return False
+    try:
+        return not _keep_graph()
+    except RuntimeError:
+        return False
+
+
+def scale_saved(t: Tensor, g: Tensor, rows: bool = False) -> Tensor:
+    """A saved gradient ``t`` times the incoming gradient ``g`` (per row of ``t`` when
+    ``rows``). When the graph is freed after this backward, ``t`` itself is returned (``g = 1``)
+    or scaled in place, so no second buffer of its size exists; when the graph is kept
+    (``retain_graph=True``) a new tensor, so that the gradient autograd accumulates into
+    ``.grad`` never shares memory with the graph: zeroing or clipping ``.grad``, or an
+    in-place accumulation into it, cannot change what a later backward reads."""
+    if rows:
+        gg = g.to(t.dtype).reshape(-1, *([1] * (t.dim() - 1)))
+    elif _is_one(g):
+        return t if graph_freed() else t.clone()
+    else:
+        # a 0-d factor keeps t's dtype and is not rounded to it first (16-bit t: one rounding)
+        gg = g.reshape(()) if g.dtype.is_floating_point else g.to(t.dtype).reshape(())
+    return t.mul_(gg) if graph_freed() else t * gg
+
+
+def _index_forward(
+    x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions, grad: Tensor | None
+) -> Tensor:
+    """Class-index cross entropy's reduced loss (in x's dtype); writes the gradient of that
+    loss into ``grad`` when given (a buffer, or ``x`` itself)."""
+    acc = acc_dtype(x.dtype)
+    denom = None
+    scale = None
+    if opts.reduction == "mean":
+        denom = _denominator(target, weight, opts.rows.ignore_index)
+        # A zero total weight makes torch's mean 0/0: NaN loss and NaN gradient on every
+        # kept row (ignored rows stay exactly 0). Written without a host synchronisation.
+        scale = torch.where(denom == 0, torch.nan, 1.0 / denom).to(acc)
+        denom = torch.where(denom == 0, torch.nan, denom)
+    stats = opts.backend.cross_entropy_forward(x, target, weight, opts.rows, grad, scale)
+    return _reduce(stats.loss, opts.reduction, denom).to(x.dtype)
 
 
 class CrossEntropyIndex(torch.autograd.Function):
@@ -117,30 +151,44 @@ class CrossEntropyIndex(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: FunctionCtx, x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        acc = acc_dtype(x.dtype)
-        denom = None
-        scale = None
-        if opts.reduction == "mean":
-            denom = _denominator(target, weight, opts.rows.ignore_index)
-            # A zero total weight makes torch's mean 0/0: NaN loss and NaN gradient on every
-            # kept row (ignored rows stay exactly 0). Written without a host synchronisation.
-            scale = torch.where(denom == 0, torch.nan, 1.0 / denom).to(acc)
-            denom = torch.where(denom == 0, torch.nan, denom)
+    ) -> Tensor:
         need_x = ctx.needs_input_grad[0] and opts.grad_enabled  # type: ignore[attr-defined]
-        grad = _grad_buffer(ctx, x, opts, need_x)
-        stats = opts.backend.cross_entropy_forward(x, target, weight, opts.rows, grad, scale)
+        grad = _grad_buffer(need_x, x)
         ctx.save_for_backward(grad)  # type: ignore[arg-type]
         ctx.reduction = opts.reduction  # type: ignore[attr-defined]
-        return _outputs(_reduce(stats.loss, opts.reduction, denom).to(x.dtype), x, grad)
+        return _index_forward(x, target, weight, opts, grad)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, g: Tensor, *_: Any) -> tuple[Tensor | None, None, None, None]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:
         (grad,) = ctx.saved_tensors
         if grad is None:
             return None, None, None, None
-        return _scale_saved_grad(grad, g, ctx.reduction), None, None, None
+        return scale_saved(grad, g, ctx.reduction == "none"), None, None, None
+
+
+def _prob_forward(
+    x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions, grad: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Probability-target cross entropy's reduced loss (in the promoted dtype of x, target
+    and weight) and the rows' lse; writes the loss's gradient into ``grad`` when given."""
+    m, v = x.shape
+    out_dtype = torch.promote_types(x.dtype, target.dtype)
+    if weight is not None:
+        out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    scale = None
+    if opts.reduction == "mean":
+        # 'mean' divides by the number of rows, never by the weights (0 rows: 0/0 = NaN).
+        scale = torch.tensor(1.0 / m if m else float("inf"), dtype=torch.float64)
+    stats = opts.backend.cross_entropy_prob_forward(x, target, weight, opts.rows, grad, scale)
+    if v == 0:
+        # torch negates an empty sum (-0.0 per row and in total) and divides it by
+        # numel / C, 0/0 = NaN, for 'mean'
+        rows = torch.full((m,), -0.0, dtype=out_dtype, device=x.device)
+        empty = {"none": rows, "sum": rows.new_tensor(-0.0), "mean": rows.new_tensor(torch.nan)}
+        return empty[opts.reduction], stats.lse
+    loss = _reduce(stats.loss, opts.reduction, float(m) if m else float("nan"))
+    return loss.to(out_dtype), stats.lse
 
 
 class CrossEntropyProb(torch.autograd.Function):
@@ -152,41 +200,27 @@ class CrossEntropyProb(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: FunctionCtx, x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
-    ) -> Tensor | tuple[Tensor, Tensor]:
+    ) -> Tensor:
         need_x, need_t, need_w = (
             need and opts.grad_enabled for need in ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
         )
-        m = x.shape[0]
-        out_dtype = torch.promote_types(x.dtype, target.dtype)
-        if weight is not None:
-            out_dtype = torch.promote_types(out_dtype, weight.dtype)
-        scale = None
-        if opts.reduction == "mean":
-            # 'mean' divides by the number of rows, never by the weights (0 rows: 0/0 = NaN).
-            scale = torch.tensor(1.0 / m if m else float("inf"), dtype=torch.float64)
         extra = need_t or need_w
-        if extra and need_x and opts.inplace:
-            raise RuntimeError(
-                "inplace_backward=True cannot be used when the target or the weight requires "
-                "grad: their gradients need the logits, which it overwrites"
-            )
-        grad = _grad_buffer(ctx, x, opts, need_x)
-        stats = opts.backend.cross_entropy_prob_forward(x, target, weight, opts.rows, grad, scale)
-        saved = (x, target, weight, stats.lse) if extra else (None, None, None, None)
+        grad = _grad_buffer(need_x, x)
+        loss, lse = _prob_forward(x, target, weight, opts, grad)
+        saved = (x, target, weight, lse) if extra else (None, None, None, None)
         ctx.save_for_backward(grad, *saved)  # type: ignore[arg-type]
         ctx.opts = opts  # type: ignore[attr-defined]
-        ctx.m = m  # type: ignore[attr-defined]
-        denom = float(m) if m else float("nan")
-        return _outputs(_reduce(stats.loss, opts.reduction, denom).to(out_dtype), x, grad)
+        ctx.m = x.shape[0]  # type: ignore[attr-defined]
+        return loss
 
     @staticmethod
     @once_differentiable
     def backward(
-        ctx: Any, g: Tensor, *_: Any
+        ctx: Any, g: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         grad, x, target, weight, lse = ctx.saved_tensors
         opts: LossOptions = ctx.opts
-        gx = None if grad is None else _scale_saved_grad(grad, g, opts.reduction)
+        gx = None if grad is None else scale_saved(grad, g, opts.reduction == "none")
         need_t, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if not (need_t or need_w):
             return gx, None, None, None
@@ -201,6 +235,73 @@ class CrossEntropyProb(torch.autograd.Function):
             x, target, weight, lse, row_grad, opts.rows, need_t, need_w
         )
         return gx, dt, dw, None
+
+
+class _WriteGrad(torch.autograd.Function):
+    """The in-place half of ``inplace_backward``: writes the gradient of the loss over ``x``
+    (marked dirty) and returns ``x``; the loss goes to ``out``. Its backward is the identity:
+    :class:`_LossOfGrad` already gives the gradient with respect to ``x`` as it was.
+
+    Two Functions rather than one that returns both the loss and the dirty ``x``: autograd
+    lets a Function that modifies a view in place return only that view, and the logits
+    are often views (a reshape, a column slice, a transposed tensor, a ``(C,)`` input as one
+    row); this way the view's base is rewritten through autograd's own copy-slices node."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions,
+        prob: bool, out: list[Tensor],
+    ) -> Tensor:  # fmt: skip
+        ctx.mark_dirty(x)
+        if prob:
+            out.append(_prob_forward(x, target, weight, opts, x)[0])
+        else:
+            out.append(_index_forward(x, target, weight, opts, x))
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None, None, None, None]:
+        return g, None, None, None, None, None
+
+
+class _LossOfGrad(torch.autograd.Function):
+    """The loss computed by :class:`_WriteGrad`, as a function of the gradient it wrote:
+    backward scales that gradient by the incoming one (:func:`scale_saved`)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, grad: Tensor, out: list[Tensor], rows: bool) -> Tensor:
+        ctx.save_for_backward(grad)
+        ctx.rows = rows  # type: ignore[attr-defined]
+        return out.pop()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        return scale_saved(grad, g, ctx.rows), None, None
+
+
+def _in_place(x: Tensor, opts: LossOptions) -> bool:
+    return opts.inplace and opts.grad_enabled and x.requires_grad
+
+
+def index_loss(x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions) -> Tensor:
+    """Class-index cross entropy of ``(M, V)`` rows through autograd; with
+    ``opts.inplace`` (arguments checked by the caller) the gradient is written over ``x``."""
+    if _in_place(x, opts):
+        out: list[Tensor] = []
+        dirty = _WriteGrad.apply(x, target, weight, opts, False, out)
+        return _LossOfGrad.apply(dirty, out, opts.reduction == "none")
+    return CrossEntropyIndex.apply(x, target, weight, opts)
+
+
+def prob_loss(x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions) -> Tensor:
+    """Probability-target cross entropy of ``(M, V)`` rows, as :func:`index_loss`."""
+    if _in_place(x, opts):
+        out: list[Tensor] = []
+        dirty = _WriteGrad.apply(x, target, weight, opts, True, out)
+        return _LossOfGrad.apply(dirty, out, opts.reduction == "none")
+    return CrossEntropyProb.apply(x, target, weight, opts)
 
 
 class NllLoss(torch.autograd.Function):

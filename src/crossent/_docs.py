@@ -145,9 +145,12 @@ CROSS_ENTROPY = rf"""Compute the cross entropy between input logits and target, 
         inplace_backward (bool, keyword-only): write the gradient over the input logits
             instead of a new buffer, saving one logits-sized tensor. The logits then hold
             the gradient and must not be used afterwards; autograd is told (the input is
-            marked dirty), so it raises if something else saved them for backward. Not
-            allowed on a leaf tensor that requires grad, nor when a probability target or
-            the weight requires grad. Default: ``False``
+            marked dirty), so it raises if something else saved them for backward. Views
+            work (the base is rewritten through autograd). Checked before anything is
+            written, with torch's errors for in-place operations: not on a leaf that
+            requires grad or a view of one, an expanded tensor, logits whose memory holds
+            the target or the weight, nor when a probability target or the weight requires
+            grad. Without a gradient to compute, nothing is written. Default: ``False``
         {EXTENSIONS}
 
     {_SHAPE}

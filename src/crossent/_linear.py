@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ._autograd import _denominator, _is_one, _reduce
+from ._autograd import _denominator, _reduce, scale_saved
 from .backends.base import Backend, RowOptions, acc_dtype
+from .backends.torch import prob_acc_dtype
 
 # logits of one chunk of rows, at most: with fewer, larger chunks the matmuls re-read W and
 # re-write d(weight) fewer times (float32 4096×1024×32000 on 2 AVX2 cores: the whole step took
@@ -52,6 +53,12 @@ class LinearOptions:
     reduction: str  # 'none' | 'mean' | 'sum'
     chunk_rows: int
     grad_enabled: bool = True
+    # the loss's dtype: torch's promotion of logits, probability targets and class weights
+    # (float32 under autocast); the input's dtype when None
+    out_dtype: torch.dtype | None = None
+    # autocast's linear layer: input, weight and bias cast to this dtype for the matmuls; the
+    # parameters' gradients then come back in their own dtypes, with no rounding to this one
+    compute_dtype: torch.dtype | None = None
 
 
 def chunk_rows(num_classes: int, itemsize: int, chunk_bytes: int | None, rows: int | None) -> int:
@@ -260,12 +267,20 @@ def _run(
     ``scale``: the reduction's scalar factor of the gradient; ``row_grad``: per-row incoming
     gradient (``reduction='none'`` backward) — at most one of them is given.
     """
+    w_param, b_param = w, b
+    cd = opts.compute_dtype
+    if cd is not None:  # autocast: the matmuls' operands in its dtype
+        x, w, b = x.to(cd), w.to(cd), None if b is None else b.to(cd)
     n, v = x.shape[0], w.shape[0]
     prob = target.dim() == 2
-    acc = acc_dtype(x.dtype)
+    acc = prob_acc_dtype(x, target, weight) if prob else acc_dtype(x.dtype)
     want = any(need)
     chunks = _Chunks(target, prob, opts.rows.ignore_index, opts.chunk_rows)
-    if row_grad is None and _transposable(x, w, target, chunks.count, need, opts.backend):
+    if (
+        row_grad is None
+        and w.dtype == w_param.dtype  # d(weight) in the logits' storage needs their dtype
+        and _transposable(x, w, target, chunks.count, need, opts.backend)
+    ):
         return _run_transposed(x, w, b, target, weight, opts, scale, need, chunks)
     loss = torch.zeros(n, dtype=acc, device=x.device)
     grads = param_grads(x, w, b, need)
@@ -286,7 +301,7 @@ def _run(
         else:
             loss.index_copy_(0, rows, chunk_loss)
     del buf
-    return loss, final_grads(grads, w, b)
+    return loss, final_grads(grads, w_param, b_param)
 
 
 def _chunk(
@@ -447,13 +462,14 @@ class LinearCrossEntropy(torch.autograd.Function):
                 denom = torch.where(d == 0, torch.nan, d)
         ctx.opts = opts  # type: ignore[attr-defined]
         ctx.need = need  # type: ignore[attr-defined]
+        out_dtype = x.dtype if opts.out_dtype is None else opts.out_dtype
         if opts.reduction == "none":
             loss, _ = _run(x, w, b, target, weight, opts, None, None, (False,) * 3)
             ctx.save_for_backward(x, w, b, target, weight)  # type: ignore[arg-type]
-            return loss.to(x.dtype)
+            return loss.to(out_dtype)
         loss, grads = _run(x, w, b, target, weight, opts, scale, None, need)
         ctx.save_for_backward(*grads)  # type: ignore[arg-type]
-        return _reduce(loss, opts.reduction, denom).to(x.dtype)
+        return _reduce(loss, opts.reduction, denom).to(out_dtype)
 
     @staticmethod
     @once_differentiable
@@ -465,7 +481,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 x, w, b, target, weight, opts, None, g.to(acc_dtype(x.dtype)), ctx.need
             )
         else:
-            dx, dw, db = ctx.saved_tensors
-            if not _is_one(g):
-                dx, dw, db = (None if t is None else t * g.to(t.dtype) for t in (dx, dw, db))
+            # the saved gradients scaled in place when the graph is freed (no second
+            # d(weight)-sized buffer), copies when it is kept
+            dx, dw, db = (None if t is None else scale_saved(t, g) for t in ctx.saved_tensors)
         return dx, dw, db, None, None, None

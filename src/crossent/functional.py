@@ -17,12 +17,12 @@ from torch import Tensor
 
 from . import _args, _docs
 from ._autograd import (
-    CrossEntropyIndex,
-    CrossEntropyProb,
     LossOptions,
     NllLoss,
     Softmax,
     SoftmaxOptions,
+    index_loss,
+    prob_loss,
 )
 from ._linear import LinearCrossEntropy, LinearOptions, chunk_rows
 from .backends.base import Backend, RowOptions
@@ -54,10 +54,49 @@ def hands_off(function: str, input: Tensor) -> bool:
     return small and input.device.type == "cpu"
 
 
+def _autocast_dtype(t: Any) -> torch.dtype | None:
+    """The autocast dtype of ``t``'s device where autocast is on for it, else None."""
+    if not isinstance(t, Tensor):
+        return None
+    dev = t.device.type
+    try:
+        on = torch.is_autocast_enabled(dev)
+    except TypeError:  # a torch whose query takes no device
+        on = torch.is_autocast_enabled() if dev == "cuda" else torch.is_autocast_cpu_enabled()
+    if not on:
+        return None
+    get = getattr(torch, "get_autocast_dtype", None)
+    if get is not None:
+        return get(dev)
+    return torch.get_autocast_gpu_dtype() if dev == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def _cast(t: Any, dtype: torch.dtype) -> Any:
+    """What autocast does to an argument: floating tensors other than float64 cast to
+    ``dtype`` (differentiably), anything else as it is."""
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
+
+
+def _dense(*tensors: Any) -> bool:
+    """Whether every tensor given is strided (dense): sparse and other layouts go to torch,
+    which raises what it raises for them."""
+    return all(not isinstance(t, Tensor) or t.layout == torch.strided for t in tensors)
+
+
 def _softmax(
     name: str, input: Tensor, dim: Any, stacklevel: int, dtype: Any, backend: str, log: bool
 ) -> Tensor:
     _args.check_tensor(name, "input", 0, input)
+    if not _dense(input):
+        fn = F.log_softmax if log else F.softmax
+        return fn(input, dim, stacklevel + 1, dtype)
+    if input.device.type != "cpu" and dtype is None and _autocast_dtype(input) is not None:
+        # autocast runs softmax and log_softmax in float32 off the CPU (torch's
+        # "fp32_set_opt_dtype" policy: dtype=float32 unless one is given)
+        if input.is_floating_point() and input.dtype != torch.float64:
+            dtype = torch.float32
     if dim is None:
         dim = _args.implicit_softmax_dim(name, input.dim(), stacklevel + 1)
     dim = _args.as_int(name, "dim", 1, dim)
@@ -113,6 +152,14 @@ def nll_loss(
     *,
     backend: BackendName = "auto",
 ) -> Tensor:
+    if _autocast_dtype(input) is not None:  # autocast: nll_loss runs in float32
+        with torch.autocast(input.device.type, enabled=False):
+            return nll_loss(
+                _cast(input, torch.float32), target, _cast(weight, torch.float32),
+                size_average, ignore_index, reduce, reduction, backend=backend,
+            )
+    if not _dense(input, target, weight):
+        return F.nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction)
     red = _args.reduction_string(size_average, reduce, reduction)
     fn = "nll_loss_nd"
     _args.check_tensor(fn, "input", 1, input)
@@ -146,13 +193,31 @@ def cross_entropy(
     softcap: float | None = None,
     temperature: float = 1.0,
 ) -> Tensor:
+    if _autocast_dtype(input) is not None:  # autocast: cross entropy runs in float32
+        with torch.autocast(input.device.type, enabled=False):
+            f32 = torch.float32
+            return cross_entropy(
+                _cast(input, f32), _cast(target, f32), _cast(weight, f32), size_average,
+                ignore_index, reduce, reduction, label_smoothing, backend=backend,
+                inplace_backward=inplace_backward, z_loss=z_loss, softcap=softcap,
+                temperature=temperature,
+            )
     red, ii, ls, (zl, cap, temp) = _loss_arguments(
         "cross_entropy_loss", input, target, weight, size_average, ignore_index, reduce,
         reduction, label_smoothing, z_loss, softcap, temperature,
     )  # fmt: skip
     plain = zl == 0.0 and cap is None and temp == 1.0 and inplace_backward is False
-    if backend == "auto" and plain and hands_off("cross_entropy", input):
+    if (backend == "auto" and plain and hands_off("cross_entropy", input)) or not _dense(
+        input, target, weight
+    ):
+        if not plain:
+            raise NotImplementedError(
+                f"crossent's cross_entropy options (z_loss, softcap, temperature, "
+                f"inplace_backward) take strided tensors only, got input of layout {input.layout}"
+            )
         return F.cross_entropy(input, target, weight, None, ii, None, red, ls)
+    if inplace_backward:
+        _args.check_inplace(input, target, weight)
     if input.shape == target.shape:
         prob = _args.prob_rows(input, target, weight, ii, ls)
         row_opts = RowOptions(
@@ -162,7 +227,12 @@ def cross_entropy(
         opts = LossOptions(
             resolve(backend, input), row_opts, red, torch.is_grad_enabled(), inplace_backward
         )
-        loss = _first(CrossEntropyProb.apply(prob.x, prob.target, weight, opts))
+        if inplace_backward and _wants_prob_extras(input, target, weight):
+            raise RuntimeError(
+                "inplace_backward=True cannot be used when the target or the weight requires "
+                "grad: their gradients need the logits, which it overwrites"
+            )
+        loss = prob_loss(prob.x, prob.target, weight, opts)
         return loss.view(prob.out_shape) if red == "none" else loss
     _check_index_input(input, ls)
     return _index_cross_entropy(
@@ -209,8 +279,16 @@ def _index_cross_entropy(
     )
     be = resolve(backend, input) if isinstance(backend, str) else backend
     opts = LossOptions(be, row_opts, red, torch.is_grad_enabled(), inplace)
-    loss = _first(CrossEntropyIndex.apply(rows.x, rows.target, rows.weight, opts))
+    loss = index_loss(rows.x, rows.target, rows.weight, opts)
     return loss.view(rows.out_shape) if red == "none" else loss
+
+
+def _wants_prob_extras(input: Tensor, target: Tensor, weight: Tensor | None) -> bool:
+    """Whether a probability-target call needs the gradient of its logits and also of its
+    target or weight (which are computed from the logits)."""
+    if not (torch.is_grad_enabled() and input.requires_grad):
+        return False
+    return target.requires_grad or (weight is not None and weight.requires_grad)
 
 
 def linear_cross_entropy(
@@ -230,6 +308,45 @@ def linear_cross_entropy(
     softcap: float | None = None,
     temperature: float = 1.0,
 ) -> Tensor:
+    if not _dense(input, linear_weight, linear_bias, target, weight):
+        return F.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        )
+    # torch.autocast: the linear layer in the autocast dtype, the cross entropy in float32
+    ac_dtype = _autocast_dtype(input)
+    if ac_dtype is not None:
+        target, weight = _cast(target, torch.float32), _cast(weight, torch.float32)
+        params = (input, linear_weight, linear_bias)
+        compute = None
+        if all(t is None or _cast(t, ac_dtype).dtype == ac_dtype for t in params):
+            # every matmul operand is cast: the fused path casts them itself, and gives
+            # the parameters' gradients in their own dtypes, summed without a 16-bit rounding
+            compute = ac_dtype
+        else:  # as autocast would: float64 operands stay, and torch's checks then apply
+            input, linear_weight, linear_bias = (_cast(t, ac_dtype) for t in params)
+        with torch.autocast(input.device.type, enabled=False):
+            return _linear_cross_entropy(
+                input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                label_smoothing, options, backend, chunk_bytes, z_loss, softcap, temperature,
+                torch.float32, compute,
+            )
+    return _linear_cross_entropy(
+        input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+        label_smoothing, options, backend, chunk_bytes, z_loss, softcap, temperature, None, None,
+    )
+
+
+def _linear_cross_entropy(
+    input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
+    weight: Tensor | None, reduction: str, ignore_index: int | None, label_smoothing: float,
+    options: Any, backend: BackendName, chunk_bytes: int | None, z_loss: float,
+    softcap: float | None, temperature: float, logits_dtype: torch.dtype | None,
+    compute_dtype: torch.dtype | None,
+) -> Tensor:  # fmt: skip
+    """:func:`linear_cross_entropy`, with the cross entropy taking the logits as
+    ``logits_dtype`` (float32 under autocast, the input's dtype when None) and, when
+    ``compute_dtype`` is given, the matmuls' operands cast to it (autocast's linear layer)."""
     if input.dim() < 1 or input.dim() > 2:
         raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
     if linear_weight.dim() < 2:
@@ -262,7 +379,8 @@ def linear_cross_entropy(
         raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
     ii = -100 if ignore_index is None else ignore_index
     _options_warning(options, out_features, reduction, label_smoothing, target, linear_bias)
-    _check_linear_dtypes(input, linear_weight, linear_bias)
+    if compute_dtype is None:
+        _check_linear_dtypes(input, linear_weight, linear_bias)
     fused = not out_features and not target.requires_grad and not (
         weight is not None and weight.requires_grad
     )
@@ -271,7 +389,12 @@ def linear_cross_entropy(
         # wanted for the target or the class weights)
         w2 = linear_weight.reshape(math.prod(out_features, start=v), d)
         b2 = None if linear_bias is None else linear_bias.reshape(-1)
+        if compute_dtype is not None:
+            input, w2 = input.to(compute_dtype), w2.to(compute_dtype)
+            b2 = None if b2 is None else b2.to(compute_dtype)
         logits = F.linear(input, w2, b2).reshape(logits_shape)
+        if logits_dtype is not None:
+            logits = logits.to(logits_dtype)
         return cross_entropy(
             logits, target, weight, ignore_index=ii, reduction=reduction,
             label_smoothing=label_smoothing, backend=backend, z_loss=z_loss, softcap=softcap,
@@ -284,11 +407,19 @@ def linear_cross_entropy(
     ii = _args.as_int(fn, "ignore_index", 5, ii)
     ls = _args.as_float(fn, "label_smoothing", 6, label_smoothing)
     zl, cap, temp = _args.check_extensions(z_loss, softcap, temperature)
-    virtual = torch.empty((), dtype=input.dtype, device=input.device).expand(logits_shape)
+    # the logits as the cross entropy sees them (never materialised)
+    mm_dtype = input.dtype if compute_dtype is None else compute_dtype
+    ce_dtype = mm_dtype if logits_dtype is None else logits_dtype
+    virtual = torch.empty((), dtype=ce_dtype, device=input.device).expand(logits_shape)
+    out_dtype = ce_dtype
     if prob:
         checked = _args.prob_rows(virtual, target, weight, ii, ls)
         t2 = checked.target
         out_shape = checked.out_shape
+        # torch's promotion of the loss: logits, probabilities and class weights
+        out_dtype = torch.promote_types(ce_dtype, target.dtype)
+        if weight is not None:
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)
     else:
         _args.check_label_smoothing(ls)
         _args.check_floating(virtual, _args.softmax_kernel_name("log_softmax", 1, virtual.dim()))
@@ -303,10 +434,12 @@ def linear_cross_entropy(
             softcap=cap, temperature=temp,
         ),
         reduction=red,
-        chunk_rows=chunk_rows(v, input.element_size(), chunk_bytes, chunk),
+        chunk_rows=chunk_rows(v, torch.finfo(mm_dtype).bits // 8, chunk_bytes, chunk),
         grad_enabled=torch.is_grad_enabled(),
+        out_dtype=out_dtype,
+        compute_dtype=compute_dtype,
     )
-    x2 = input.reshape(-1, d)
+    x2 = input.reshape(math.prod(batch), d)  # batch sizes given: D may be 0
     loss = LinearCrossEntropy.apply(x2, linear_weight, linear_bias, t2, weight, opts)
     return loss.view(out_shape) if red == "none" else loss
 
@@ -349,11 +482,6 @@ def _check_linear_dtypes(x: Tensor, w: Tensor, b: Tensor | None) -> None:
             f"expected bias to have the dtype of the input, {_args.dtype_name(x.dtype)}, "
             f"got {_args.dtype_name(b.dtype)}"
         )
-
-
-def _first(out: Tensor | tuple[Tensor, ...]) -> Tensor:
-    # with inplace_backward the Function also returns the (now overwritten) logits
-    return out[0] if isinstance(out, tuple) else out
 
 
 softmax.__doc__ = _docs.SOFTMAX

@@ -1,20 +1,28 @@
-"""Reuse of large CPU output buffers (gradients, softmax outputs) across calls.
+"""Optional reuse of large CPU output buffers (gradients, softmax outputs) across calls.
 
 A fresh logits-sized buffer costs its first-touch page faults on every call: on Linux the
-allocator returns large blocks to the system when they are freed, so each training step would
-fault in (and zero) hundreds of megabytes again. Instead, crossent keeps the last few buffers
-it handed out and hands one out again once nothing else references its storage — in a training
-loop, once ``optimizer.zero_grad()`` or the end of backward has released it. This is what
-torch's CUDA caching allocator does for GPU memory; torch has no such cache for CPU memory.
+allocator returns large blocks to the system when they are freed, so each training step
+faults in (and zeroes) hundreds of megabytes again; torch's own functions pay the same for
+each of theirs. With reuse switched on (:func:`set_buffer_reuse`), crossent keeps the last
+few buffers it handed out and hands one out again once nothing else references its storage
+(in a training loop, once the end of backward or ``optimizer.zero_grad()`` has released it),
+as torch's CUDA caching allocator does for GPU memory.
 
-A buffer is reused only when crossent's own reference is the last one (checked under a lock),
-so a gradient the caller still holds is never overwritten. :func:`empty_cache` releases every
-cached buffer. Only buffers of at least :data:`MIN_BYTES` are cached; GPU memory is left to
-torch's own allocator.
+Reuse is off by default: a kept buffer stays resident between calls, through the rest of the
+backward pass, the optimizer step and the next forward pass, where it can raise a training
+step's peak memory above what torch's own function gives. Switch it on where the memory is
+there to spare and the calls repeat at one size (benchmarks, inference loops).
+
+A buffer is handed out again only when crossent's own reference is the last one (checked
+under a lock): a gradient the caller still holds, a view of it, or its ``untyped_storage()``
+keeps it from being overwritten. :func:`empty_cache` releases every cached buffer. Only
+buffers of at least :data:`MIN_BYTES` are cached; GPU memory is left to torch's own
+allocator.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 
@@ -28,14 +36,52 @@ _lock = threading.Lock()
 _cache: dict[tuple[torch.dtype, int], list[Tensor]] = {}
 
 
-def _storage_use_count() -> Callable[[Tensor], int] | None:
+_reuse = False
+
+
+def set_buffer_reuse(enabled: bool) -> bool:
+    """Switch the reuse of large CPU gradient and softmax buffers on or off (off by default;
+    see :mod:`crossent.backends.buffers`); returns the previous setting. Switching it off also
+    releases the cached buffers."""
+    global _reuse
+    previous = _reuse
+    _reuse = bool(enabled)
+    if not _reuse:
+        empty_cache()
+    return previous
+
+
+def buffer_reuse() -> bool:
+    """Whether large CPU buffers are reused across calls (:func:`set_buffer_reuse`)."""
+    return _reuse
+
+
+def _storage_references() -> Callable[[Tensor], tuple[int, int]] | None:
+    """A function giving, for a tensor, the C++ use count of its storage and the Python
+    reference count of the storage's Python object, both as read from a local variable;
+    None on a torch without the use-count query (then nothing is reused)."""
     fn = getattr(torch._C, "_storage_Use_Count", None)
-    if fn is None:  # an older or newer torch without it: no reuse, plain allocation
+    if fn is None:
         return None
-    return lambda t: int(fn(t.untyped_storage()._cdata)) - 1  # minus the temporary wrapper
+
+    def references(t: Tensor) -> tuple[int, int]:
+        storage = t.untyped_storage()  # torch keeps one Python object per storage
+        return int(fn(storage._cdata)), sys.getrefcount(storage)
+
+    return references
 
 
-_use_count = _storage_use_count()
+_references = _storage_references()
+# the counts of a storage that only one tensor refers to: anything above them (another tensor
+# or view, or the caller holding the storage object itself) means the buffer is in use
+_ALONE = None if _references is None else _references(torch.empty(1))
+
+
+def _free(buf: Tensor) -> bool:
+    """Whether the cache's own tensor is the only holder of ``buf``'s storage."""
+    assert _references is not None and _ALONE is not None
+    uses, refs = _references(buf)
+    return uses <= _ALONE[0] and refs <= _ALONE[1]
 
 
 def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -44,13 +90,13 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch
     for s in shape:
         numel *= s
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if device.type != "cpu" or nbytes < MIN_BYTES or _use_count is None:
+    if not _reuse or device.type != "cpu" or nbytes < MIN_BYTES or _references is None:
         return torch.empty(shape, dtype=dtype, device=device)
     key = (dtype, numel)
     with _lock:
         slots = _cache.setdefault(key, [])
         for buf in slots:
-            if _use_count(buf) == 1:  # only the cache holds it
+            if _free(buf):
                 return _share(buf, shape)
         buf = torch.empty(numel, dtype=dtype)
         slots.append(buf)

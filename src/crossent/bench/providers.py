@@ -24,13 +24,19 @@ class Provider:
     kind: str
     backend: str = ""
     about: str = ""  # a few words for notes
+    reuse: bool = False  # crossent with its buffer reuse switched on (set_buffer_reuse)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "backend": self.backend, "about": self.about}
+        return {
+            "name": self.name, "kind": self.kind, "backend": self.backend, "about": self.about,
+            "reuse": self.reuse,
+        }
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> Provider:
-        return Provider(d["name"], d["kind"], d.get("backend", ""), d.get("about", ""))
+        return Provider(
+            d["name"], d["kind"], d.get("backend", ""), d.get("about", ""), d.get("reuse", False)
+        )
 
     def matches(self, token: str) -> bool:
         """``--providers`` matching: the full name, a dash-prefix of it, or the kind."""
@@ -44,17 +50,23 @@ FLOOR_ALLOC = Provider("floor-alloc", "floor", about="same, allocating its outpu
 
 
 def crossent_providers(dtype: torch.dtype) -> list[Provider]:
-    """``crossent-auto``, plus ``crossent-NAME`` for every other backend ``auto`` does not pick
-    for a CPU tensor of ``dtype`` (the float64 ``reference`` backend is an oracle, not a
-    contender, and is left out, as is ``triton``, which runs CPU tensors only in Triton's
-    interpreter)."""
+    """``crossent-auto`` (and ``crossent-auto-reuse``, the same with its buffers kept between
+    calls: :func:`crossent.set_buffer_reuse`), plus ``crossent-NAME`` for every other backend
+    ``auto`` does not pick for a CPU tensor of ``dtype`` (the float64 ``reference`` backend is
+    an oracle, not a contender, and is left out, as is ``triton``, which runs CPU tensors only
+    in Triton's interpreter)."""
     from crossent import dispatch
 
     try:
         picked = dispatch.auto_name(torch.empty(0, dtype=dtype))
     except Exception:  # a future auto_name may refuse a dtype; list every backend then
         picked = ""
-    out = [Provider("crossent-auto", "crossent", "auto")]
+    out = [
+        Provider("crossent-auto", "crossent", "auto"),
+        Provider(
+            "crossent-auto-reuse", "crossent", "auto", "buffer reuse on", reuse=True
+        ),
+    ]
     out += [
         Provider(f"crossent-{name}", "crossent", name)
         for name in dispatch.available()

@@ -57,7 +57,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     fam: Family = family(case.family)
     inputs = fam.make_inputs(case, int(spec.get("seed", 0)))
     if provider.kind == "crossent":
-        from crossent import dispatch, functional
+        from crossent import dispatch, functional, set_buffer_reuse
+
+        set_buffer_reuse(provider.reuse)  # each task runs in a process of its own
 
         try:
             res["backend"] = dispatch.resolve(provider.backend, inputs.args[0]).name
