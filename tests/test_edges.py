@@ -58,6 +58,22 @@ def test_special_weight_on_an_unused_class(backend: str, special: float, reducti
     torch.testing.assert_close(g_ours, g_theirs)
 
 
+# Every backend (the conftest fixture: triton in its interpreter too), small rows, with label
+# smoothing: torch's loss is inf (an inf weight times -log p > 0) or NaN, never inf - inf.
+@pytest.mark.parametrize("special", [math.inf, math.nan], ids=["inf", "nan"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_special_weight_every_backend(backend: str, special: float, smoothing: float) -> None:
+    x = testing.make_logits((6, 9), seed=1)
+    t = testing.make_targets((6,), 8, seed=2)
+    w = torch.rand(9, generator=torch.Generator().manual_seed(3)) + 0.5
+    w[8] = special
+    for reduction in ("none", "mean"):
+        # (Triton's interpreter computes in NumPy, which warns on inf - inf)
+        check_same("cross_entropy", x, t, weight=w, label_smoothing=smoothing,
+                   reduction=reduction, backend=backend,
+                   check_warnings=backend != "triton")  # fmt: skip
+
+
 # The fused linear head takes three CPU paths: the transposed single pass (N <= D), row
 # chunks (N > D, float32) and column chunks (N > D, bfloat16).
 @pytest.mark.parametrize(

@@ -84,7 +84,19 @@ def ce_index_kernel(
     loss = (log_s - (u_y - m)) * w_y
     a = w_y
     if SMOOTH:
-        loss = (1.0 - eps) * loss + (eps / V) * (w_total * log_s - sz)
+        smooth = w_total * log_s - sz
+        if HAS_W:
+            if w_total - w_total != 0.0:  # an inf or NaN weight: torch's terms, one by one
+                smooth = tl.zeros((), ACC)  # (w·(log s - z) is inf or NaN by itself, where
+                for off in range(0, V, BLOCK):  # W·log s - Σ w·z would give inf - inf)
+                    cols = off + tl.arange(0, BLOCK)
+                    mask = cols < V
+                    u = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+                    if TEMP:
+                        u = u * inv_t
+                    w = tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+                    smooth = smooth + tl.sum(tl.where(mask, w * (log_s - (u - m)), 0.0), 0)
+        loss = (1.0 - eps) * loss + (eps / V) * smooth
         a = (1.0 - eps) * w_y + (eps / V) * w_total
     if ZLOSS:
         loss = loss + z_loss * lse * lse
