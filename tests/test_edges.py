@@ -327,6 +327,56 @@ def test_retain_graph_sequences_linear(between: str, reduction: str, n: int, d: 
         torch.testing.assert_close(a, b)
 
 
+# ---- second derivatives: an error, never a gradient treated as a constant --------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("call", ["index", "prob", "inplace", "linear"])
+def test_a_gradient_penalty_raises_rather_than_dropping_out(backend: str, call: str) -> None:
+    # g = grad(loss, x, create_graph=True), then (loss + ‖g‖²).backward(): torch's second
+    # derivative is not zero; crossent computes first derivatives only and must say so
+    n, c = 8, 12
+    x = testing.make_logits((n, c)).requires_grad_()
+    t = testing.make_targets((n,), c)
+    p = torch.softmax(testing.make_logits((n, c), seed=2), 1)
+    lw = testing.make_logits((c, 6), seed=3).requires_grad_()
+    losses: dict[str, Callable[[], torch.Tensor]] = {
+        "index": lambda: crossent.cross_entropy(x, t, backend=backend),
+        "prob": lambda: crossent.cross_entropy(x, p, backend=backend),
+        "inplace": lambda: crossent.cross_entropy(x * 1, t, backend=backend,
+                                                  inplace_backward=True),  # fmt: skip
+        "linear": lambda: crossent.linear_cross_entropy(x[:, :6], lw, t, backend=backend),
+    }
+    loss = losses[call]()
+    with pytest.raises(RuntimeError, match="second derivatives|differentiate twice"):
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        (loss + g.pow(2).sum()).backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_second_derivatives_match_torch(backend: str, log: bool, dtype: torch.dtype) -> None:
+    x = testing.make_logits((6, 9), dtype=dtype)
+    w = testing.make_logits((6, 9), seed=2, dtype=dtype)
+    grads = []
+    for lib, a, b in ((crossent, x, w), (F, x, w), (F, x.double(), w.double())):
+        xx = a.clone().requires_grad_()
+        kw = {"backend": backend} if lib is crossent else {}
+        y = (lib.log_softmax if log else lib.softmax)(xx, 1, **kw)
+        loss = (y * b).sum()
+        (g,) = torch.autograd.grad(loss, xx, create_graph=True)
+        (loss + g.pow(2).sum()).backward()
+        grads.append(xx.grad)
+    testing.assert_close_to_oracle(grads[0], grads[2], torch_actual=grads[1])
+    if dtype == torch.float64:
+        xx = x.clone().requires_grad_()
+        assert torch.autograd.gradgradcheck(
+            lambda a: (crossent.log_softmax if log else crossent.softmax)(a, 1, backend=backend),
+            (xx,),
+        )
+
+
 # ---- the saved gradient leaves the graph only when the graph is freed --------------------------
 
 

@@ -8,12 +8,18 @@ gradient itself (scaled in place) only when the graph is freed after that backwa
 ``retain_graph=True`` backward returns a scaled copy, so ``.grad`` and the graph never share
 memory (:func:`scale_saved`).
 
-Backward passes are ``once_differentiable``: asking for a second derivative raises instead of
-returning a wrong one.
+Backward passes are first-order only. The cross-entropy Functions save the gradient, not the
+logits, so no graph of their backward exists: backward called with ``create_graph=True``
+raises at once (:func:`first_order`), instead of returning a gradient that a second
+derivative would silently treat as a constant. Softmax's backward builds its graph from
+torch operations on the saved output when asked, so its second derivatives are exact;
+``nll_loss``'s is ``once_differentiable``.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +94,24 @@ def _reduce(rows: Tensor, reduction: str, denom: Tensor | float | None) -> Tenso
     return total / denom
 
 
+def first_order(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A backward that computes first derivatives only, from saved gradients: asked to build
+    a graph (``create_graph=True``, which a second derivative needs), it raises rather than
+    return a gradient without one, whose own derivative would silently be taken as zero."""
+
+    @functools.wraps(fn)
+    def backward(ctx: Any, *grads: Any) -> Any:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "crossent: second derivatives of the cross-entropy functions are not "
+                "supported (backward was called with create_graph=True, as for a gradient "
+                "penalty or a Hessian-vector product); use torch.nn.functional's function there"
+            )
+        return fn(ctx, *grads)
+
+    return backward
+
+
 def _is_one(g: Tensor) -> bool:
     # Only on CPU, where reading a scalar costs no device synchronisation.
     return g.device.type == "cpu" and g.dim() == 0 and bool(g == 1)
@@ -159,7 +183,7 @@ class CrossEntropyIndex(torch.autograd.Function):
         return _index_forward(x, target, weight, opts, grad)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:
         (grad,) = ctx.saved_tensors
         if grad is None:
@@ -214,7 +238,7 @@ class CrossEntropyProb(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(
         ctx: Any, g: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
@@ -275,7 +299,7 @@ class _LossOfGrad(torch.autograd.Function):
         return out.pop()
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
         (grad,) = ctx.saved_tensors
         return scale_saved(grad, g, ctx.rows), None, None
@@ -354,7 +378,16 @@ class Softmax(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
         (out,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the same formula in differentiable torch operations on the
+            # saved output, whose graph leads back here, so second derivatives are exact
+            acc = acc_dtype(out.dtype)
+            y, gg = out.to(acc), g.to(acc)
+            if ctx.opts.log:
+                gx = gg - torch.exp(y) * gg.sum(-1, keepdim=True)
+            else:
+                gx = y * (gg - (gg * y).sum(-1, keepdim=True))
+            return gx.to(out.dtype), None
         return ctx.opts.backend.softmax_backward(g.contiguous(), out, ctx.opts.log), None

@@ -37,8 +37,8 @@ EXTENSIONS = r"""z_loss (float, keyword-only): coefficient λ of the z-loss (PaL
 PRECISION_NOTE = r""".. note::
         float16 and bfloat16 inputs are read as they are and computed in float32; float64
         is computed in float64. Results are deterministic: the same inputs give the same bits
-        on every call. Second derivatives are not supported (backward is
-        ``once_differentiable``) and raise rather than return a wrong value."""
+        on every call. Second derivatives are not supported: a backward pass that would build
+        their graph (``create_graph=True``) raises rather than return a wrong value."""
 
 _SOFTMAX_TEMPLATE = r"""Apply a {kind} function along :attr:`dim`, exactly as
     :func:`torch.nn.functional.{name}`.

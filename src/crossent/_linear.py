@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
-from ._autograd import _denominator, _reduce, scale_saved
+from ._autograd import _denominator, _reduce, first_order, scale_saved
 from .backends.base import Backend, RowOptions, acc_dtype
 from .backends.torch import prob_acc_dtype
 
@@ -472,7 +472,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return _reduce(loss, opts.reduction, denom).to(out_dtype)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         opts: LinearOptions = ctx.opts
         if opts.reduction == "none":
