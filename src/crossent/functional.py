@@ -216,10 +216,10 @@ def cross_entropy(
                 f"inplace_backward) take strided tensors only, got input of layout {input.layout}"
             )
         return F.cross_entropy(input, target, weight, None, ii, None, red, ls)
-    if inplace_backward:
-        _args.check_inplace(input, target, weight)
     if input.shape == target.shape:
         prob = _args.prob_rows(input, target, weight, ii, ls)
+        if inplace_backward:
+            _args.check_inplace(input, target, weight)
         row_opts = RowOptions(
             label_smoothing=_args.effective_smoothing(ls), z_loss=zl, softcap=cap,
             temperature=temp,
@@ -272,6 +272,8 @@ def _index_cross_entropy(
     index ``classes`` classes, the input's class dim by default), then the autograd Function
     on ``backend`` (a name, resolved for ``input``, or a backend object)."""
     rows = _args.index_rows(input, target, weight, ii, "nll_loss", classes)
+    if inplace:  # arguments checked, nothing written yet
+        _args.check_inplace(input, target, weight)
     zl, cap, temp = extensions
     row_opts = RowOptions(
         ignore_index=ii, label_smoothing=_args.effective_smoothing(ls), z_loss=zl, softcap=cap,
