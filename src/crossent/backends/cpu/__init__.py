@@ -9,15 +9,28 @@ so crossent never uses more cores than torch is allowed.
 portable torch backend: the first is a gather and a scatter of ``M`` elements with nothing to
 fuse, the second is rare and runs chunked.
 
-Kernels are compiled on first use and cached on disk by Numba (``cache=True``): next to the
-sources when that directory is writable, else in Numba's per-user cache directory
-(``NUMBA_CACHE_DIR`` overrides both). When no location is writable, a private temporary
-directory is used, so a read-only installation still works (compiling once per process).
+What the backend guarantees (:mod:`._lanes`, :mod:`._runtime`):
+
+- **Results independent of compilation.** Every sum is added up in a fixed order, so a kernel
+  gives the same bits whether it was compiled in this process or loaded from Numba's cache,
+  whichever process compiled it and whatever else the process compiled first, on any number
+  of threads (on one instruction set: an AVX-512 machine and an AVX2 one may differ in the
+  last bit of a sum's terms where contraction differs).
+- **Fork-safe.** When the backend is first used, and unless the user chose a layer
+  (``NUMBA_THREADING_LAYER`` or ``numba.config.THREADING_LAYER``) or Numba's threads already
+  run, Numba's threads are started with its ``forksafe`` layer: TBB (the ``tbb`` package, a
+  dependency on Linux x86-64) or else Numba's ``workqueue``, never GNU OpenMP, under which a
+  forked child (DataLoader workers, ``multiprocessing`` fork pools) is killed by Numba.
+- **Cache.** Kernels are compiled on first use and cached on disk by Numba (``cache=True``):
+  next to the sources when that directory is writable, else in Numba's per-user cache
+  directory (``NUMBA_CACHE_DIR`` overrides both). A cache that cannot be written (a read-only
+  installation or a read-only prebuilt ``NUMBA_CACHE_DIR``) is read all the same; kernels it
+  lacks are compiled and, when no location is writable, kept in a private temporary directory
+  removed at exit. A damaged cache entry (truncated, overwritten) is compiled again and
+  rewritten, with a warning, instead of failing every call.
 """
 
 from __future__ import annotations
-
-import tempfile
 
 import numba
 import numpy as np
@@ -27,16 +40,27 @@ from torch import Tensor
 from .. import buffers
 from ..base import RowOptions, RowStats, acc_dtype
 from ..torch import TorchBackend, no_classes, prob_acc_dtype
+from . import _runtime
 
 try:
     from . import _kernels
 except RuntimeError as exc:
-    # Numba found no writable cache location (read-only install, unwritable home): cache in
-    # a private temporary directory instead, for this process.
+    # Numba found no writable cache location (read-only install, unwritable home): the kernels
+    # are declared with a private temporary directory to write to; they still read any
+    # read-only cache (see _runtime.KernelCache). Numba's setting is restored afterwards.
     if "cannot cache" not in str(exc):
         raise
-    numba.config.CACHE_DIR = tempfile.mkdtemp(prefix="crossent-numba-")  # type: ignore[attr-defined]
-    from . import _kernels
+    _user_dir = numba.config.CACHE_DIR  # type: ignore[attr-defined]
+    numba.config.CACHE_DIR = _runtime.private_cache_dir()  # type: ignore[attr-defined]
+    try:
+        from . import _kernels
+    finally:
+        numba.config.CACHE_DIR = _user_dir  # type: ignore[attr-defined]
+
+from . import _lanes, _math, _memory  # noqa: E402  (imported by _kernels)
+
+_runtime.install_caches(_kernels, _lanes, _math, _memory)
+_runtime.use_forksafe_threads()
 
 _NUMPY_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
 

@@ -13,10 +13,12 @@ read once more for its max. Softmax's backward of 16-bit rows likewise reads the
 two inputs for their dot product while it streams this row's gradient. Rows are spread over
 threads with ``prange``.
 
-Fast-math is chosen per loop: reductions (max, sums, dot products) and the exp-and-sum loop
-may be reassociated so LLVM vectorises them — the exponential of :mod:`._math` is written with
-explicit fused multiply-adds, which reassociation leaves alone; loops that produce outputs only
-allow contraction, so their rounding is that of the formula as written.
+Sums (of exponentials, dot products) are kept in a fixed number of lanes added up in a fixed
+order (:mod:`._lanes`), never reassociated: a result is the same in every compilation of a
+kernel, whether compiled in this process or loaded from Numba's cache, on any number of
+threads. Fast-math is chosen per loop: reductions allow contraction, ignore the sign of zero
+(maxima) and use reciprocals; loops that produce outputs only allow contraction, so their
+rounding is that of the formula as written.
 
 Rows containing NaN or +inf, or only -inf, give NaN everywhere (loss, lse, gradient), which is
 what torch's ``log_softmax`` produces for them; -inf entries in an otherwise finite row are
@@ -32,6 +34,7 @@ import numpy as np
 from numba import njit, prange
 from numba.core.extending import overload
 
+from ._lanes import lane_loop, lane_max, lane_sum, lanes, load_row, row_key, write_scratch
 from ._math import (
     compute_zero,
     exp_for,
@@ -58,7 +61,9 @@ from ._memory import (
     wide_vectors,
 )
 
-FM_REDUCE = {"reassoc", "nsz", "contract", "arcp"}
+# Never "reassoc": a reassociated sum is added up in whatever order each compilation picks,
+# and Numba compiles a helper again inside every kernel that calls it (see _lanes).
+FM_REDUCE = {"nsz", "contract", "arcp"}
 FM_WRITE = {"contract"}
 
 BLOCK = 1024  # elements per step of the exp-and-sum loop: its float32 sum stays short
@@ -66,7 +71,7 @@ LINE = 64  # bytes per cache line
 
 
 # ---- row helpers ------------------------------------------------------------------------
-# Sums accumulate per block in the compute dtype (vector lanes of at most BLOCK/16 terms each)
+# Sums accumulate per block in the compute dtype (LANES lanes of at most BLOCK/64 terms each)
 # and across blocks in float64, then round to the compute dtype once: float32 sums over
 # V = 262144 terms stay within the tolerance rule. Reductions start from element 0 (V >= 1).
 
@@ -81,18 +86,23 @@ def _row_max(xr):
     return m
 
 
+@njit(fastmath=FM_REDUCE, cache=True, inline="always")
+def _exp_sum_step(j, lane, acc, args):
+    xr, m, e, xn = args
+    v = exp_for(xr, load_row(xr, j) - m)
+    write_scratch(e, j, v)
+    acc[0][lane] += v
+    acc[1][lane] = kmax(acc[1][lane], row_key(xn, j))
+
+
 @njit(fastmath=FM_REDUCE, cache=True)
 def _exp_sum_block(xr, m, e, xn, k):
     """``e[j] = exp(x[j] - m)`` (the one exponential of each element) and their sum; also the
     max of ``k`` and the order keys of ``xn`` (the same block of the next row)."""
     wide_vectors()
-    s = like(0, m)
-    for j in range(xr.shape[0]):
-        v = exp_for(xr, load(xr, j) - m)
-        e[j] = v
-        s += v
-        k = kmax(k, order_key(xn, j))
-    return s, k
+    main, tail = (lanes(like(0, m)), lanes(k)), (lanes(like(0, m)), lanes(k))
+    lane_loop(xr.shape[0], _exp_sum_step, main, tail, (xr, m, e, xn))
+    return lane_sum(main[0], tail[0]), lane_max(main[1], tail[1])
 
 
 # ---- transformed logits (soft-capping, temperature) --------------------------------------
@@ -103,15 +113,20 @@ def _exp_sum_block(xr, m, e, xn, k):
 # the gradient's affine map absorbs.
 
 
+@njit(fastmath=FM_REDUCE, cache=True, inline="always")
+def _exp_sum_only_step(j, lane, acc, args):
+    xr, m, xn = args
+    acc[0][lane] += exp_for(xr, load_row(xr, j) - m)
+    acc[1][lane] = kmax(acc[1][lane], row_key(xn, j))
+
+
 @njit(fastmath=FM_REDUCE, cache=True)
 def _exp_sum_only_block(xr, m, xn, k):
     """``Σ exp(x[j] - m)`` over a block, the exponentials not kept; next row's keys as above."""
     wide_vectors()
-    s = like(0, m)
-    for j in range(xr.shape[0]):
-        s += exp_for(xr, load(xr, j) - m)
-        k = kmax(k, order_key(xn, j))
-    return s, k
+    main, tail = (lanes(like(0, m)), lanes(k)), (lanes(like(0, m)), lanes(k))
+    lane_loop(xr.shape[0], _exp_sum_only_step, main, tail, (xr, m, xn))
+    return lane_sum(main[0], tail[0]), lane_max(main[1], tail[1])
 
 
 @njit(cache=True, error_model="numpy")
@@ -126,46 +141,67 @@ def _du_dx(xv, inv_cap, inv_t):
     return inv_t * (like(1, th) - th * th)
 
 
+@njit(fastmath=FM_REDUCE, cache=True, error_model="numpy", inline="always")
+def _exp_sum_cap_step(j, lane, acc, args):
+    xr, m, e, cap, inv_cap, inv_t, xn = args
+    v = exp_for(xr, cap * fast_tanh(load_row(xr, j) * inv_cap) * inv_t - m)
+    write_scratch(e, j, v)
+    acc[0][lane] += v
+    acc[1][lane] = kmax(acc[1][lane], row_key(xn, j))
+
+
 @njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
 def _exp_sum_block_cap(xr, m, e, cap, inv_cap, inv_t, xn, k):
     """As :func:`_exp_sum_block` for soft-capped (and scaled) logits."""
     wide_vectors()
-    s = like(0, m)
-    for j in range(xr.shape[0]):
-        v = exp_for(xr, cap * fast_tanh(load(xr, j) * inv_cap) * inv_t - m)
-        e[j] = v
-        s += v
-        k = kmax(k, order_key(xn, j))
-    return s, k
+    main, tail = (lanes(like(0, m)), lanes(k)), (lanes(like(0, m)), lanes(k))
+    lane_loop(xr.shape[0], _exp_sum_cap_step, main, tail, (xr, m, e, cap, inv_cap, inv_t, xn))
+    return lane_sum(main[0], tail[0]), lane_max(main[1], tail[1])
+
+
+@njit(fastmath=FM_REDUCE, cache=True, inline="always")
+def _exp_sum_scaled_step(j, lane, acc, args):
+    xr, m, e, inv_t, xn = args
+    v = exp_for(xr, load_row(xr, j) * inv_t - m)
+    write_scratch(e, j, v)
+    acc[0][lane] += v
+    acc[1][lane] = kmax(acc[1][lane], row_key(xn, j))
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
 def _exp_sum_block_scaled(xr, m, e, inv_t, xn, k):
     """As :func:`_exp_sum_block` for logits divided by a temperature."""
     wide_vectors()
-    s = like(0, m)
-    for j in range(xr.shape[0]):
-        v = exp_for(xr, load(xr, j) * inv_t - m)
-        e[j] = v
-        s += v
-        k = kmax(k, order_key(xn, j))
-    return s, k
+    main, tail = (lanes(like(0, m)), lanes(k)), (lanes(like(0, m)), lanes(k))
+    lane_loop(xr.shape[0], _exp_sum_scaled_step, main, tail, (xr, m, e, inv_t, xn))
+    return lane_sum(main[0], tail[0]), lane_max(main[1], tail[1])
+
+
+@njit(fastmath=FM_REDUCE, cache=True, error_model="numpy", inline="always")
+def _shifted_cap_step(j, lane, acc, args):
+    xr, m, w, has_w, cap, inv_cap, inv_t = args
+    z = cap * fast_tanh(load(xr, j) * inv_cap) * inv_t - m
+    acc[0][lane] += np.float64(w[j] * z if has_w else z)
+
+
+@njit(fastmath=FM_REDUCE, cache=True, inline="always")
+def _shifted_scaled_step(j, lane, acc, args):
+    xr, m, w, has_w, inv_t = args
+    z = load(xr, j) * inv_t - m
+    acc[0][lane] += np.float64(w[j] * z if has_w else z)
 
 
 @njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
 def _shifted_sum_t(xr, m, w, has_w, cap, inv_cap, inv_t):
     """``Σ_j w_j·(u_j - m)`` (``w_j = 1`` without weights)."""
     wide_vectors()
-    s = 0.0
+    s, t = lanes(0.0), lanes(0.0)
+    n = xr.shape[0]
     if cap > 0:  # the transform written out in each loop, so that both vectorise
-        for j in range(xr.shape[0]):
-            z = cap * fast_tanh(load(xr, j) * inv_cap) * inv_t - m
-            s += np.float64(w[j] * z if has_w else z)
+        lane_loop(n, _shifted_cap_step, (s,), (t,), (xr, m, w, has_w, cap, inv_cap, inv_t))
     else:
-        for j in range(xr.shape[0]):
-            z = load(xr, j) * inv_t - m
-            s += np.float64(w[j] * z if has_w else z)
-    return like(s, m)
+        lane_loop(n, _shifted_scaled_step, (s,), (t,), (xr, m, w, has_w, inv_t))
+    return like(lane_sum(s, t), m)
 
 
 @njit(fastmath=FM_WRITE, cache=True, error_model="numpy")
@@ -208,24 +244,34 @@ def _next_row(x, i, last):
     return x[min(i + 1, last)], i < last
 
 
+@njit(fastmath=FM_REDUCE, cache=True, inline="always")
+def _shifted_step(j, lane, acc, args):
+    xr, m = args
+    acc[0][lane] += np.float64(load(xr, j) - m)
+
+
 @njit(fastmath=FM_REDUCE, cache=True)
 def _shifted_sum(xr, m):
     """``Σ_j (x[j] - m)``."""
     wide_vectors()
-    s = np.float64(load(xr, 0) - m)
-    for j in range(1, xr.shape[0]):
-        s += np.float64(load(xr, j) - m)
-    return like(s, m)
+    s, t = lanes(0.0), lanes(0.0)
+    lane_loop(xr.shape[0], _shifted_step, (s,), (t,), (xr, m))
+    return like(lane_sum(s, t), m)
+
+
+@njit(fastmath=FM_REDUCE, cache=True, inline="always")
+def _shifted_wstep(j, lane, acc, args):
+    xr, m, w = args
+    acc[0][lane] += np.float64(w[j] * (load(xr, j) - m))
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
 def _shifted_wsum(xr, m, w):
     """``Σ_j w[j]·(x[j] - m)`` (a zero weight on a -inf logit gives NaN, as in torch)."""
     wide_vectors()
-    s = np.float64(w[0] * (load(xr, 0) - m))
-    for j in range(1, xr.shape[0]):
-        s += np.float64(w[j] * (load(xr, j) - m))
-    return like(s, m)
+    s, t = lanes(0.0), lanes(0.0)
+    lane_loop(xr.shape[0], _shifted_wstep, (s,), (t,), (xr, m, w))
+    return like(lane_sum(s, t), m)
 
 
 @njit(fastmath=FM_WRITE, cache=True)
@@ -381,31 +427,45 @@ def ce_index(
 # ---- cross entropy, probability targets -------------------------------------------------
 
 
+@njit(fastmath=FM_REDUCE, cache=True, inline="always")
+def _prob_weight(j, tr, w, has_w, c_t, c_s):
+    """``w_j t'_j`` as a float64."""
+    tj = c_t * load(tr, j) + c_s
+    return np.float64(tj * w[j] if has_w else tj)
+
+
+@njit(fastmath=FM_REDUCE, cache=True, error_model="numpy", inline="always")
+def _prob_dots_cap_step(j, lane, acc, args):
+    xr, tr, m, log_s, w, has_w, c_t, c_s, cap, inv_cap, inv_t = args
+    z = np.float64(cap * fast_tanh(load(xr, j) * inv_cap) * inv_t) - np.float64(m)
+    tj = _prob_weight(j, tr, w, has_w, c_t, c_s)
+    acc[0][lane] += tj
+    acc[1][lane] += tj * (np.float64(log_s) - z)
+
+
+@njit(fastmath=FM_REDUCE, cache=True, inline="always")
+def _prob_dots_step(j, lane, acc, args):
+    xr, tr, m, log_s, w, has_w, c_t, c_s, inv_t = args
+    z = np.float64(load(xr, j)) * np.float64(inv_t) - np.float64(m)
+    tj = _prob_weight(j, tr, w, has_w, c_t, c_s)
+    acc[0][lane] += tj
+    acc[1][lane] += tj * (np.float64(log_s) - z)
+
+
 @njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
 def _prob_dots(xr, tr, m, log_s, w, has_w, c_t, c_s, cap, inv_cap, inv_t):
     """``(Σ_j w_j t'_j, Σ_j w_j t'_j (log s - z_j))`` with ``t' = c_t·t + c_s`` and
     ``z = u - m`` (u: the logits as read, see :func:`_u`). Each term is torch's, a weight
     times ``-log p_j >= 0``: an inf weight gives an inf loss, never inf - inf."""
     wide_vectors()
-    total = 0.0
-    dot = 0.0
+    main, tail = (lanes(0.0), lanes(0.0)), (lanes(0.0), lanes(0.0))
+    n = xr.shape[0]
     if cap > 0:  # the transform written out in each loop, so that both vectorise
-        for j in range(xr.shape[0]):
-            tj = c_t * load(tr, j) + c_s
-            if has_w:
-                tj = tj * w[j]
-            total += np.float64(tj)
-            z = np.float64(cap * fast_tanh(load(xr, j) * inv_cap) * inv_t) - np.float64(m)
-            dot += np.float64(tj) * (np.float64(log_s) - z)
+        args = (xr, tr, m, log_s, w, has_w, c_t, c_s, cap, inv_cap, inv_t)
+        lane_loop(n, _prob_dots_cap_step, main, tail, args)
     else:  # z in float64 (exact for float32 logits at T = 1, however far from the max)
-        for j in range(xr.shape[0]):
-            tj = c_t * load(tr, j) + c_s
-            if has_w:
-                tj = tj * w[j]
-            total += np.float64(tj)
-            z = np.float64(load(xr, j)) * np.float64(inv_t) - np.float64(m)
-            dot += np.float64(tj) * (np.float64(log_s) - z)
-    return like(total, m), like(dot, m)
+        lane_loop(n, _prob_dots_step, main, tail, (xr, tr, m, log_s, w, has_w, c_t, c_s, inv_t))
+    return like(lane_sum(main[0], tail[0]), m), like(lane_sum(main[1], tail[1]), m)
 
 
 @njit(fastmath=FM_WRITE, cache=True)
@@ -523,13 +583,24 @@ def softmax_fwd(x, out, log, proto, nt):
         fence()
 
 
+@njit(fastmath=FM_REDUCE, cache=True, inline="always")
+def _dot_step(j, lane, acc, args):
+    g, y = args
+    acc[0][lane] += np.float64(load(g, j)) * np.float64(load(y, j))
+
+
 @njit(fastmath=FM_REDUCE, cache=True)
 def _dot(g, y):
     wide_vectors()
-    s = np.float64(0)
-    for j in range(g.shape[0]):
-        s += np.float64(load(g, j)) * np.float64(load(y, j))
-    return s
+    s, t = lanes(0.0), lanes(0.0)
+    lane_loop(g.shape[0], _dot_step, (s,), (t,), (g, y))
+    return lane_sum(s, t)
+
+
+@njit(fastmath=FM_REDUCE, cache=True, inline="always")
+def _dot_short_step(j, lane, acc, args):
+    g, y = args
+    acc[0][lane] += load(g, j) * load(y, j)
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
@@ -538,36 +609,44 @@ def _dot_short(g, y):
     float64, as every sum here). With :func:`_dot`'s float64 products, a pass over two 16-bit
     rows is bound by its vector instructions rather than by memory."""
     wide_vectors()
-    s = np.float32(0)
-    for j in range(g.shape[0]):
-        s += load(g, j) * load(y, j)
-    return s
+    s, t = lanes(np.float32(0)), lanes(np.float32(0))
+    lane_loop(g.shape[0], _dot_short_step, (s,), (t,), (g, y))
+    return lane_sum(s, t)
 
 
 # e = exp(y) (the probabilities, from log_softmax's output) and Σ g over a block, in one loop:
 # the loads of both rows overlap the exponentials' arithmetic. The sum in float32 for 16-bit
-# rows (block sums meet in float64, see _dot_short), else in float64; the exponential is exact
-# under the reassociation the sum needs (explicit fused multiply-adds).
+# rows (block sums meet in float64, see _dot_short), else in float64.
+
+
+@njit(fastmath=FM_REDUCE, cache=True, inline="always")
+def _exp_lsum_step(j, lane, acc, args):
+    y, e, g = args
+    write_scratch(e, j, exp_for(y, load_row(y, j)))
+    acc[0][lane] += np.float64(load_row(g, j))
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
 def _exp_lsum_block(y, e, g):
     wide_vectors()
-    s = np.float64(0)
-    for j in range(y.shape[0]):
-        e[j] = exp_for(y, load(y, j))
-        s += np.float64(load(g, j))
-    return s
+    s, t = lanes(0.0), lanes(0.0)
+    lane_loop(y.shape[0], _exp_lsum_step, (s,), (t,), (y, e, g))
+    return lane_sum(s, t)
+
+
+@njit(fastmath=FM_REDUCE, cache=True, inline="always")
+def _exp_lsum_short_step(j, lane, acc, args):
+    y, e, g = args
+    write_scratch(e, j, exp_for(y, load_row(y, j)))
+    acc[0][lane] += load_row(g, j)
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
 def _exp_lsum_block_short(y, e, g):
     wide_vectors()
-    s = np.float32(0)
-    for j in range(y.shape[0]):
-        e[j] = exp_for(y, load(y, j))
-        s += load(g, j)
-    return s
+    s, t = lanes(np.float32(0)), lanes(np.float32(0))
+    lane_loop(y.shape[0], _exp_lsum_short_step, (s,), (t,), (y, e, g))
+    return lane_sum(s, t)
 
 
 @njit(cache=True)
@@ -647,49 +726,61 @@ def softmax_bwd(g, y, gx, log, proto, nt):
 # u_j = m (first NaN in a row holding NaN, as torch's argmax).
 
 
+@njit(fastmath=FM_REDUCE, cache=True, inline="always")
+def _exp_dot_step(j, lane, acc, args):
+    xr, m, e = args
+    z = load_row(xr, j) - m
+    v = exp_for(xr, z)
+    write_scratch(e, j, v)
+    acc[0][lane] += v
+    acc[1][lane] += v * z
+
+
 @njit(fastmath=FM_REDUCE, cache=True)
 def _exp_dot_block(xr, m, e):
     """``e_j = exp(z_j)``; returns ``(Σ e_j, Σ e_j·z_j)``."""
     wide_vectors()
-    s = like(0, m)
-    d = like(0, m)
-    for j in range(xr.shape[0]):
-        z = load(xr, j) - m
-        v = exp_for(xr, z)
-        e[j] = v
-        s += v
-        d += v * z
-    return s, d
+    main, tail = (lanes(like(0, m)), lanes(like(0, m))), (lanes(like(0, m)), lanes(like(0, m)))
+    lane_loop(xr.shape[0], _exp_dot_step, main, tail, (xr, m, e))
+    return lane_sum(main[0], tail[0]), lane_sum(main[1], tail[1])
+
+
+@njit(fastmath=FM_REDUCE, cache=True, inline="always")
+def _exp_dot_scaled_step(j, lane, acc, args):
+    xr, m, e, inv_t = args
+    z = load_row(xr, j) * inv_t - m
+    v = exp_for(xr, z)
+    write_scratch(e, j, v)
+    acc[0][lane] += v
+    acc[1][lane] += v * z
 
 
 @njit(fastmath=FM_REDUCE, cache=True)
 def _exp_dot_block_scaled(xr, m, e, inv_t):
     """As :func:`_exp_dot_block` for logits divided by a temperature."""
     wide_vectors()
-    s = like(0, m)
-    d = like(0, m)
-    for j in range(xr.shape[0]):
-        z = load(xr, j) * inv_t - m
-        v = exp_for(xr, z)
-        e[j] = v
-        s += v
-        d += v * z
-    return s, d
+    main, tail = (lanes(like(0, m)), lanes(like(0, m))), (lanes(like(0, m)), lanes(like(0, m)))
+    lane_loop(xr.shape[0], _exp_dot_scaled_step, main, tail, (xr, m, e, inv_t))
+    return lane_sum(main[0], tail[0]), lane_sum(main[1], tail[1])
+
+
+@njit(fastmath=FM_REDUCE, cache=True, error_model="numpy", inline="always")
+def _exp_dot_cap_step(j, lane, acc, args):
+    xr, m, e, cap, inv_cap, inv_t = args
+    z = cap * fast_tanh(load_row(xr, j) * inv_cap) * inv_t - m
+    v = exp_for(xr, z)
+    write_scratch(e, j, v)
+    acc[0][lane] += v
+    acc[1][lane] += v * z
 
 
 @njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
 def _exp_dot_block_cap(xr, m, e, cap, inv_cap, inv_t):
     """As :func:`_exp_dot_block` for soft-capped (and scaled) logits."""
     wide_vectors()
-    s = like(0, m)
-    d = like(0, m)
-    for j in range(xr.shape[0]):
-        z = cap * fast_tanh(load(xr, j) * inv_cap) * inv_t - m
-        v = exp_for(xr, z)
-        e[j] = v
-        s += v
-        d += v * z
-    return s, d
+    main, tail = (lanes(like(0, m)), lanes(like(0, m))), (lanes(like(0, m)), lanes(like(0, m)))
+    lane_loop(xr.shape[0], _exp_dot_cap_step, main, tail, (xr, m, e, cap, inv_cap, inv_t))
+    return lane_sum(main[0], tail[0]), lane_sum(main[1], tail[1])
 
 
 @njit(cache=True)

@@ -25,6 +25,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
+from ._lanes import halving_sum
 from ._math import compute_zero, fma, like, load
 
 _WIDE = '"prefer-vector-width"="512"'
@@ -216,11 +217,7 @@ def _dot_codegen(context, builder, sig, args, n):
     a, b, index = args
     va = _load_lanes(context, builder, sig.args[0], a, index, n, None)
     vb = _load_lanes(context, builder, sig.args[1], b, index, n, None)
-    p = builder.fmul(va, vb)
-    name = f"llvm.vector.reduce.fadd.v{n}f32"
-    f32 = ir.FloatType()
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, p.type]), name)
-    r = builder.call(fn, [ir.Constant(f32, 0.0), p], fastmath=("reassoc",))
+    r = halving_sum(builder, builder.fmul(va, vb))  # a fixed order (see _lanes)
     return builder.fpext(r, ir.DoubleType())
 
 

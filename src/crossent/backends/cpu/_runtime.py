@@ -1,0 +1,176 @@
+"""How the CPU kernels live in a process: Numba's threads and Numba's on-disk cache.
+
+- :func:`use_forksafe_threads` picks Numba's ``forksafe`` threading layer before Numba starts
+  its threads: TBB where the ``tbb`` package is installed (it is a dependency on Linux x86-64),
+  else Numba's ``workqueue``. Numba's default on Linux is GNU OpenMP when TBB cannot be loaded,
+  and a child forked after OpenMP ran (a DataLoader worker, a ``multiprocessing`` fork pool) is
+  killed by Numba as soon as it starts a parallel loop. A user's own choice of layer
+  (``NUMBA_THREADING_LAYER`` or ``numba.config.THREADING_LAYER``) is kept, and so are threads
+  Numba has already started.
+- :func:`install_caches` gives every kernel a :class:`KernelCache`: an entry that cannot be read
+  (a truncated or overwritten file, another format) is compiled again and written anew instead
+  of failing every call, and a cache that cannot be written (a read-only installation, a
+  prebuilt read-only ``NUMBA_CACHE_DIR``) is still read.
+- :func:`private_cache_dir` is where kernels are cached when no location is writable: a
+  temporary directory, removed when the process that made it exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import tempfile
+import warnings
+from importlib import metadata
+from types import ModuleType
+from typing import Any
+
+import numba
+from numba.core.caching import (
+    FunctionCache,
+    IndexDataCacheFile,
+    UserWideCacheLocator,
+    _CacheLocator,
+)
+from numba.core.dispatcher import Dispatcher
+
+# ---- threads ------------------------------------------------------------------------------
+
+
+def _preload_tbb() -> None:
+    """Loads the ``tbb`` package's library by its path, so that Numba (which asks the dynamic
+    loader for ``libtbb.so.12`` by name) finds it in a virtual environment too."""
+    try:
+        files = metadata.files("tbb") or []
+    except metadata.PackageNotFoundError:
+        return
+    for f in files:
+        if f.name in ("libtbb.so.12", "libtbb.12.dylib", "tbb12.dll"):
+            with contextlib.suppress(OSError):
+                import ctypes
+
+                ctypes.CDLL(str(f.locate()), mode=ctypes.RTLD_GLOBAL)
+            return
+
+
+def use_forksafe_threads() -> None:
+    """Starts Numba's threads with a layer that survives ``fork()``, unless the user chose a
+    layer or Numba's threads already run."""
+    from numba.np.ufunc import parallel
+
+    if parallel._is_initialized:
+        return
+    _preload_tbb()
+    chosen = "NUMBA_THREADING_LAYER" in os.environ
+    if not chosen and numba.config.THREADING_LAYER == "default":  # type: ignore[attr-defined]
+        numba.config.THREADING_LAYER = "forksafe"  # type: ignore[attr-defined]
+        # started now: Numba reloads its configuration when a NUMBA_* variable changes
+        parallel._launch_threads()
+
+
+# ---- cache --------------------------------------------------------------------------------
+
+_private_dir: str | None = None
+
+
+def private_cache_dir() -> str:
+    """A temporary directory for kernels that cannot be cached anywhere else, removed at exit by
+    the process that made it (not by a forked child)."""
+    global _private_dir
+    if _private_dir is None or not os.path.isdir(_private_dir):
+        _private_dir = tempfile.mkdtemp(prefix="crossent-numba-")
+        owner = os.getpid()
+
+        def remove(path: str = _private_dir) -> None:
+            if os.getpid() == owner:
+                shutil.rmtree(path, ignore_errors=True)
+
+        atexit.register(remove)
+    return _private_dir
+
+
+def _cache_dirs(py_func: Any) -> list[str]:
+    """The directories Numba would cache ``py_func`` in, in Numba's order, whether or not they
+    can be written: ``NUMBA_CACHE_DIR``, ``__pycache__`` beside the source, the user's cache."""
+    source = os.path.abspath(py_func.__code__.co_filename)
+    sub = _CacheLocator.get_suitable_cache_subpath(source)
+    dirs = []
+    if numba.config.CACHE_DIR:  # type: ignore[attr-defined]
+        dirs.append(os.path.join(numba.config.CACHE_DIR, sub))  # type: ignore[attr-defined]
+    dirs.append(os.path.join(os.path.dirname(source), "__pycache__"))
+    with contextlib.suppress(Exception):
+        dirs.append(UserWideCacheLocator(py_func, source).get_cache_path())
+    return dirs
+
+
+class KernelCache(FunctionCache):
+    """Numba's per-function cache, made robust.
+
+    Entries are looked up in every directory Numba might cache the function in (writable or
+    not: a read-only prebuilt cache is used as it is); new entries go where Numba would write
+    them. An entry that fails to load (the index or data file truncated, overwritten, or of
+    another format) is reported once as a warning, its files are removed where they can be, and
+    the function is compiled again."""
+
+    _readers: list[IndexDataCacheFile] | None = None
+
+    def _sources(self) -> list[IndexDataCacheFile]:
+        if self._readers is None:
+            own = os.path.realpath(self._cache_path)
+            readers = []
+            for d in _cache_dirs(self._py_func):
+                if os.path.realpath(d) == own:
+                    readers.append(self._cache_file)
+                elif os.path.isfile(os.path.join(d, self._impl.filename_base + ".nbi")):
+                    stamp = self._impl.locator.get_source_stamp()
+                    readers.append(IndexDataCacheFile(d, self._impl.filename_base, stamp))
+            if self._cache_file not in readers:
+                readers.append(self._cache_file)
+            self._readers = readers
+        return self._readers
+
+    def load_overload(self, sig: Any, target_context: Any) -> Any:
+        if not self._enabled:
+            return None
+        target_context.refresh()
+        key = self._index_key(sig, target_context.codegen())
+        for source in self._sources():
+            try:
+                data = source.load(key)
+                if data is not None:
+                    return self._impl.rebuild(target_context, data)
+            except Exception as exc:  # anything a damaged file makes pickle or LLVM raise
+                self._discard(source, exc)
+        return None
+
+    def save_overload(self, sig: Any, data: Any) -> None:
+        try:
+            super().save_overload(sig, data)
+        except Exception as exc:  # the kernel is compiled all the same; it is not kept
+            self._discard(self._cache_file, exc)
+
+    def _discard(self, source: IndexDataCacheFile, exc: Exception) -> None:
+        index = source._index_path
+        warnings.warn(
+            f"crossent: the Numba cache entry {index} could not be used "
+            f"({type(exc).__name__}: {exc}); compiling the kernel again",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        if source is self._cache_file:
+            with contextlib.suppress(OSError):
+                os.remove(index)  # its data files are numbered anew by the next save
+        elif self._readers is not None:
+            self._readers.remove(source)
+
+
+def install_caches(*modules: ModuleType) -> None:
+    """Turns the cache of every cached kernel defined in ``modules`` into a
+    :class:`KernelCache`."""
+    for module in modules:
+        for value in vars(module).values():
+            cache = getattr(value, "_cache", None) if isinstance(value, Dispatcher) else None
+            if type(cache) is FunctionCache:
+                cache.__class__ = KernelCache
