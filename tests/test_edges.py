@@ -356,7 +356,9 @@ def test_a_gradient_penalty_raises_rather_than_dropping_out(backend: str, call: 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_softmax_second_derivatives_match_torch(backend: str, log: bool, dtype: torch.dtype) -> None:
+def test_softmax_second_derivatives_match_torch(
+    backend: str, log: bool, dtype: torch.dtype
+) -> None:
     x = testing.make_logits((6, 9), dtype=dtype)
     w = testing.make_logits((6, 9), seed=2, dtype=dtype)
     grads = []
