@@ -93,13 +93,14 @@ def private_cache_dir() -> str:
 
 def _cache_dirs(py_func: Any) -> list[str]:
     """The directories Numba would cache ``py_func`` in, in Numba's order, whether or not they
-    can be written: ``NUMBA_CACHE_DIR``, ``__pycache__`` beside the source, the user's cache."""
+    can be written: ``NUMBA_CACHE_DIR`` alone when it is set (it overrides the others, as in
+    Numba: an empty one means a cold start), else ``__pycache__`` beside the source and the
+    user's cache."""
     source = os.path.abspath(py_func.__code__.co_filename)
     sub = _CacheLocator.get_suitable_cache_subpath(source)
-    dirs = []
     if numba.config.CACHE_DIR:  # type: ignore[attr-defined]
-        dirs.append(os.path.join(numba.config.CACHE_DIR, sub))  # type: ignore[attr-defined]
-    dirs.append(os.path.join(os.path.dirname(source), "__pycache__"))
+        return [os.path.join(numba.config.CACHE_DIR, sub)]  # type: ignore[attr-defined]
+    dirs = [os.path.join(os.path.dirname(source), "__pycache__")]
     with contextlib.suppress(Exception):
         dirs.append(UserWideCacheLocator(py_func, source).get_cache_path())
     return dirs
