@@ -680,6 +680,12 @@ def test_sparse_logits_raise_not_implemented(backend: str) -> None:
         check_same_exception(call, backend=backend, expected=NotImplementedError)
     with pytest.raises(NotImplementedError, match="strided"):
         crossent.cross_entropy(xs, t, z_loss=1e-4, backend=backend)
+    # torch's linear layer takes sparse input: the same loss as torch's, or, with crossent's
+    # own options (which torch's function lacks), an error rather than ignoring them
+    h, w = torch.randn(4, 3).to_sparse(), torch.randn(5, 3)
+    check_same_exception(lambda lib: lib.linear_cross_entropy(h, w, t), backend=backend)
+    with pytest.raises(NotImplementedError, match="strided"):
+        crossent.linear_cross_entropy(h, w, t, z_loss=1e-4, backend=backend)
 
 
 # ---- a generator of edge inputs, compared with torch ---------------------------------------

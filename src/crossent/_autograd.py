@@ -41,7 +41,7 @@ class LossOptions:
     # Grad mode at the call: Function.forward always runs with grad disabled and its
     # needs_input_grad ignores no_grad(), so inference would otherwise pay for a gradient.
     grad_enabled: bool = True
-    # Write the gradient over the logits (opt-in; see index_loss / prob_loss).
+    # Write the gradient over the logits (opt-in; see cross_entropy_loss).
     inplace: bool = False
 
 
@@ -309,23 +309,18 @@ def _in_place(x: Tensor, opts: LossOptions) -> bool:
     return opts.inplace and opts.grad_enabled and x.requires_grad
 
 
-def index_loss(x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions) -> Tensor:
-    """Class-index cross entropy of ``(M, V)`` rows through autograd; with
-    ``opts.inplace`` (arguments checked by the caller) the gradient is written over ``x``."""
+def cross_entropy_loss(
+    x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions, prob: bool
+) -> Tensor:
+    """Cross entropy of ``(M, V)`` rows through autograd: class indices ``(M,)``, or
+    probabilities ``(M, V)`` when ``prob``. With ``opts.inplace`` (arguments checked by the
+    caller) the gradient is written over ``x``."""
     if _in_place(x, opts):
         out: list[Tensor] = []
-        dirty = _WriteGrad.apply(x, target, weight, opts, False, out)
+        dirty = _WriteGrad.apply(x, target, weight, opts, prob, out)
         return _LossOfGrad.apply(dirty, out, opts.reduction == "none")
-    return CrossEntropyIndex.apply(x, target, weight, opts)
-
-
-def prob_loss(x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions) -> Tensor:
-    """Probability-target cross entropy of ``(M, V)`` rows, as :func:`index_loss`."""
-    if _in_place(x, opts):
-        out: list[Tensor] = []
-        dirty = _WriteGrad.apply(x, target, weight, opts, True, out)
-        return _LossOfGrad.apply(dirty, out, opts.reduction == "none")
-    return CrossEntropyProb.apply(x, target, weight, opts)
+    function = CrossEntropyProb if prob else CrossEntropyIndex
+    return function.apply(x, target, weight, opts)
 
 
 class NllLoss(torch.autograd.Function):

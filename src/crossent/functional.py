@@ -21,8 +21,7 @@ from ._autograd import (
     NllLoss,
     Softmax,
     SoftmaxOptions,
-    index_loss,
-    prob_loss,
+    cross_entropy_loss,
 )
 from ._linear import LinearCrossEntropy, LinearOptions, chunk_rows
 from .backends.base import Backend, RowOptions
@@ -232,7 +231,7 @@ def cross_entropy(
                 "inplace_backward=True cannot be used when the target or the weight requires "
                 "grad: their gradients need the logits, which it overwrites"
             )
-        loss = prob_loss(prob.x, prob.target, weight, opts)
+        loss = cross_entropy_loss(prob.x, prob.target, weight, opts, prob=True)
         return loss.view(prob.out_shape) if red == "none" else loss
     _check_index_input(input, ls)
     return _index_cross_entropy(
@@ -281,7 +280,7 @@ def _index_cross_entropy(
     )
     be = resolve(backend, input) if isinstance(backend, str) else backend
     opts = LossOptions(be, row_opts, red, torch.is_grad_enabled(), inplace)
-    loss = index_loss(rows.x, rows.target, rows.weight, opts)
+    loss = cross_entropy_loss(rows.x, rows.target, rows.weight, opts, prob=False)
     return loss.view(rows.out_shape) if red == "none" else loss
 
 
@@ -311,9 +310,19 @@ def linear_cross_entropy(
     temperature: float = 1.0,
 ) -> Tensor:
     if not _dense(input, linear_weight, linear_bias, target, weight):
-        return F.linear_cross_entropy(
+        torch_fn = getattr(F, "linear_cross_entropy", None)
+        plain = z_loss == 0.0 and softcap is None and temperature == 1.0
+        if torch_fn is None or not plain:
+            raise NotImplementedError(
+                "crossent's linear_cross_entropy takes strided tensors only"
+                + ("" if torch_fn is None else " with z_loss, softcap or temperature")
+                + f", got input of layout {input.layout} and linear_weight of layout "
+                f"{linear_weight.layout}"
+            )
+        return torch_fn(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight,
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            options=options,
         )
     # torch.autocast: the linear layer in the autocast dtype, the cross entropy in float32
     ac_dtype = _autocast_dtype(input)
