@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -35,6 +36,7 @@ from numba.core.caching import (
     _CacheLocator,
 )
 from numba.core.dispatcher import Dispatcher
+from numba.core.errors import NumbaIRAssumptionWarning
 
 # ---- threads ------------------------------------------------------------------------------
 
@@ -167,11 +169,29 @@ class KernelCache(FunctionCache):
             self._readers.remove(source)
 
 
+def _quiet(compile: Any) -> Any:
+    """``compile`` without Numba's ``NumbaIRAssumptionWarning``: an internal consistency
+    check of Numba's own that some kernels trip on their first compile (asking the user to
+    report it to Numba); the compiled code is the same with or without it."""
+
+    @functools.wraps(compile)
+    def quiet_compile(sig: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NumbaIRAssumptionWarning)
+            return compile(sig)
+
+    return quiet_compile
+
+
 def install_caches(*modules: ModuleType) -> None:
     """Turns the cache of every cached kernel defined in ``modules`` into a
-    :class:`KernelCache`."""
+    :class:`KernelCache`, and compiles them without Numba's pedantic IR warning (:func:`_quiet`;
+    only at compile time, so calls cost nothing more)."""
     for module in modules:
         for value in vars(module).values():
-            cache = getattr(value, "_cache", None) if isinstance(value, Dispatcher) else None
+            if not isinstance(value, Dispatcher):
+                continue
+            cache = getattr(value, "_cache", None)
             if type(cache) is FunctionCache:
                 cache.__class__ = KernelCache
+            value.compile = _quiet(value.compile)  # type: ignore[method-assign]
