@@ -327,30 +327,48 @@ def test_retain_graph_sequences_linear(between: str, reduction: str, n: int, d: 
         torch.testing.assert_close(a, b)
 
 
-# ---- second derivatives: an error, never a gradient treated as a constant --------------------
+# ---- second derivatives: torch's values, or an error; never a gradient taken as a constant ----
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("call", ["index", "prob", "inplace", "linear"])
-def test_a_gradient_penalty_raises_rather_than_dropping_out(backend: str, call: str) -> None:
-    # g = grad(loss, x, create_graph=True), then (loss + ‖g‖²).backward(): torch's second
-    # derivative is not zero; crossent computes first derivatives only and must say so
+@pytest.mark.parametrize("call", ["index", "prob", "linear", "nll"])
+def test_a_gradient_penalty_matches_torch(backend: str, call: str) -> None:
+    # g = grad(loss, x, create_graph=True), then (loss + ‖g‖²).backward(): the penalty's
+    # second derivative reaches x.grad (and the linear weight's grad) as in torch
     n, c = 8, 12
-    x = testing.make_logits((n, c)).requires_grad_()
+    x0 = testing.make_logits((n, c), dtype=torch.float64)
     t = testing.make_targets((n,), c)
-    p = torch.softmax(testing.make_logits((n, c), seed=2), 1)
-    lw = testing.make_logits((c, 6), seed=3).requires_grad_()
-    losses: dict[str, Callable[[], torch.Tensor]] = {
-        "index": lambda: crossent.cross_entropy(x, t, backend=backend),
-        "prob": lambda: crossent.cross_entropy(x, p, backend=backend),
-        "inplace": lambda: crossent.cross_entropy(x * 1, t, backend=backend,
-                                                  inplace_backward=True),  # fmt: skip
-        "linear": lambda: crossent.linear_cross_entropy(x[:, :6], lw, t, backend=backend),
-    }
-    loss = losses[call]()
-    with pytest.raises(RuntimeError, match="second derivatives|differentiate twice"):
+    p = torch.softmax(testing.make_logits((n, c), seed=2, dtype=torch.float64), 1)
+    lw0 = testing.make_logits((c, 6), seed=3, dtype=torch.float64)
+
+    def penalised(lib: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        kw = {"backend": backend} if lib is crossent else {}
+        x, lw = x0.clone().requires_grad_(), lw0.clone().requires_grad_()
+        losses: dict[str, Callable[[], torch.Tensor]] = {
+            "index": lambda: lib.cross_entropy(x, t, label_smoothing=0.1, **kw),
+            "prob": lambda: lib.cross_entropy(x, p, **kw),
+            "linear": lambda: lib.linear_cross_entropy(x[:, :6], lw, t, **kw),
+            "nll": lambda: lib.nll_loss(torch.log_softmax(x, 1), t, **kw),
+        }
+        loss = losses[call]()
         (g,) = torch.autograd.grad(loss, x, create_graph=True)
         (loss + g.pow(2).sum()).backward()
+        return x.grad, lw.grad
+
+    grads = [penalised(crossent), penalised(F)]
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    if call == "linear":
+        torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gradient_penalty_with_inplace_backward_raises(backend: str) -> None:
+    # the logits are overwritten by their gradient: nothing to differentiate twice from
+    x = testing.make_logits((8, 12)).requires_grad_()
+    t = testing.make_targets((8,), 12)
+    loss = crossent.cross_entropy(x * 1, t, backend=backend, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(loss, x, create_graph=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

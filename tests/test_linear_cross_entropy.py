@@ -266,7 +266,8 @@ def test_signature_is_torchs_plus_extras() -> None:
     assert spec[: len(theirs)] == [(p.name, p.kind, p.default) for p in theirs]
     assert spec[len(theirs):] == [
         ("backend", KW, "auto"), ("chunk_bytes", KW, None), ("z_loss", KW, 0.0),
-        ("softcap", KW, None), ("temperature", KW, 1.0),
+        ("softcap", KW, None), ("temperature", KW, 1.0), ("logits_dtype", KW, None),
+        ("divisor", KW, None),
     ]
     m_ours = list(inspect.signature(crossent.nn.LinearCrossEntropyLoss.__init__).parameters)
     m_theirs = list(inspect.signature(torch.nn.LinearCrossEntropyLoss.__init__).parameters)
@@ -481,3 +482,64 @@ def test_rows_are_spread_evenly_over_the_chunks() -> None:
     t[::3] = -100  # ignored rows are dropped first: 6 kept
     assert sizes(t, 4) == [3, 3]
     assert sizes(torch.full((5,), -100), 4) == []
+
+
+# ---- hidden states with a sequence dim, float32 loss of 16-bit logits, a divided sum -------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_batched_sequence_hidden_states(backend: str, reduction: str) -> None:
+    # (B, T, D) hidden states with (B, T) targets, or (B, T, V) probabilities: as torch's
+    # function on the rows, with 'none' losses shaped (B, T)
+    h = hidden(2, 5, D).requires_grad_()
+    w = hidden(V, D).requires_grad_()
+    t = testing.make_targets((2, 5), V, ignore_index=-100, ignore_fraction=0.3)
+    p = testing.make_probs((2, 5, V))
+    for target, flat in ((t, t.reshape(-1)), (p, p.reshape(-1, V))):
+        ours = crossent.linear_cross_entropy(h, w, target, reduction=reduction, backend=backend)
+        h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        theirs = F.linear_cross_entropy(h2.reshape(-1, D), w2, flat, reduction=reduction)
+        if reduction == "none":
+            theirs = theirs.view(2, 5)
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs)
+        gen = torch.Generator().manual_seed(3)
+        g = torch.rand(ours.shape, generator=gen)
+        torch.testing.assert_close(
+            torch.autograd.grad(ours, (h, w), g), torch.autograd.grad(theirs, (h2, w2), g)
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logits_dtype_float32_is_transformers_upcast(backend: str, dtype: torch.dtype) -> None:
+    # transformers rounds the 16-bit logits, upcasts them and takes a float32 loss: the loss
+    # keeps float32 precision instead of being rounded to 16 bits
+    h, w = hidden(8, D).to(dtype), hidden(V, D).to(dtype)
+    t = testing.make_targets((8,), V)
+    ours = crossent.linear_cross_entropy(h, w, t, logits_dtype=torch.float32, backend=backend)
+    theirs = F.cross_entropy(F.linear(h, w).float(), t)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert crossent.linear_cross_entropy(h, w, t, backend=backend).dtype == dtype
+
+
+def test_divisor_divides_the_sum(backend: str) -> None:
+    # transformers' num_items_in_batch: reduction='sum' then / n, the gradient scaled alike
+    h = hidden(6, D).requires_grad_()
+    w = hidden(V, D).requires_grad_()
+    t = testing.make_targets((6,), V, ignore_index=-100, ignore_fraction=0.3)
+    for divisor in (7, 2.5, torch.tensor(11)):
+        ours = crossent.linear_cross_entropy(
+            h, w, t, reduction="sum", divisor=divisor, backend=backend
+        )
+        theirs = F.linear_cross_entropy(h, w, t, reduction="sum") / divisor
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(
+            torch.autograd.grad(ours * 3, (h, w)), torch.autograd.grad(theirs * 3, (h, w))
+        )
+    with pytest.raises(ValueError, match="divisor divides a sum"):
+        crossent.linear_cross_entropy(h, w, t, divisor=4)
+    with pytest.raises(ValueError, match="one-element"):
+        crossent.linear_cross_entropy(h, w, t, reduction="sum", divisor=torch.ones(2))
+    with pytest.raises(TypeError, match="logits_dtype"):
+        crossent.linear_cross_entropy(h, w, t, logits_dtype=torch.int64)

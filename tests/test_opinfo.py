@@ -20,6 +20,7 @@ from parity import check_same, check_same_exception
 from torch.testing._internal.common_methods_invocations import op_db
 from torch.testing._internal.common_modules import ModuleErrorEnum, module_db
 
+import crossent
 import crossent.nn
 
 # OpInfo name -> the function of that name in torch.nn.functional and in crossent
@@ -198,3 +199,86 @@ def test_module_error_input(backend: str, cls_name: str, index: int) -> None:
         # the error belongs to forward: crossent's constructor accepts the same arguments
         module = getattr(crossent.nn, cls_name)(*c.args, **c.kwargs, backend=backend)
         assert isinstance(module, getattr(torch.nn, cls_name))
+
+
+# --------------------------------------------------------------------------------------------
+# gradients as torch's test_ops_gradients.py and test_modules.py check them: gradcheck and
+# gradgradcheck, with batched gradients and forward-mode AD, on float64 samples
+
+
+def _differentiable(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad
+
+
+def _gradient_checks(fn: Any, torch_fn: Any, tensors: list[torch.Tensor]) -> None:
+    """crossent passes the checks; or, on the rare sample where torch's own function fails
+    them (a 0/0 loss: all targets ignored under 'mean'), fails them too."""
+    kw = {"check_batched_grad": True}
+
+    def checks(f: Any) -> None:
+        assert torch.autograd.gradcheck(f, tensors, check_forward_ad=True, **kw)
+        assert torch.autograd.gradgradcheck(f, tensors, **kw)
+
+    try:
+        checks(torch_fn)
+    except torch.autograd.gradcheck.GradcheckError:
+        with pytest.raises(torch.autograd.gradcheck.GradcheckError):
+            checks(fn)
+        return
+    checks(fn)
+
+
+def _grad_cases() -> list[Any]:
+    cases = []
+    for name, variant in OPINFOS:
+        for i, s in enumerate(opinfo_samples(name, variant, torch.float64)):
+            if _differentiable(s.input):
+                label = OPINFO_FUNCTIONS[name] + (f".{variant}" if variant else "")
+                cases.append(pytest.param(name, variant, i, id=f"{label}-{i}"))
+    return cases
+
+
+@pytest.mark.parametrize(("name", "variant", "index"), _grad_cases())
+def test_opinfo_gradients(backend: str, name: str, variant: str, index: int) -> None:
+    sample = opinfo_samples(name, variant, torch.float64)[index]
+    args = [sample.input, *sample.args]
+    where = [i for i, a in enumerate(args) if _differentiable(a)]
+
+    def caller(fn: Any, **extra: Any) -> Any:
+        def call(*diff: torch.Tensor) -> Any:
+            full = list(args)
+            for i, d in zip(where, diff, strict=True):
+                full[i] = d
+            return sample.output_process_fn_grad(fn(*full, **sample.kwargs, **extra))
+
+        return call
+
+    fn_name = OPINFO_FUNCTIONS[name]
+    ours = caller(getattr(crossent, fn_name), backend=backend)
+    theirs = caller(getattr(torch.nn.functional, fn_name))
+    _gradient_checks(ours, theirs, [args[i].detach().clone().requires_grad_() for i in where])
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "index"),
+    [pytest.param(c, i, id=f"{c}-{i}-{mi.desc or '-'}")
+     for c in MODULEINFOS for i, mi in enumerate(module_inputs(c, torch.float64))],
+)  # fmt: skip
+def test_module_gradients(backend: str, cls_name: str, index: int) -> None:
+    mi = module_inputs(cls_name, torch.float64)[index]
+    c, f = mi.constructor_input, mi.forward_input
+    args = list(f.args)
+    where = [i for i, a in enumerate(args) if _differentiable(a)]
+
+    def caller(module: Any) -> Any:
+        def call(*diff: torch.Tensor) -> Any:
+            full = list(args)
+            for i, d in zip(where, diff, strict=True):
+                full[i] = d
+            return module(*full, **f.kwargs)
+
+        return call
+
+    ours = caller(getattr(crossent.nn, cls_name)(*c.args, **c.kwargs, backend=backend))
+    theirs = caller(getattr(torch.nn, cls_name)(*c.args, **c.kwargs))
+    _gradient_checks(ours, theirs, [args[i].detach().clone().requires_grad_() for i in where])

@@ -329,12 +329,38 @@ def _check_target_dtype(target: Tensor) -> None:
         )
 
 
+def check_divisor(divisor: Any, reduction: str) -> Tensor:
+    """``divisor`` of a ``'sum'`` (transformers' ``num_items_in_batch``): a real number or a
+    one-element tensor, as a 0-d float64 tensor."""
+    if reduction != "sum":
+        raise ValueError(f"divisor divides a sum: it needs reduction='sum', got {reduction!r}")
+    if isinstance(divisor, Tensor):
+        if divisor.numel() != 1 or divisor.is_complex():
+            raise ValueError(
+                f"divisor must be a number or a one-element real tensor, got a tensor of shape "
+                f"{tuple(divisor.shape)} and dtype {dtype_name(divisor.dtype)}"
+            )
+        return divisor.detach().reshape(()).to(torch.float64)
+    if isinstance(divisor, bool) or not isinstance(divisor, (int, float)):
+        raise TypeError(f"divisor must be a number or a tensor, got {type(divisor).__name__}")
+    return torch.tensor(float(divisor), dtype=torch.float64)
+
+
+def unchecked() -> bool:
+    """Whether tensor values cannot be read here: Dynamo tracing, or a torch.func transform."""
+    from ._transforms import compiling, functorch_active
+
+    return compiling() or functorch_active()
+
+
 def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise ``IndexError`` naming the first target outside ``[0, C)`` that is not ignored.
 
-    Runs before any kernel: the fused kernels index with targets unchecked.
+    Runs before any kernel: the fused kernels index with targets unchecked. Not while Dynamo
+    traces (the custom operators check their targets when they run) nor under a torch.func
+    transform (torch's own operations compute the call, and check).
     """
-    if target.numel() == 0:
+    if target.numel() == 0 or unchecked():
         return
     lo, hi = torch.aminmax(target)
     if bool((lo >= 0) & (hi < num_classes)):  # all in range: no per-target masks

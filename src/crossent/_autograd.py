@@ -8,12 +8,14 @@ gradient itself (scaled in place) only when the graph is freed after that backwa
 ``retain_graph=True`` backward returns a scaled copy, so ``.grad`` and the graph never share
 memory (:func:`scale_saved`).
 
-Backward passes are first-order only. The cross-entropy Functions save the gradient, not the
-logits, so no graph of their backward exists: backward called with ``create_graph=True``
-raises at once (:func:`first_order`), instead of returning a gradient that a second
-derivative would silently treat as a constant. Softmax's backward builds its graph from
-torch operations on the saved output when asked, so its second derivatives are exact;
-``nll_loss``'s is ``once_differentiable``.
+Second derivatives: when backward runs with ``create_graph=True`` (or under a torch.func
+transform, whose batched gradients the fused kernels cannot take), the gradient is built
+with differentiable torch operations from the inputs instead (:mod:`crossent._composite`),
+so that its own derivative is exact. The inputs are kept for that by reference
+(:class:`Inputs`), not as saved tensors: nothing is copied, and modifying the logits in
+place after the loss, which torch's own cross entropy allows, stays allowed; a second
+derivative then raises torch's error. Only ``inplace_backward``, which overwrites the logits,
+has first-order backward only (:func:`first_order`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
+from . import _composite
+from ._transforms import batched, compiling, composed, differentiable_backward
 from .backends import buffers
 from .backends.base import Backend, RowOptions, acc_dtype
 
@@ -103,13 +107,34 @@ def first_order(fn: Callable[..., Any]) -> Callable[..., Any]:
     def backward(ctx: Any, *grads: Any) -> Any:
         if torch.is_grad_enabled():
             raise RuntimeError(
-                "crossent: second derivatives of the cross-entropy functions are not "
-                "supported (backward was called with create_graph=True, as for a gradient "
-                "penalty or a Hessian-vector product); use torch.nn.functional's function there"
+                "crossent: no second derivatives with inplace_backward=True, which overwrites "
+                "the logits they need (backward was called with create_graph=True, as for a "
+                "gradient penalty or a Hessian-vector product); leave inplace_backward off"
             )
         return fn(ctx, *grads)
 
     return backward
+
+
+class Inputs:
+    """A Function's inputs kept by reference for a differentiable backward (see the module
+    docstring), with their versions at the call: unpacking them after an in-place change
+    raises torch's error for a modified saved tensor."""
+
+    def __init__(self, *tensors: Tensor | None) -> None:
+        self.tensors = tensors
+        self.versions = tuple(None if t is None else t._version for t in tensors)
+
+    def unpack(self) -> tuple[Tensor | None, ...]:
+        for i, (t, v) in enumerate(zip(self.tensors, self.versions, strict=True)):
+            if t is not None and t._version != v:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified "
+                    f"by an inplace operation: [{t.type()} {list(t.shape)}] (input {i} of a "
+                    f"crossent function) is at version {t._version}; expected version {v} "
+                    "instead. crossent keeps its inputs for second derivatives only"
+                )
+        return self.tensors
 
 
 def _is_one(g: Tensor) -> bool:
@@ -179,16 +204,43 @@ class CrossEntropyIndex(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0] and opts.grad_enabled  # type: ignore[attr-defined]
         grad = _grad_buffer(need_x, x)
         ctx.save_for_backward(grad)  # type: ignore[arg-type]
-        ctx.reduction = opts.reduction  # type: ignore[attr-defined]
+        ctx.inputs = Inputs(x, target, weight)  # type: ignore[attr-defined]
+        ctx.opts = opts  # type: ignore[attr-defined]
         return _index_forward(x, target, weight, opts, grad)
 
     @staticmethod
-    @first_order
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:
         (grad,) = ctx.saved_tensors
         if grad is None:
             return None, None, None, None
-        return scale_saved(grad, g, ctx.reduction == "none"), None, None, None
+        opts: LossOptions = ctx.opts
+        rows = opts.reduction == "none"
+        if torch.is_grad_enabled():
+            return (*_composite_grads(ctx, g, False), None)  # type: ignore[return-value]
+        if batched(g):
+            return scale(grad, g, rows), None, None, None
+        return scale_saved(grad, g, rows), None, None, None
+
+
+def _composite_grads(ctx: Any, g: Tensor, prob: bool) -> tuple[Tensor | None, ...]:
+    """Gradients of a cross-entropy Function's inputs (x, target, weight) by torch's own
+    operations: differentiable (create_graph) and batchable."""
+    opts: LossOptions = ctx.opts
+    inputs = ctx.inputs.unpack()
+    wanted = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+    loss, leaves = _composite.replay(
+        lambda x, t, w: _composite.cross_entropy(x, t, w, opts.rows, opts.reduction, prob),
+        inputs, wanted,
+    )  # fmt: skip
+    return _composite.gradients(loss, leaves, g, wanted)
+
+
+def scale(t: Tensor, g: Tensor, rows: bool = False) -> Tensor:
+    """``t`` times the incoming gradient ``g`` (per row when ``rows``), a new tensor: the
+    value :func:`scale_saved` gives, by operations a transform can batch or trace."""
+    if rows:
+        return t * g.to(t.dtype).reshape(-1, *([1] * (t.dim() - 1)))
+    return t * (g.reshape(()) if g.dtype.is_floating_point else g.to(t.dtype).reshape(()))
 
 
 def _prob_forward(
@@ -226,39 +278,56 @@ class CrossEntropyProb(torch.autograd.Function):
         ctx: FunctionCtx, x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
     ) -> Tensor:
         need_x, need_t, need_w = (
-            need and opts.grad_enabled for need in ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+            need and opts.grad_enabled
+            for need in ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
         )
         extra = need_t or need_w
         grad = _grad_buffer(need_x, x)
         loss, lse = _prob_forward(x, target, weight, opts, grad)
         saved = (x, target, weight, lse) if extra else (None, None, None, None)
         ctx.save_for_backward(grad, *saved)  # type: ignore[arg-type]
+        ctx.inputs = Inputs(x, target, weight)  # type: ignore[attr-defined]
         ctx.opts = opts  # type: ignore[attr-defined]
         ctx.m = x.shape[0]  # type: ignore[attr-defined]
         return loss
 
     @staticmethod
-    @first_order
-    def backward(
-        ctx: Any, g: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        if torch.is_grad_enabled():
+            return (*_composite_grads(ctx, g, True), None)  # type: ignore[return-value]
         grad, x, target, weight, lse = ctx.saved_tensors
         opts: LossOptions = ctx.opts
-        gx = None if grad is None else scale_saved(grad, g, opts.reduction == "none")
+        rows = opts.reduction == "none"
         need_t, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if batched(g):
+            gx = None if grad is None else scale(grad, g, rows)
+            if not (need_t or need_w):
+                return gx, None, None, None
+            _, dt, dw = _composite_grads(ctx, g, True)
+            return gx, dt, dw, None
+        gx = None if grad is None else scale_saved(grad, g, rows)
         if not (need_t or need_w):
             return gx, None, None, None
-        m = ctx.m
-        if opts.reduction == "none":
-            row_grad = g
-        elif opts.reduction == "mean":
-            row_grad = (g / m).expand(m)
-        else:
-            row_grad = g.expand(m)
-        dt, dw = opts.backend.cross_entropy_prob_extra_grads(
-            x, target, weight, lse, row_grad, opts.rows, need_t, need_w
-        )
+        dt, dw = prob_extra_grads(x, target, weight, lse, g, opts, need_t, need_w)
         return gx, dt, dw, None
+
+
+def prob_extra_grads(
+    x: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor, g: Tensor,
+    opts: LossOptions, need_t: bool, need_w: bool,
+) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    """Probability-target cross entropy's gradients of the target and the class weights,
+    for the incoming gradient ``g`` of the reduced loss."""
+    m = x.shape[0]
+    if opts.reduction == "none":
+        row_grad = g
+    elif opts.reduction == "mean":
+        row_grad = (g / m).expand(m)
+    else:
+        row_grad = g.expand(m)
+    return opts.backend.cross_entropy_prob_extra_grads(
+        x, target, weight, lse, row_grad, opts.rows, need_t, need_w
+    )
 
 
 class _WriteGrad(torch.autograd.Function):
@@ -315,6 +384,12 @@ def cross_entropy_loss(
     """Cross entropy of ``(M, V)`` rows through autograd: class indices ``(M,)``, or
     probabilities ``(M, V)`` when ``prob``. With ``opts.inplace`` (arguments checked by the
     caller) the gradient is written over ``x``."""
+    if composed(x, target, weight):  # a torch.func transform, or forward-mode AD
+        return _composite.cross_entropy(x, target, weight, opts.rows, opts.reduction, prob)
+    if compiling():  # the same computation, as custom operators (in place or not)
+        from . import _ops
+
+        return _ops.cross_entropy(x, target, weight, opts, prob)
     if _in_place(x, opts):
         out: list[Tensor] = []
         dirty = _WriteGrad.apply(x, target, weight, opts, prob, out)
@@ -330,30 +405,57 @@ class NllLoss(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
     ) -> Tensor:
-        rows = opts.backend.nll_forward(x, target, weight, opts.rows.ignore_index)
-        denom = None
-        if opts.reduction == "mean":
-            denom = _denominator(target, weight, opts.rows.ignore_index)
+        loss, denom = nll_forward(x, target, weight, opts)
         ctx.save_for_backward(target, weight, denom)  # type: ignore[arg-type]
         ctx.opts = opts  # type: ignore[attr-defined]
         ctx.shape = x.shape  # type: ignore[attr-defined]
         ctx.dtype = x.dtype  # type: ignore[attr-defined]
-        return _reduce(rows, opts.reduction, denom).to(x.dtype)
+        return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         target, weight, denom = ctx.saved_tensors
         opts: LossOptions = ctx.opts
-        row_grad = g.to(acc_dtype(ctx.dtype))
-        if opts.reduction == "mean":
-            row_grad = row_grad / denom
-        grad = opts.backend.nll_backward(
-            row_grad, target, weight, opts.rows.ignore_index, ctx.shape[1], ctx.dtype
-        )
-        return grad, None, None, None
+        if differentiable_backward(g):
+            # the gradient does not depend on the input's values, only on its shape: torch's
+            # nll_loss of zeros gives it by differentiable, batchable operations
+            zeros = torch.zeros(ctx.shape, dtype=ctx.dtype, device=g.device)
+            loss, (leaf, *_) = _composite.replay(
+                lambda x: _composite.nll_loss(
+                    x, target, weight, opts.rows.ignore_index, opts.reduction
+                ),
+                (zeros,),
+                (True,),
+            )
+            return _composite.gradients(loss, (leaf,), g, (True,))[0], None, None, None
+        return nll_grad(g, target, weight, denom, opts, ctx.shape[1], ctx.dtype), None, None, None
+
+
+def nll_forward(
+    x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
+) -> tuple[Tensor, Tensor | None]:
+    """nll_loss's reduced loss, and the 'mean' denominator (None for other reductions)."""
+    rows = opts.backend.nll_forward(x, target, weight, opts.rows.ignore_index)
+    denom = None
+    if opts.reduction == "mean":
+        denom = _denominator(target, weight, opts.rows.ignore_index)
+    return _reduce(rows, opts.reduction, denom).to(x.dtype), denom
+
+
+def nll_grad(
+    g: Tensor, target: Tensor, weight: Tensor | None, denom: Tensor | None, opts: LossOptions,
+    num_classes: int, dtype: torch.dtype,
+) -> Tensor:  # fmt: skip
+    """nll_loss's gradient of its input for the incoming gradient ``g``."""
+    row_grad = g.to(acc_dtype(dtype))
+    if opts.reduction == "mean":
+        assert denom is not None
+        row_grad = row_grad / denom
+    return opts.backend.nll_backward(
+        row_grad, target, weight, opts.rows.ignore_index, num_classes, dtype
+    )
 
 
 @dataclass(frozen=True)
@@ -375,9 +477,10 @@ class Softmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
         (out,) = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # create_graph=True: the same formula in differentiable torch operations on the
-            # saved output, whose graph leads back here, so second derivatives are exact
+        if differentiable_backward(g):
+            # create_graph=True, or a transform: the same formula in differentiable, batchable
+            # torch operations on the saved output, whose graph leads back here, so second
+            # derivatives are exact
             acc = acc_dtype(out.dtype)
             y, gg = out.to(acc), g.to(acc)
             if ctx.opts.log:

@@ -189,7 +189,10 @@ LINEAR_CROSS_ENTROPY = rf"""Compute the cross entropy of ``input @ linear_weight
     logits, because the per-row incoming gradient is needed to form the weight gradient.
 
     Args:
-        input (Tensor): ``(N, in_features)`` or unbatched ``(in_features,)``.
+        input (Tensor): ``(N, in_features)`` or unbatched ``(in_features,)``; also (which
+            torch refuses) ``(B, T, ..., in_features)`` hidden states with ``(B, T, ...)``
+            class indices or ``(B, T, ..., C)`` probabilities, ``reduction='none'`` then
+            giving ``(B, T, ...)`` losses.
         linear_weight (Tensor): ``(C, in_features)``, or ``(C, d_1, ..., d_K, in_features)``
             for a K-dimensional loss (that case, and targets or class weights that require
             grad, are computed through materialised logits, as torch's reference path).
@@ -210,6 +213,14 @@ LINEAR_CROSS_ENTROPY = rf"""Compute the cross entropy of ``input @ linear_weight
             the most rows per chunk (the rows are then spread evenly over the chunks). Default:
             ``None`` (60 MiB)
         {EXTENSIONS}
+        logits_dtype (torch.dtype, keyword-only): the cross entropy reads the logits (computed
+            in the input's dtype) as this dtype, and the loss has it: ``torch.float32`` is
+            transformers' ``logits.float()`` before its loss, so a bfloat16 model's loss is
+            not rounded to bfloat16. Default: ``None`` (the input's dtype)
+        divisor (float or Tensor, keyword-only): with ``reduction='sum'``, the loss is the
+            sum divided by this number or one-element tensor (transformers'
+            ``num_items_in_batch`` under gradient accumulation); the division is folded into
+            the gradient the forward pass writes, so it costs no memory. Default: ``None``
 
     Shape:
         - Output: scalar, or ``(N,)`` (``()`` unbatched) with ``reduction='none'``

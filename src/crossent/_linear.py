@@ -33,7 +33,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from ._autograd import _denominator, _reduce, first_order, scale_saved
+from . import _composite
+from ._autograd import Inputs, _denominator, _reduce, scale, scale_saved
+from ._transforms import batched
 from .backends.base import Backend, RowOptions, acc_dtype
 from .backends.torch import prob_acc_dtype
 
@@ -59,6 +61,9 @@ class LinearOptions:
     # autocast's linear layer: input, weight and bias cast to this dtype for the matmuls; the
     # parameters' gradients then come back in their own dtypes, with no rounding to this one
     compute_dtype: torch.dtype | None = None
+    # a 'sum' divided by this 0-d float64 tensor (transformers' num_items_in_batch), the
+    # division folded into the gradient's scale
+    divisor: Tensor | None = None
 
 
 def chunk_rows(num_classes: int, itemsize: int, chunk_bytes: int | None, rows: int | None) -> int:
@@ -187,11 +192,7 @@ def _by_columns(x: Tensor, target: Tensor, be: Backend) -> bool:
     ``G.T`` as the left factor of ``G @ W``), never one of each: torch's CPU matmuls of 16-bit
     floats without native instructions for them run those mixed layouts tens of times slower
     (``G @ W`` with G and W both row-major, 0.4 GFLOP/s against 14 on AVX2)."""
-    return (
-        be.columns_in_place
-        and target.dim() == 1
-        and x.dtype in (torch.float16, torch.bfloat16)
-    )
+    return be.columns_in_place and target.dim() == 1 and x.dtype in (torch.float16, torch.bfloat16)
 
 
 def _add_weight_grad(acc: Tensor, g: Tensor, x: Tensor) -> None:
@@ -409,8 +410,10 @@ def _run_transposed(
         torch.mm(lt[lo:hi].float() if wide else lt[lo:hi], xw, out=out)
         dw[lo:hi].copy_(out)
     del block
-    loss = loss_k if kept is None else torch.zeros(n, dtype=acc, device=x.device).index_copy_(
-        0, kept, loss_k
+    loss = (
+        loss_k
+        if kept is None
+        else torch.zeros(n, dtype=acc, device=x.device).index_copy_(0, kept, loss_k)
     )
     return loss, (dx, dw, db)
 
@@ -447,41 +450,102 @@ class LinearCrossEntropy(torch.autograd.Function):
             for n in ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
         )
         need = (need[0], need[1], need[2] and b is not None)
-        prob = target.dim() == 2
-        n = x.shape[0]
-        acc = acc_dtype(x.dtype)
-        denom: Tensor | float | None = None
-        scale = None
-        if opts.reduction == "mean":
-            if prob:
-                denom = float(n) if n else float("nan")
-                scale = torch.tensor(1.0 / n if n else float("inf"), dtype=torch.float64)
-            else:
-                d = _denominator(target, weight, opts.rows.ignore_index)
-                scale = torch.where(d == 0, torch.nan, 1.0 / d).to(acc)
-                denom = torch.where(d == 0, torch.nan, d)
         ctx.opts = opts  # type: ignore[attr-defined]
         ctx.need = need  # type: ignore[attr-defined]
-        out_dtype = x.dtype if opts.out_dtype is None else opts.out_dtype
+        ctx.inputs = Inputs(x, w, b, target, weight)  # type: ignore[attr-defined]
+        loss, grads = linear_forward(x, w, b, target, weight, opts, need)
         if opts.reduction == "none":
-            loss, _ = _run(x, w, b, target, weight, opts, None, None, (False,) * 3)
             ctx.save_for_backward(x, w, b, target, weight)  # type: ignore[arg-type]
-            return loss.to(out_dtype)
-        loss, grads = _run(x, w, b, target, weight, opts, scale, None, need)
-        ctx.save_for_backward(*grads)  # type: ignore[arg-type]
-        return _reduce(loss, opts.reduction, denom).to(out_dtype)
+        else:
+            ctx.save_for_backward(*grads)  # type: ignore[arg-type]
+        return loss
 
     @staticmethod
-    @first_order
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         opts: LinearOptions = ctx.opts
-        if opts.reduction == "none":
+        none = opts.reduction == "none"
+        if torch.is_grad_enabled() or (none and batched(g)):
+            grads = composite_grads(ctx.inputs.unpack(), g, opts, ctx.needs_input_grad)
+            return (*grads, None)
+        if none:
             x, w, b, target, weight = ctx.saved_tensors
-            _, (dx, dw, db) = _run(
-                x, w, b, target, weight, opts, None, g.to(acc_dtype(x.dtype)), ctx.need
-            )
+            dx, dw, db = linear_none_grads(x, w, b, target, weight, g, opts, ctx.need)
+        elif batched(g):
+            dx, dw, db = (None if t is None else scale(t, g) for t in ctx.saved_tensors)
         else:
             # the saved gradients scaled in place when the graph is freed (no second
             # d(weight)-sized buffer), copies when it is kept
             dx, dw, db = (None if t is None else scale_saved(t, g) for t in ctx.saved_tensors)
         return dx, dw, db, None, None, None
+
+
+def linear_forward(
+    x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, weight: Tensor | None,
+    opts: LinearOptions, need: tuple[bool, bool, bool],
+) -> tuple[Tensor, Grads]:  # fmt: skip
+    """The loss (reduced, in ``opts.out_dtype``) and, unless ``reduction='none'``, the
+    ``need``-ed gradients of input, weight and bias, already scaled for the reduction."""
+    prob = target.dim() == 2
+    n = x.shape[0]
+    acc = acc_dtype(x.dtype)
+    denom: Tensor | float | None = None
+    scale = None
+    if opts.reduction == "mean":
+        if prob:
+            denom = float(n) if n else float("nan")
+            scale = torch.tensor(1.0 / n if n else float("inf"), dtype=torch.float64)
+        else:
+            d = _denominator(target, weight, opts.rows.ignore_index)
+            scale = torch.where(d == 0, torch.nan, 1.0 / d).to(acc)
+            denom = torch.where(d == 0, torch.nan, d)
+    elif opts.reduction == "sum" and opts.divisor is not None:
+        div = opts.divisor.to(x.device)
+        scale = (1.0 / div).to(acc)
+    out_dtype = x.dtype if opts.out_dtype is None else opts.out_dtype
+    if opts.reduction == "none":
+        loss, _ = _run(x, w, b, target, weight, opts, None, None, (False,) * 3)
+        return loss.to(out_dtype), (None, None, None)
+    loss, grads = _run(x, w, b, target, weight, opts, scale, None, need)
+    total = _reduce(loss, opts.reduction, denom)
+    if opts.reduction == "sum" and opts.divisor is not None:
+        total = total / div
+    return total.to(out_dtype), grads
+
+
+def linear_none_grads(
+    x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, weight: Tensor | None, g: Tensor,
+    opts: LinearOptions, need: tuple[bool, bool, bool],
+) -> Grads:  # fmt: skip
+    """``reduction='none'``: the gradients for the per-row incoming gradient ``g``, the
+    chunks' logits computed again."""
+    return _run(x, w, b, target, weight, opts, None, g.to(acc_dtype(x.dtype)), need)[1]
+
+
+def composite(
+    x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, weight: Tensor | None,
+    opts: LinearOptions,
+) -> Tensor:  # fmt: skip
+    """The loss by torch's own operations, with the logits materialised."""
+    cd = opts.compute_dtype
+    xc, wc, bc = (x, w, b) if cd is None else (x.to(cd), w.to(cd), None if b is None else b.to(cd))
+    logits = torch.nn.functional.linear(xc, wc, bc)
+    out_dtype = x.dtype if opts.out_dtype is None else opts.out_dtype
+    # the cross entropy reads the logits widened to the loss's dtype, as the kernels do
+    logits = logits.to(out_dtype)
+    prob = target.dim() == 2
+    loss = _composite.cross_entropy(logits, target, weight, opts.rows, opts.reduction, prob)
+    if opts.divisor is not None:
+        loss = loss / opts.divisor.to(loss.device)
+    return loss.to(out_dtype)
+
+
+def composite_grads(
+    inputs: tuple[Tensor | None, ...], g: Tensor, opts: LinearOptions, needs: Any
+) -> tuple[Tensor | None, ...]:
+    """Gradients of (x, w, b, target, weight) by torch's own operations: differentiable
+    (create_graph) and batchable."""
+    wanted = tuple(bool(n) for n in needs[:5])
+    loss, leaves = _composite.replay(
+        lambda x, w, b, t, cw: composite(x, w, b, t, cw, opts), inputs, wanted
+    )
+    return _composite.gradients(loss, leaves, g, wanted)

@@ -26,9 +26,11 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
+from . import _composite
 from ._linear import _logits, add_chunk_grads, chunk_rows, final_grads, param_grads
+from ._transforms import compiling, composed, differentiable_backward
 from .backends import buffers
 from .backends.base import RowOptions, acc_dtype
 from .backends.torch import chunk_elements, transform
@@ -170,25 +172,63 @@ class TokenStatsFunction(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if _fused(x):  # the kernels keep no temporaries: all rows in one call
             opts = dataclasses.replace(opts, chunk_rows=x.shape[0])
-        stats = _stats(x.shape[0], x.dtype, x.device, target, opts, lambda lo, hi: x[lo:hi])
+        stats = stats_forward(x, target, opts)
         ctx.save_for_backward(x, target)
         ctx.opts = opts  # type: ignore[attr-defined]
         return _outputs(ctx, stats, x.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, g_lp: Tensor, g_h: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
         x, target = ctx.saved_tensors
         opts: StatsOptions = ctx.opts
-        acc = acc_dtype(x.dtype)
-        g_lp, g_h = g_lp.to(acc), g_h.to(acc)
-        if _fused(x):  # one call, straight into the returned buffer
-            return _chunk_grad(x, target, g_lp, g_h, opts), None, None
-        dx = torch.empty_like(x)
-        for lo in range(0, x.shape[0], opts.chunk_rows):
-            hi = min(x.shape[0], lo + opts.chunk_rows)
-            dx[lo:hi] = _chunk_grad(x[lo:hi], target[lo:hi], g_lp[lo:hi], g_h[lo:hi], opts)
-        return dx, None, None
+        if differentiable_backward(g_lp, g_h):
+            return (*composite_grads((x, target), (g_lp, g_h), opts, (True, False)), None)
+        return stats_grad(x, target, g_lp, g_h, opts), None, None
+
+
+def stats_forward(
+    x: Tensor, target: Tensor, opts: StatsOptions
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`token_stats` of ``(M, V)`` logits, in the accumulation dtype."""
+    return _stats(x.shape[0], x.dtype, x.device, target, opts, lambda lo, hi: x[lo:hi])
+
+
+def stats_grad(x: Tensor, target: Tensor, g_lp: Tensor, g_h: Tensor, opts: StatsOptions) -> Tensor:
+    """The gradient of :func:`stats_forward`'s logits for incoming gradients of logprob and
+    entropy."""
+    acc = acc_dtype(x.dtype)
+    g_lp, g_h = g_lp.to(acc), g_h.to(acc)
+    if _fused(x):  # one call, straight into the returned buffer
+        return _chunk_grad(x, target, g_lp, g_h, opts)
+    dx = torch.empty_like(x)
+    for lo in range(0, x.shape[0], opts.chunk_rows):
+        hi = min(x.shape[0], lo + opts.chunk_rows)
+        dx[lo:hi] = _chunk_grad(x[lo:hi], target[lo:hi], g_lp[lo:hi], g_h[lo:hi], opts)
+    return dx
+
+
+def _composite_stats(
+    x: Tensor, w: Tensor | None, b: Tensor | None, target: Tensor, opts: StatsOptions
+) -> tuple[Tensor, Tensor]:
+    logits = x if w is None else torch.nn.functional.linear(x, w, b)
+    lp, ent, _, _ = _composite.token_stats(logits, target, opts.ignore_index, opts.rows)
+    return lp, ent
+
+
+def composite_grads(
+    inputs: tuple[Tensor | None, ...], grads: tuple[Tensor, Tensor], opts: StatsOptions,
+    wanted: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """Gradients of the inputs, ``(x, target)`` or ``(h, w, b, target)``, by torch's own
+    operations: differentiable (create_graph) and batchable."""
+
+    def stats(*ts: Any) -> tuple[Tensor, Tensor]:
+        if len(ts) == 2:
+            return _composite_stats(ts[0], None, None, ts[1], opts)
+        return _composite_stats(ts[0], ts[1], ts[2], ts[3], opts)
+
+    outs, leaves = _composite.replay(stats, inputs, wanted)
+    return _composite.gradients(outs, leaves, grads, wanted)
 
 
 def _chunk_buffer(h: Tensor, w: Tensor, opts: StatsOptions) -> Tensor:
@@ -206,35 +246,49 @@ class LinearTokenStatsFunction(torch.autograd.Function):
         target: Tensor,
         opts: StatsOptions,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        buf = _chunk_buffer(h, w, opts)
-        stats = _stats(
-            h.shape[0],
-            h.dtype,
-            h.device,
-            target,
-            opts,
-            lambda lo, hi: _logits(buf, h[lo:hi], w, b),
-        )
+        stats = linear_stats_forward(h, w, b, target, opts)
         ctx.save_for_backward(h, w, b, target)  # type: ignore[arg-type]
         ctx.opts = opts  # type: ignore[attr-defined]
         return _outputs(ctx, stats, h.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, g_lp: Tensor, g_h: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
         h, w, b, target = ctx.saved_tensors
         opts: StatsOptions = ctx.opts
-        acc = acc_dtype(h.dtype)
-        g_lp, g_h = g_lp.to(acc), g_h.to(acc)
-        grads = param_grads(h, w, b, tuple(ctx.needs_input_grad[:3]))
-        buf = _chunk_buffer(h, w, opts)
-        for lo in range(0, h.shape[0], opts.chunk_rows):
-            hi = min(h.shape[0], lo + opts.chunk_rows)
-            logits = _logits(buf, h[lo:hi], w, b)
-            g = _chunk_grad(logits, target[lo:hi], g_lp[lo:hi], g_h[lo:hi], opts, True)
-            add_chunk_grads(grads, g, h[lo:hi], w, slice(lo, hi))
-        del buf
-        return (*final_grads(grads, w, b), None, None)
+        need = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+        if differentiable_backward(g_lp, g_h):
+            wanted = (*need, False)
+            return (*composite_grads((h, w, b, target), (g_lp, g_h), opts, wanted), None)
+        return (*linear_stats_grads(h, w, b, target, g_lp, g_h, opts, need), None, None)
+
+
+def linear_stats_forward(
+    h: Tensor, w: Tensor, b: Tensor | None, target: Tensor, opts: StatsOptions
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`linear_token_stats` of ``(M, D)`` hidden states, in the accumulation dtype."""
+    buf = _chunk_buffer(h, w, opts)
+    return _stats(
+        h.shape[0], h.dtype, h.device, target, opts, lambda lo, hi: _logits(buf, h[lo:hi], w, b)
+    )
+
+
+def linear_stats_grads(
+    h: Tensor, w: Tensor, b: Tensor | None, target: Tensor, g_lp: Tensor, g_h: Tensor,
+    opts: StatsOptions, need: tuple[bool, ...],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    """Gradients of the hidden states, weight and bias (those in ``need``) for incoming
+    gradients of logprob and entropy; each chunk's logits computed again."""
+    acc = acc_dtype(h.dtype)
+    g_lp, g_h = g_lp.to(acc), g_h.to(acc)
+    grads = param_grads(h, w, b, need)  # type: ignore[arg-type]
+    buf = _chunk_buffer(h, w, opts)
+    for lo in range(0, h.shape[0], opts.chunk_rows):
+        hi = min(h.shape[0], lo + opts.chunk_rows)
+        logits = _logits(buf, h[lo:hi], w, b)
+        g = _chunk_grad(logits, target[lo:hi], g_lp[lo:hi], g_h[lo:hi], opts, True)
+        add_chunk_grads(grads, g, h[lo:hi], w, slice(lo, hi))
+    del buf
+    return final_grads(grads, w, b)
 
 
 def stats_options(
@@ -294,8 +348,16 @@ def token_stats(
     )
     opts = stats_options(v, 4, ignore_index, softcap, temperature, chunk_bytes, logits.device)
     x = logits.reshape(-1, v)
+    if composed(x):
+        outs = _composite.token_stats(x, flat_t, opts.ignore_index, opts.rows)
+        return TokenStats(*(o.view(target.shape) for o in outs))
     x = x if x.is_contiguous() else x.contiguous()
-    outs = TokenStatsFunction.apply(x, flat_t, opts)
+    if compiling():
+        from . import _ops
+
+        outs = _ops.token_stats(x, flat_t, opts)
+    else:
+        outs = TokenStatsFunction.apply(x, flat_t, opts)
     return TokenStats(*(o.view(target.shape) for o in outs))
 
 
@@ -348,6 +410,15 @@ def linear_token_stats(
         v, input.element_size(), ignore_index, softcap, temperature, budget, input.device
     )
     h = input.reshape(-1, d)
+    if composed(h, linear_weight, linear_bias):
+        logits = torch.nn.functional.linear(h, linear_weight, linear_bias)
+        outs = _composite.token_stats(logits, flat_t, opts.ignore_index, opts.rows)
+        return TokenStats(*(o.view(target.shape) for o in outs))
     h = h if h.is_contiguous() else h.contiguous()
-    outs = LinearTokenStatsFunction.apply(h, linear_weight, linear_bias, flat_t, opts)
+    if compiling():
+        from . import _ops
+
+        outs = _ops.linear_token_stats(h, linear_weight, linear_bias, flat_t, opts)
+    else:
+        outs = LinearTokenStatsFunction.apply(h, linear_weight, linear_bias, flat_t, opts)
     return TokenStats(*(o.view(target.shape) for o in outs))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _args, _docs
+from . import _args, _docs, _ops
 from ._autograd import (
     LossOptions,
     NllLoss,
@@ -24,6 +24,7 @@ from ._autograd import (
     cross_entropy_loss,
 )
 from ._linear import LinearCrossEntropy, LinearOptions, chunk_rows
+from ._transforms import compiling, composed
 from .backends.base import Backend, RowOptions
 from .dispatch import BackendName, resolve
 
@@ -103,16 +104,17 @@ def _softmax(
         input = input.to(dtype)  # torch casts before the op; the gradient flows back through it
     _args.check_floating(input, _args.softmax_kernel_name(name, dim, input.dim()))
     d = _args.wrap_dim(dim, input.dim())
-    if backend == "auto" and hands_off(name, input):
+    if (backend == "auto" and hands_off(name, input)) or composed(input):
         return torch.log_softmax(input, d) if log else torch.softmax(input, d)
     opts = SoftmaxOptions(resolve(backend, input), log)
     if input.numel() == 0:
         return input.clone(memory_format=torch.contiguous_format)
+    apply = _ops.softmax if compiling() else Softmax.apply
     if input.dim() == 0:
-        return Softmax.apply(input.reshape(1, 1), opts).reshape(())
+        return apply(input.reshape(1, 1), opts).reshape(())
     moved = input if d == input.dim() - 1 else input.movedim(d, -1)
     rows = moved.reshape(-1, moved.shape[-1])  # (M, V); a copy only if not viewable
-    out = Softmax.apply(rows, opts).view(moved.shape)
+    out = apply(rows, opts).view(moved.shape)
     if d != input.dim() - 1:
         out = out.movedim(-1, d).contiguous()  # torch returns contiguous output
     return out
@@ -168,11 +170,12 @@ def nll_loss(
     if input.dim() >= 1:
         frame = "nll_loss2d_forward_out_frame" if input.dim() >= 3 else "nll_loss_out_frame"
         _args.check_floating(input, frame)
-    if backend == "auto" and hands_off("nll_loss", input):
+    if (backend == "auto" and hands_off("nll_loss", input)) or composed(input, target, weight):
         return F.nll_loss(input, target, weight, None, ii, None, red)
     rows = _args.index_rows(input, target, weight, ii, "nll_loss")
     opts = LossOptions(resolve(backend, input), RowOptions(ignore_index=ii), red)
-    loss = NllLoss.apply(rows.x, rows.target, rows.weight, opts)
+    apply = _ops.nll_loss if compiling() else NllLoss.apply
+    loss = apply(rows.x, rows.target, rows.weight, opts)
     return loss.view(rows.out_shape) if red == "none" else loss
 
 
@@ -206,8 +209,16 @@ def cross_entropy(
         reduction, label_smoothing, z_loss, softcap, temperature,
     )  # fmt: skip
     plain = zl == 0.0 and cap is None and temp == 1.0 and inplace_backward is False
-    if (backend == "auto" and plain and hands_off("cross_entropy", input)) or not _dense(
-        input, target, weight
+    transformed = composed(input, target, weight)
+    if transformed and inplace_backward:
+        raise RuntimeError(
+            "inplace_backward=True cannot be used under torch.func transforms or forward-mode "
+            "AD: they need the logits, which it overwrites"
+        )
+    if (
+        (backend == "auto" and plain and hands_off("cross_entropy", input))
+        or (plain and transformed)
+        or not _dense(input, target, weight)
     ):
         if not plain:
             raise NotImplementedError(
@@ -308,14 +319,18 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     temperature: float = 1.0,
+    logits_dtype: torch.dtype | None = None,
+    divisor: float | Tensor | None = None,
 ) -> Tensor:
     if not _dense(input, linear_weight, linear_bias, target, weight):
         torch_fn = getattr(F, "linear_cross_entropy", None)
         plain = z_loss == 0.0 and softcap is None and temperature == 1.0
+        plain = plain and logits_dtype is None and divisor is None
         if torch_fn is None or not plain:
             raise NotImplementedError(
                 "crossent's linear_cross_entropy takes strided tensors only"
-                + ("" if torch_fn is None else " with z_loss, softcap or temperature")
+                + ("" if torch_fn is None else
+                   " with z_loss, softcap, temperature, logits_dtype or divisor")
                 + f", got input of layout {input.layout} and linear_weight of layout "
                 f"{linear_weight.layout}"
             )
@@ -324,6 +339,42 @@ def linear_cross_entropy(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
             options=options,
         )
+    red = _args.reduction_string(None, None, reduction)
+    if divisor is not None:
+        divisor = _args.check_divisor(divisor, red)
+    if logits_dtype is not None and not (
+        isinstance(logits_dtype, torch.dtype) and logits_dtype.is_floating_point
+    ):
+        raise TypeError(f"logits_dtype must be a floating-point torch.dtype, got {logits_dtype!r}")
+    batch_shape = None
+    if input.dim() > 2 and linear_weight.dim() == 2:
+        # (..., D) hidden states with (...) class indices or (..., V) probabilities, which
+        # torch refuses: as rows (other targets get torch's error for the input)
+        lead = tuple(input.shape[:-1])
+        v = linear_weight.shape[0]
+        if tuple(target.shape) in (lead, (*lead, v)):
+            batch_shape = lead
+            target = target.reshape(-1) if target.shape == lead else target.reshape(-1, v)
+            input = input.reshape(-1, input.shape[-1])
+    loss = _linear_autocast(
+        input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+        label_smoothing, options, backend, chunk_bytes, z_loss, softcap, temperature,
+        logits_dtype, divisor,
+    )  # fmt: skip
+    if batch_shape is not None and red == "none":
+        return loss.view(batch_shape)
+    return loss
+
+
+def _linear_autocast(
+    input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
+    weight: Tensor | None, reduction: str, ignore_index: int | None, label_smoothing: float,
+    options: Any, backend: BackendName, chunk_bytes: int | None, z_loss: float,
+    softcap: float | None, temperature: float, logits_dtype: torch.dtype | None,
+    divisor: Tensor | None,
+) -> Tensor:  # fmt: skip
+    """:func:`linear_cross_entropy` of rows, under autocast or not."""
+    extra = {"divisor": divisor}
     # torch.autocast: the linear layer in the autocast dtype, the cross entropy in float32
     ac_dtype = _autocast_dtype(input)
     if ac_dtype is not None:
@@ -340,11 +391,12 @@ def linear_cross_entropy(
             return _linear_cross_entropy(
                 input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                 label_smoothing, options, backend, chunk_bytes, z_loss, softcap, temperature,
-                torch.float32, compute,
+                logits_dtype or torch.float32, compute, **extra,
             )
     return _linear_cross_entropy(
         input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-        label_smoothing, options, backend, chunk_bytes, z_loss, softcap, temperature, None, None,
+        label_smoothing, options, backend, chunk_bytes, z_loss, softcap, temperature,
+        logits_dtype, None, **extra,
     )
 
 
@@ -353,11 +405,12 @@ def _linear_cross_entropy(
     weight: Tensor | None, reduction: str, ignore_index: int | None, label_smoothing: float,
     options: Any, backend: BackendName, chunk_bytes: int | None, z_loss: float,
     softcap: float | None, temperature: float, logits_dtype: torch.dtype | None,
-    compute_dtype: torch.dtype | None,
+    compute_dtype: torch.dtype | None, divisor: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """:func:`linear_cross_entropy`, with the cross entropy taking the logits as
     ``logits_dtype`` (float32 under autocast, the input's dtype when None) and, when
-    ``compute_dtype`` is given, the matmuls' operands cast to it (autocast's linear layer)."""
+    ``compute_dtype`` is given, the matmuls' operands cast to it (autocast's linear layer);
+    a ``'sum'`` divided by ``divisor`` when given."""
     if input.dim() < 1 or input.dim() > 2:
         raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
     if linear_weight.dim() < 2:
@@ -392,8 +445,11 @@ def _linear_cross_entropy(
     _options_warning(options, out_features, reduction, label_smoothing, target, linear_bias)
     if compute_dtype is None:
         _check_linear_dtypes(input, linear_weight, linear_bias)
-    fused = not out_features and not target.requires_grad and not (
-        weight is not None and weight.requires_grad
+    fused = (
+        not out_features
+        and not target.requires_grad
+        and not (weight is not None and weight.requires_grad)
+        and not composed(input, linear_weight, linear_bias, target, weight)
     )
     if not fused:
         # what torch computes, with the logits materialised (K-dimensional loss, or gradients
@@ -406,11 +462,12 @@ def _linear_cross_entropy(
         logits = F.linear(input, w2, b2).reshape(logits_shape)
         if logits_dtype is not None:
             logits = logits.to(logits_dtype)
-        return cross_entropy(
+        loss = cross_entropy(
             logits, target, weight, ignore_index=ii, reduction=reduction,
             label_smoothing=label_smoothing, backend=backend, z_loss=z_loss, softcap=softcap,
             temperature=temperature,
         )
+        return loss if divisor is None else (loss / divisor).to(loss.dtype)
     red = _args.reduction_string(None, None, reduction)
     fn = "cross_entropy_loss"
     _args.check_tensor(fn, "target", 2, target)
@@ -449,9 +506,11 @@ def _linear_cross_entropy(
         grad_enabled=torch.is_grad_enabled(),
         out_dtype=out_dtype,
         compute_dtype=compute_dtype,
+        divisor=divisor,
     )
     x2 = input.reshape(math.prod(batch), d)  # batch sizes given: D may be 0
-    loss = LinearCrossEntropy.apply(x2, linear_weight, linear_bias, t2, weight, opts)
+    apply = _ops.linear_cross_entropy if compiling() else LinearCrossEntropy.apply
+    loss = apply(x2, linear_weight, linear_bias, t2, weight, opts)
     return loss.view(out_shape) if red == "none" else loss
 
 
