@@ -10,6 +10,8 @@ Subcommands:
     check's.
 ``bench``
     Benchmark hook; every argument after ``bench`` is handed to ``crossent.bench.main``.
+``warmup``
+    Compile the CPU kernels ahead of time into Numba's cache (see :mod:`crossent.warmup`).
 
 Heavy modules (torch, the demo, the check) are imported inside the handlers, so building the
 parser and ``--help`` cost nothing beyond importing the ``crossent`` package itself.
@@ -93,6 +95,13 @@ def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     return int(bench_main(rest))
 
 
+def _cmd_warmup(args: argparse.Namespace, rest: list[str]) -> int:
+    from crossent.warmup import warmup
+
+    warmup(tuple(args.dtypes))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``crossent`` argument parser (cheap: imports nothing heavy)."""
     parser = argparse.ArgumentParser(
@@ -138,6 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
         prefix_chars="\0",  # no options of its own: everything goes to crossent.bench
     )
     bench.set_defaults(handler=_cmd_bench)
+
+    warm = sub.add_parser(
+        "warmup",
+        help="compile the CPU kernels ahead of time (for images and CI caches)",
+        description=(
+            "Call every function on tiny inputs for each dtype, so that every CPU kernel is "
+            "compiled into Numba's on-disk cache (NUMBA_CACHE_DIR chooses where)."
+        ),
+    )
+    warm.add_argument(
+        "--dtypes", nargs="+", default=["float32", "bfloat16", "float16", "float64"],
+        choices=["float32", "bfloat16", "float16", "float64"], metavar="DTYPE",
+        help="dtypes to compile for (default: float32 bfloat16 float16 float64)",
+    )  # fmt: skip
+    warm.set_defaults(handler=_cmd_warmup)
     return parser
 
 

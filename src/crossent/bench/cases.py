@@ -20,7 +20,9 @@ from torch import Tensor
 from .providers import Provider
 
 # Modules whose import registers families (in this order: it is also the order of the table).
-FAMILY_MODULES: tuple[str, ...] = ("crossent.bench.logits", "crossent.bench.linear")
+FAMILY_MODULES: tuple[str, ...] = (
+    "crossent.bench.logits", "crossent.bench.linear", "crossent.bench.llama",
+)  # fmt: skip
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -136,7 +136,7 @@ def apply() -> None:
     for name in _MODULES:
         module = importlib.import_module(name)
         if hasattr(module, "add_fused_lm_head"):
-            setattr(module, "add_fused_lm_head", add_fused_lm_head)
+            vars(module)["add_fused_lm_head"] = add_fused_lm_head
 
 
 def revert() -> None:
@@ -149,4 +149,4 @@ def revert() -> None:
     for name in _MODULES:
         module = importlib.import_module(name)
         if getattr(module, "add_fused_lm_head", None) is add_fused_lm_head:
-            setattr(module, "add_fused_lm_head", original)
+            vars(module)["add_fused_lm_head"] = original

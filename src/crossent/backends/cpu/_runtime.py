@@ -22,7 +22,9 @@ import contextlib
 import functools
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import warnings
 from importlib import metadata
 from types import ModuleType
@@ -169,16 +171,50 @@ class KernelCache(FunctionCache):
             self._readers.remove(source)
 
 
+# A compile that runs longer than this (a kernel not in the cache: seconds to tens of seconds)
+# is announced on stderr, once per process.
+NOTICE_AFTER_S = 2.0
+_notice = {"shown": False, "depth": 0}
+_notice_lock = threading.Lock()
+
+
+def _announce() -> None:
+    with _notice_lock:
+        if _notice["shown"] or _notice["depth"] == 0:
+            return
+        _notice["shown"] = True
+    where = numba.config.CACHE_DIR or "Numba's cache"  # type: ignore[attr-defined]
+    print(
+        "crossent: compiling CPU kernels for this call's dtypes (once, up to a minute; then "
+        f"cached in {where}). `crossent warmup` compiles them all ahead of time.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _quiet(compile: Any) -> Any:
-    """``compile`` without Numba's ``NumbaIRAssumptionWarning``: an internal consistency
-    check of Numba's own that some kernels trip on their first compile (asking the user to
-    report it to Numba); the compiled code is the same with or without it."""
+    """``compile`` without Numba's ``NumbaIRAssumptionWarning`` (an internal consistency
+    check of Numba's own that some kernels trip on their first compile, asking the user to
+    report it to Numba; the compiled code is the same with or without it), announced on
+    stderr when it takes longer than :data:`NOTICE_AFTER_S` (:func:`_announce`)."""
 
     @functools.wraps(compile)
     def quiet_compile(sig: Any) -> Any:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NumbaIRAssumptionWarning)
-            return compile(sig)
+        outer = _notice["depth"] == 0
+        _notice["depth"] += 1
+        timer = None
+        if outer and not _notice["shown"]:
+            timer = threading.Timer(NOTICE_AFTER_S, _announce)
+            timer.daemon = True
+            timer.start()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NumbaIRAssumptionWarning)
+                return compile(sig)
+        finally:
+            _notice["depth"] -= 1
+            if timer is not None:
+                timer.cancel()
 
     return quiet_compile
 
