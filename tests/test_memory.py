@@ -246,3 +246,32 @@ def test_linear_chunk_buffer_is_freed_before_the_gradients_are_converted(
     crossent.linear_cross_entropy(h, w, t, chunk_bytes=7 * v * dtype.itemsize).backward()
     assert buffers and not alive
     assert h.grad is not None and w.grad is not None and w.grad.dtype == dtype
+
+
+def test_logits_do_not_outlive_the_backward() -> None:
+    # kept by reference for second derivatives, the logits are let go by a backward that
+    # frees the graph, while the loss tensor (and so autograd's node) still lives
+    import weakref
+
+    h = make_logits((16, 8), requires_grad=True)
+    w = make_logits((300, 8), seed=1, requires_grad=True)
+    t = make_targets((16,), 300)
+    for call in (
+        lambda z: crossent.cross_entropy(z, t, backend="cpu"),
+        lambda z: crossent.cross_entropy(z, torch.softmax(z.detach(), 1), backend="cpu"),
+    ):
+        logits = h @ w.t()
+        ref = weakref.ref(logits)
+        loss = call(logits)
+        del logits
+        loss.backward()
+        gc.collect()
+        assert ref() is None
+        assert loss.grad_fn is not None
+    x = h * 1
+    ref = weakref.ref(x)
+    loss = crossent.linear_cross_entropy(x, w, t, backend="cpu")
+    del x
+    loss.backward()
+    gc.collect()
+    assert ref() is None

@@ -14,8 +14,9 @@ with differentiable torch operations from the inputs instead (:mod:`crossent._co
 so that its own derivative is exact. The inputs are kept for that by reference
 (:class:`Inputs`), not as saved tensors: nothing is copied, and modifying the logits in
 place after the loss, which torch's own cross entropy allows, stays allowed; a second
-derivative then raises torch's error. Only ``inplace_backward``, which overwrites the logits,
-has first-order backward only (:func:`first_order`).
+derivative then raises torch's error. They are let go by a first-order backward that frees
+the graph, so the logits live no longer than that backward. Only ``inplace_backward``, which
+overwrites the logits, has first-order backward only (:func:`first_order`).
 """
 
 from __future__ import annotations
@@ -136,6 +137,14 @@ class Inputs:
                 )
         return self.tensors
 
+    @staticmethod
+    def release(ctx: Any) -> None:
+        """Drop ``ctx``'s inputs when the backward now running frees the graph: nothing can
+        differentiate through it again, and the logits need not outlive it (autograd keeps a
+        Function's node, and so its attributes, as long as the loss tensor lives)."""
+        if graph_freed():
+            ctx.inputs = None
+
 
 def _is_one(g: Tensor) -> bool:
     # Only on CPU, where reading a scalar costs no device synchronisation.
@@ -217,6 +226,7 @@ class CrossEntropyIndex(torch.autograd.Function):
         rows = opts.reduction == "none"
         if torch.is_grad_enabled():
             return (*_composite_grads(ctx, g, False), None)  # type: ignore[return-value]
+        Inputs.release(ctx)
         if batched(g):
             return scale(grad, g, rows), None, None, None
         return scale_saved(grad, g, rows), None, None, None
@@ -305,6 +315,7 @@ class CrossEntropyProb(torch.autograd.Function):
                 return gx, None, None, None
             _, dt, dw = _composite_grads(ctx, g, True)
             return gx, dt, dw, None
+        Inputs.release(ctx)
         gx = None if grad is None else scale_saved(grad, g, rows)
         if not (need_t or need_w):
             return gx, None, None, None

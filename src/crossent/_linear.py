@@ -467,6 +467,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         if torch.is_grad_enabled() or (none and batched(g)):
             grads = composite_grads(ctx.inputs.unpack(), g, opts, ctx.needs_input_grad)
             return (*grads, None)
+        Inputs.release(ctx)
         if none:
             x, w, b, target, weight = ctx.saved_tensors
             dx, dw, db = linear_none_grads(x, w, b, target, weight, g, opts, ctx.need)
