@@ -322,8 +322,11 @@ def test_kernels_work_without_any_writable_cache_location() -> None:
         a = crossent.cross_entropy(x, t, backend="cpu"); b = F.cross_entropy(x, t)
         assert torch.allclose(a, b), (a, b)
         import numba
-        from crossent.backends.cpu import _kernels
-        print("ok", repr(numba.config.CACHE_DIR), _kernels.ce_index.stats.cache_path)
+        from crossent.backends.cpu import _kernels, _runtime
+        paths = [_kernels.ce_prob.stats.cache_path]
+        paths += [k.stats.cache_path for k in _runtime._specialised.values()]
+        assert len(paths) > 1 and all("crossent-numba-" in p for p in paths), paths
+        print("ok", repr(numba.config.CACHE_DIR), *paths)
     """)
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

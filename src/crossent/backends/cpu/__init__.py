@@ -157,9 +157,12 @@ class CpuBackend(TorchBackend):
         grad, want = _grad_target(grad_out, x)
         _set_threads()
         eps = opts.label_smoothing
-        _kernels.ce_index(
+        kernel = _runtime.specialised(
+            _kernels.ce_index_kernel, eps > 0, _transform_kind(opts), opts.z_loss != 0
+        )
+        kernel(
             as_numpy(x), _rows(target).numpy(), w, weight is not None, w_total,
-            opts.ignore_index, eps > 0, _scalar(1.0 - eps, acc), _scalar(eps / v, acc),
+            opts.ignore_index, _scalar(1.0 - eps, acc), _scalar(eps / v, acc),
             _scalar(opts.z_loss, acc), _scale(grad_scale, acc), as_numpy(loss), as_numpy(lse),
             as_numpy(grad), want, _streams(grad, x), *_transform(opts, acc),
         )
@@ -239,6 +242,14 @@ class CpuBackend(TorchBackend):
             want_grad, cap, inv_cap, inv_t, numba.get_num_threads(),
         )
         return loss
+
+
+def _transform_kind(opts: RowOptions) -> int:
+    """What a specialised kernel does to the logits: 0 nothing, 1 divides them by a
+    temperature, 2 soft-caps them (and divides them by any temperature)."""
+    if opts.softcap is not None:
+        return 2
+    return 0 if opts.temperature == 1.0 else 1
 
 
 def _transform(opts: RowOptions, acc: torch.dtype) -> tuple[np.floating, ...]:

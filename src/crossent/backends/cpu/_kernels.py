@@ -322,106 +322,143 @@ def _smoothing_terms_col(x, i, m, log_s, w, cap, inv_cap, inv_t):
     return like(s, m)
 
 
-@njit(cache=True)
-def _ce_index_row(
-    xr, mx, y, w, has_w, w_total, smoothing, c_t, c_s, z_loss, scale, e, nxt, g, want_grad, nt,
-    cap, inv_cap, inv_t,
-):
-    """One row, whose max is ``mx``: returns ``(loss, lse, max of row nxt)`` and, if
-    ``want_grad``, writes ``scale·d loss/d x``.
+def ce_index_kernel(smoothing: bool, transform: int, z_loss: bool):  # noqa: C901
+    """The class-index cross-entropy kernel for one set of options, fixed when it is compiled:
+    label ``smoothing`` on, ``transform`` (0: plain logits, 1: a temperature, 2: soft-capped,
+    with or without a temperature), a ``z_loss``. The code of every option that is off is cut
+    before Numba types the kernel, so a call compiles only what it runs; each set is cached on
+    disk apart (Numba keys a closure's cache entries by the values it closes over).
 
-    With u the logits as read (x, or transformed: see :func:`_u`), z = u - max u,
-    s = Σ exp(z), c_t = 1-ε, c_s = ε/V, W = Σ_c w_c and λ = z_loss:
-    loss = c_t·w_y·(log s - z_y) + c_s·Σ_c w_c·(log s - z_c) + λ·lse²;
-    d loss/d u_j = p_j·(c_t·w_y + c_s·W + 2λ·lse) - c_s·w_j - c_t·w_y·[j = y],
-    times d u_j/d x_j for the gradient of x.
+    The kernel: cross entropy with class indices over rows of ``x`` (see ``row`` below);
+    ``scales`` holds one gradient scale for every row, or one per row; ``cap`` (0: none),
+    ``inv_cap`` and ``inv_t`` transform the logits. Reads M·V·b bytes of logits (plus
+    cache-hot re-reads), streams M·V·b of gradient.
     """
-    v = xr.shape[0]
-    transformed = cap > 0 or inv_t != 1
-    m = _u(mx, cap, inv_cap, inv_t) if transformed else mx
-    one = like(1, m)
-    wy = w[y] if has_w else one
-    wt = w_total if has_w else like(v, m)
-    neg_wz = like(0, m)
-    if smoothing and transformed:
-        neg_wz = -_shifted_sum_t(xr, m, w, has_w, cap, inv_cap, inv_t)
-    elif smoothing:  # -Σ_c w_c z_c; the W·log s part is added below
-        neg_wz = -(_shifted_wsum(xr, m, w) if has_w else _shifted_sum(xr, m))
-    # read before the gradient may overwrite the row (in-place mode)
-    xy = load(xr, y)
-    zy = (_u(xy, cap, inv_cap, inv_t) if transformed else xy) - m
-    s, m_next = _exp_sum(xr, m, e, nxt, transformed, cap, inv_cap, inv_t)
-    if _bad(m, s):
+    capped = transform == 2
+    scaled = transform == 1
+    transformed = transform != 0
+
+    @njit(cache=True)
+    def row(
+        xr, mx, y, w, has_w, w_total, c_t, c_s, z_loss_value, scale, e, nxt, g, want_grad, nt,
+        cap, inv_cap, inv_t,
+    ):
+        """One row, whose max is ``mx``: returns ``(loss, lse, max of row nxt)`` and, if
+        ``want_grad``, writes ``scale·d loss/d x``.
+
+        With u the logits as read (x, or transformed: see :func:`_u`), z = u - max u,
+        s = Σ exp(z), c_t = 1-ε, c_s = ε/V, W = Σ_c w_c and λ = z_loss:
+        loss = c_t·w_y·(log s - z_y) + c_s·Σ_c w_c·(log s - z_c) + λ·lse²;
+        d loss/d u_j = p_j·(c_t·w_y + c_s·W + 2λ·lse) - c_s·w_j - c_t·w_y·[j = y],
+        times d u_j/d x_j for the gradient of x.
+        """
+        v = xr.shape[0]
+        m = mx
+        if transformed:
+            m = _u(mx, cap, inv_cap, inv_t)
+        one = like(1, m)
+        wy = w[y] if has_w else one
+        wt = w_total if has_w else like(v, m)
+        neg_wz = like(0, m)
+        if smoothing:
+            if transformed:
+                neg_wz = -_shifted_sum_t(xr, m, w, has_w, cap, inv_cap, inv_t)
+            elif has_w:  # -Σ_c w_c z_c; the W·log s part is added below
+                neg_wz = -_shifted_wsum(xr, m, w)
+            else:
+                neg_wz = -_shifted_sum(xr, m)
+        # read before the gradient may overwrite the row (in-place mode)
+        xy = load(xr, y)
+        zy = xy - m
+        if transformed:
+            zy = _u(xy, cap, inv_cap, inv_t) - m
+        # the exponentials and their sum, block by block (as _exp_sum, one variant)
+        total = 0.0
+        k = order_key(nxt, 0)
+        for lo in range(0, v, BLOCK):
+            hi = min(lo + BLOCK, v)
+            if capped:
+                part, k = _exp_sum_block_cap(
+                    xr[lo:hi], m, e[lo:hi], cap, inv_cap, inv_t, nxt[lo:hi], k
+                )
+            elif scaled:
+                part, k = _exp_sum_block_scaled(xr[lo:hi], m, e[lo:hi], inv_t, nxt[lo:hi], k)
+            else:
+                part, k = _exp_sum_block(xr[lo:hi], m, e[lo:hi], nxt[lo:hi], k)
+            total += part
+        s = like(total, m)
+        m_next = from_key(nxt, k)
+        if _bad(m, s):
+            if want_grad:
+                _fill(g, math.nan)
+            return math.nan, math.nan, m_next
+        log_s = like(math.log(s), m)
+        lse = m + log_s
+        loss = c_t * wy * (log_s - zy)
+        if smoothing:
+            if math.isfinite(wt):
+                loss += c_s * (wt * log_s + neg_wz)
+            else:  # an inf or NaN class weight: each term as torch forms it
+                loss += c_s * _smoothing_terms(xr, m, log_s, w, cap, inv_cap, inv_t)
+        if z_loss:
+            loss += z_loss_value * lse * lse
         if want_grad:
-            _fill(g, math.nan)
-        return math.nan, math.nan, m_next
-    log_s = like(math.log(s), m)
-    lse = m + log_s
-    loss = c_t * wy * (log_s - zy)
-    if smoothing and math.isfinite(wt):
-        loss += c_s * (wt * log_s + neg_wz)
-    elif smoothing:  # an inf or NaN class weight: each term as torch forms it
-        loss += c_s * _smoothing_terms(xr, m, log_s, w, cap, inv_cap, inv_t)
-    if z_loss != 0:
-        loss += z_loss * lse * lse
-    if want_grad:
-        # without smoothing the class weights' total takes no part (an inf or NaN weight of
-        # a class no target uses leaves the gradient finite, as in torch)
-        ws = c_s * wt if smoothing else like(0, m)
-        a = like(scale * (c_t * wy + ws + 2 * z_loss * lse) / s, m)
-        b = like(scale * c_s, m)
-        c = like(scale * c_t * wy, m)
-        if cap > 0:  # a factor per element: finished in the scratch row
-            _cap_grad(e, xr, a, b, w, has_w, cap, inv_cap, inv_t)
-            e[y] -= c * _du_dx(xy, inv_cap, inv_t)
-            stream_row(e, g, nt)
-            return loss, lse, m_next
-        a, b, c = a * inv_t, b * inv_t, c * inv_t  # 1/T folds into the affine map
-        if has_w and smoothing:
-            _waffine(e, a, b, w)
-            e[y] -= c
-            stream_row(e, g, nt)
-        else:  # the affine map is applied while streaming; element y is finished here
+            # without smoothing the class weights' total takes no part (an inf or NaN weight
+            # of a class no target uses leaves the gradient finite, as in torch)
+            ws = like(0, m)
+            if smoothing:
+                ws = c_s * wt
+            a = like(scale * (c_t * wy + ws + 2 * z_loss_value * lse) / s, m)
+            b = like(scale * c_s, m)
+            c = like(scale * c_t * wy, m)
+            if capped:  # a factor per element: finished in the scratch row
+                _cap_grad(e, xr, a, b, w, has_w, cap, inv_cap, inv_t)
+                e[y] -= c * _du_dx(xy, inv_cap, inv_t)
+                stream_row(e, g, nt)
+                return loss, lse, m_next
+            a, b, c = a * inv_t, b * inv_t, c * inv_t  # 1/T folds into the affine map
+            if smoothing:
+                if has_w:
+                    _waffine(e, a, b, w)
+                    e[y] -= c
+                    stream_row(e, g, nt)
+                    return loss, lse, m_next
+            # the affine map is applied while streaming; element y is finished here
             e[y] = fma(e[y], a, -b) - c
             stream_row_affine(e, g, a, b, y, y + 1, nt)
-    return loss, lse, m_next
+        return loss, lse, m_next
 
+    @njit(parallel=True, cache=True)
+    def kernel(
+        x, target, w, has_w, w_total, ignore_index, c_t, c_s, z_loss_value, scales, loss, lse,
+        grad, want_grad, nt, cap, inv_cap, inv_t,
+    ):
+        m_rows, v = x.shape
+        nb = _nblocks(m_rows, 8)
+        for b in prange(nb):
+            e = np.empty(v, dtype=loss.dtype)
+            last = (b + 1) * m_rows // nb - 1
+            mx, known = compute_zero(x), False  # row i's max when known (found with row i - 1)
+            for i in range(b * m_rows // nb, last + 1):
+                y = target[i]
+                if y == ignore_index:
+                    loss[i] = 0
+                    lse[i] = math.nan  # not computed for ignored rows
+                    if want_grad:
+                        _fill(grad[i], 0.0)
+                    known = False
+                    continue
+                nxt, ahead = _next_row(x, i, last)
+                g = grad[i]  # an empty row when no gradient is wanted
+                scale = scales[i] if scales.shape[0] > 1 else scales[0]
+                loss[i], lse[i], m_next = row(
+                    x[i], mx if known else _row_max(x[i]), y, w, has_w, w_total, c_t, c_s,
+                    z_loss_value, scale, e, nxt, g, want_grad, nt, cap, inv_cap, inv_t,
+                )
+                mx, known = m_next, ahead
+            fence()
 
-@njit(parallel=True, cache=True)
-def ce_index(
-    x, target, w, has_w, w_total, ignore_index, smoothing, c_t, c_s, z_loss, scales, loss, lse,
-    grad, want_grad, nt, cap, inv_cap, inv_t,
-):
-    """Cross entropy with class indices over rows of ``x`` (see :func:`_ce_index_row`);
-    ``scales`` holds one gradient scale for every row, or one per row; ``cap`` (0: none),
-    ``inv_cap`` and ``inv_t`` transform the logits.
-
-    Reads M·V·b bytes of logits (plus cache-hot re-reads), streams M·V·b of gradient.
-    """
-    m_rows, v = x.shape
-    nb = _nblocks(m_rows, 8)
-    for b in prange(nb):
-        e = np.empty(v, dtype=loss.dtype)
-        last = (b + 1) * m_rows // nb - 1
-        mx, known = compute_zero(x), False  # the max of row i when known (found with row i - 1)
-        for i in range(b * m_rows // nb, last + 1):
-            y = target[i]
-            if y == ignore_index:
-                loss[i] = 0
-                lse[i] = math.nan  # not computed for ignored rows
-                if want_grad:
-                    _fill(grad[i], 0.0)
-                known = False
-                continue
-            nxt, ahead = _next_row(x, i, last)
-            g = grad[i]  # an empty row when no gradient is wanted
-            scale = scales[i] if scales.shape[0] > 1 else scales[0]
-            loss[i], lse[i], m_next = _ce_index_row(
-                x[i], mx if known else _row_max(x[i]), y, w, has_w, w_total, smoothing, c_t, c_s,
-                z_loss, scale, e, nxt, g, want_grad, nt, cap, inv_cap, inv_t,
-            )
-            mx, known = m_next, ahead
-        fence()
+    return kernel
 
 
 # ---- cross entropy, probability targets -------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import hashlib
 import os
 import shutil
 import sys
@@ -110,6 +111,22 @@ def _cache_dirs(py_func: Any) -> list[str]:
     return dirs
 
 
+def _describe_cells(func: Any) -> str:
+    """A text that names what ``func``'s closure holds, the same in every process."""
+    parts = []
+    for cell in func.__closure__ or ():
+        value = cell.cell_contents
+        if isinstance(value, Dispatcher):
+            inner = value.py_func
+            code = hashlib.sha256(inner.__code__.co_code).hexdigest()
+            parts.append(f"jit({inner.__qualname__},{code},[{_describe_cells(inner)}])")
+        elif isinstance(value, (bool, int, float, str, type(None))):
+            parts.append(repr(value))
+        else:
+            raise TypeError(f"cannot key a kernel's cache by a {type(value).__name__} it uses")
+    return ",".join(parts)
+
+
 class KernelCache(FunctionCache):
     """Numba's per-function cache, made robust.
 
@@ -120,6 +137,18 @@ class KernelCache(FunctionCache):
     the function is compiled again."""
 
     _readers: list[IndexDataCacheFile] | None = None
+
+    def _index_key(self, sig: Any, codegen: Any) -> Any:
+        # Numba keys a closure's entries by its pickled cell contents, and a kernel in a cell
+        # (a specialised kernel calling its row function) pickles with an identifier drawn
+        # anew in every process: no entry would ever be found again. The cells are described
+        # instead by what determines the code: values, and for a kernel its function's
+        # bytecode and its own cells.
+        if self._py_func.__closure__ is None:
+            return super()._index_key(sig, codegen)
+        digest = hashlib.sha256(_describe_cells(self._py_func).encode()).hexdigest()
+        code = hashlib.sha256(self._py_func.__code__.co_code).hexdigest()
+        return (sig, codegen.magic_tuple(), (code, digest))
 
     def _sources(self) -> list[IndexDataCacheFile]:
         if self._readers is None:
@@ -219,15 +248,51 @@ def _quiet(compile: Any) -> Any:
     return quiet_compile
 
 
+def _adopt(dispatcher: Dispatcher) -> None:
+    """:func:`install_caches` for one kernel, and for the kernels it closes over."""
+    cache = getattr(dispatcher, "_cache", None)
+    if type(cache) is FunctionCache:
+        cache.__class__ = KernelCache
+    if not getattr(dispatcher.compile, "_crossent", False):
+        dispatcher.compile = _quiet(dispatcher.compile)  # type: ignore[method-assign]
+        dispatcher.compile._crossent = True  # type: ignore[attr-defined]
+    for cell in dispatcher.py_func.__closure__ or ():
+        if isinstance(cell.cell_contents, Dispatcher):
+            _adopt(cell.cell_contents)
+
+
+_specialised: dict[tuple[Any, ...], Any] = {}
+
+
+def specialised(factory: Any, *flags: Any) -> Any:
+    """``factory(*flags)``: a kernel compiled for one set of options (see e.g.
+    ``_kernels.ce_index_kernel``), made once per process and given the caches of
+    :func:`install_caches`. Where no cache location is writable it is declared with the
+    private directory, as the module-level kernels are (see :func:`private_cache_dir`)."""
+    key = (factory, *flags)
+    kernel = _specialised.get(key)
+    if kernel is None:
+        try:
+            kernel = factory(*flags)
+        except RuntimeError as exc:
+            if "cannot cache" not in str(exc):
+                raise
+            user_dir = numba.config.CACHE_DIR  # type: ignore[attr-defined]
+            numba.config.CACHE_DIR = private_cache_dir()  # type: ignore[attr-defined]
+            try:
+                kernel = factory(*flags)
+            finally:
+                numba.config.CACHE_DIR = user_dir  # type: ignore[attr-defined]
+        _adopt(kernel)
+        _specialised[key] = kernel
+    return kernel
+
+
 def install_caches(*modules: ModuleType) -> None:
     """Turns the cache of every cached kernel defined in ``modules`` into a
     :class:`KernelCache`, and compiles them without Numba's pedantic IR warning (:func:`_quiet`;
     only at compile time, so calls cost nothing more)."""
     for module in modules:
         for value in vars(module).values():
-            if not isinstance(value, Dispatcher):
-                continue
-            cache = getattr(value, "_cache", None)
-            if type(cache) is FunctionCache:
-                cache.__class__ = KernelCache
-            value.compile = _quiet(value.compile)  # type: ignore[method-assign]
+            if isinstance(value, Dispatcher):
+                _adopt(value)
