@@ -48,12 +48,15 @@ from crossent.backends.cpu import _kernels
 x = torch.randn(300, 2000, requires_grad=True)
 t = torch.randint(0, 2000, (300,))
 crossent.cross_entropy(x, t, backend="cpu").backward()
+crossent.cross_entropy(x, t, label_smoothing=0.2, softcap=30.0, backend="cpu").backward()
 crossent.log_softmax(x, 1, backend="cpu").sum().backward()
 h = torch.randn(64, 16, requires_grad=True)
 w = torch.randn(2000, 16, requires_grad=True)
 crossent.linear_cross_entropy(h, w, t[:64], backend="cpu").backward()
 crossent.linear_token_stats(h, w, t[:64]).logprob.sum().backward()
-misses = {k: v.stats.cache_misses for k, v in vars(_kernels).items()
+from crossent.backends.cpu import _runtime
+kernels = [*vars(_kernels).items(), *enumerate(_runtime._specialised.values())]
+misses = {k: v.stats.cache_misses for k, v in kernels
           if hasattr(v, "stats") and v.stats.cache_misses}
 print("MISSES", misses)
 """

@@ -1,8 +1,9 @@
 """``crossent warmup``: compile the CPU kernels ahead of time, into Numba's on-disk cache.
 
 A kernel is compiled the first time a process calls it with a new combination of dtypes
-(seconds to tens of seconds each) and loaded from the cache afterwards. :func:`warmup` calls
-every public function on tiny inputs over the dtypes, target kinds, class weights and
+(seconds each) and loaded from the cache afterwards. :func:`warmup` calls every public
+function on tiny inputs over the dtypes, target kinds, class weights, options (label
+smoothing, temperature, soft-cap, z-loss: the class-index kernel is compiled per set) and
 gradient settings that select distinct kernels, so that a container image or a CI cache built
 with it never compiles at training time. Set ``NUMBA_CACHE_DIR`` to choose where the cache
 goes (it is read-only afterwards if need be).
@@ -43,6 +44,15 @@ def _calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
         backward(crossent.cross_entropy(x(n, v), target, weight, reduction=red, backend="cpu"))
         crossent.cross_entropy(x(n, v).detach(), target, weight, reduction=red, backend="cpu")
 
+    def ce_options(
+        smoothing: float, softcap: float | None, temperature: float, z_loss: float
+    ) -> None:
+        # the class-index kernel is compiled per set of options (crossent.backends.cpu)
+        backward(crossent.cross_entropy(
+            x(n, v), t, label_smoothing=smoothing, z_loss=z_loss, softcap=softcap,
+            temperature=temperature, backend="cpu",
+        ))  # fmt: skip
+
     def nll(weight: torch.Tensor | None) -> None:
         backward(crossent.nll_loss(x(n, v), t, weight, backend="cpu"))
 
@@ -69,6 +79,14 @@ def _calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
             calls.append((f"linear_cross_entropy {red} {tag}",
                           functools.partial(linear, weight, red)))  # fmt: skip
         calls.append((f"nll_loss {tag}", functools.partial(nll, weight)))
+    for smoothing in (0.0, 0.1):
+        for label, cap, temp in (("", None, 1.0), (" temperature", None, 0.7),
+                                 (" softcap", 20.0, 1.0)):  # fmt: skip
+            for z_loss in (0.0, 1e-4):
+                if smoothing or label or z_loss:
+                    name = f"cross_entropy smoothing={smoothing}{label} z_loss={z_loss}"
+                    calls.append((name, functools.partial(ce_options, smoothing, cap, temp,
+                                                          z_loss)))  # fmt: skip
     calls += [("softmax", functools.partial(softmax, False)),
               ("log_softmax", functools.partial(softmax, True)),
               ("token_stats", functools.partial(stats, False)),
