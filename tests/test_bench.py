@@ -55,8 +55,24 @@ def all_rows(quick: tuple[int, str, str, Path]) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def rows(all_rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The families on materialised logits (linear_ce has tests of its own below)."""
-    return [r for r in all_rows if r["family"] != "linear_ce"]
+    """The families on materialised logits (linear_ce and llama_step have tests of their
+    own below)."""
+    return [r for r in all_rows if r["family"] in ("ce", "softmax", "log_softmax")]
+
+
+def test_llama_step_rows(all_rows: list[dict[str, str]]) -> None:
+    # a transformers Llama step: stock, patched by crossent.integrations.transformers, and
+    # stock logits with crossent.cross_entropy; each checked against the float64 evaluation
+    llama = [r for r in all_rows if r["family"] == "llama_step"]
+    if importlib.util.find_spec("transformers") is None:
+        assert all("transformers is not installed" in r["note"] for r in llama), llama
+        return
+    assert {r["provider"] for r in llama} == {"torch-eager", "crossent", "crossent-logits"}
+    base = num(next(r for r in llama if r["provider"] == "torch-eager"), "fwdbwd_ms")
+    for r in llama:
+        assert r["case"] == "llama_step 1000x64x32x2" and r["dtype"] == "float32", r
+        assert r["out_ok"] == "yes" and r["grad_ok"] == "yes", r
+        assert close(num(r, "x_torch"), base / num(r, "fwdbwd_ms")), r
 
 
 def test_linear_cross_entropy_rows(all_rows: list[dict[str, str]]) -> None:
