@@ -233,15 +233,21 @@ class CrossEntropyIndex(torch.autograd.Function):
 
 
 def _composite_grads(ctx: Any, g: Tensor, prob: bool) -> tuple[Tensor | None, ...]:
-    """Gradients of a cross-entropy Function's inputs (x, target, weight) by torch's own
-    operations: differentiable (create_graph) and batchable."""
+    """:func:`ce_graph_grads` of a cross-entropy Function's kept inputs."""
     opts: LossOptions = ctx.opts
-    inputs = ctx.inputs.unpack()
     wanted = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+    return ce_graph_grads(ctx.inputs.unpack(), g, opts.rows, opts.reduction, prob, wanted)
+
+
+def ce_graph_grads(
+    inputs: tuple[Tensor | None, ...], g: Tensor, rows: RowOptions, reduction: str, prob: bool,
+    wanted: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """Gradients of cross entropy's inputs ``(x, target, weight)`` for the ``wanted`` ones, by
+    torch's own operations: differentiable (create_graph) and batchable."""
     loss, leaves = _composite.replay(
-        lambda x, t, w: _composite.cross_entropy(x, t, w, opts.rows, opts.reduction, prob),
-        inputs, wanted,
-    )  # fmt: skip
+        lambda x, t, w: _composite.cross_entropy(x, t, w, rows, reduction, prob), inputs, wanted
+    )
     return _composite.gradients(loss, leaves, g, wanted)
 
 
@@ -430,18 +436,27 @@ class NllLoss(torch.autograd.Function):
         target, weight, denom = ctx.saved_tensors
         opts: LossOptions = ctx.opts
         if differentiable_backward(g):
-            # the gradient does not depend on the input's values, only on its shape: torch's
-            # nll_loss of zeros gives it by differentiable, batchable operations
-            zeros = torch.zeros(ctx.shape, dtype=ctx.dtype, device=g.device)
-            loss, (leaf, *_) = _composite.replay(
-                lambda x: _composite.nll_loss(
-                    x, target, weight, opts.rows.ignore_index, opts.reduction
-                ),
-                (zeros,),
-                (True,),
+            grad = nll_graph_grad(
+                ctx.shape, ctx.dtype, target, weight, opts.rows.ignore_index, opts.reduction, g
             )
-            return _composite.gradients(loss, (leaf,), g, (True,))[0], None, None, None
+            return grad, None, None, None
         return nll_grad(g, target, weight, denom, opts, ctx.shape[1], ctx.dtype), None, None, None
+
+
+def nll_graph_grad(
+    shape: Any, dtype: torch.dtype, target: Tensor, weight: Tensor | None, ignore_index: int,
+    reduction: str, g: Tensor,
+) -> Tensor:  # fmt: skip
+    """nll_loss's gradient of its input by differentiable, batchable torch operations. It does
+    not depend on the input's values, only on its shape: torch's nll_loss of zeros gives it."""
+    zeros = torch.zeros(shape, dtype=dtype, device=g.device)
+    loss, leaves = _composite.replay(
+        lambda x: _composite.nll_loss(x, target, weight, ignore_index, reduction), (zeros,),
+        (True,),
+    )  # fmt: skip
+    grad = _composite.gradients(loss, leaves, g, (True,))[0]
+    assert grad is not None
+    return grad
 
 
 def nll_forward(
@@ -488,15 +503,19 @@ class Softmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
         (out,) = ctx.saved_tensors
-        if differentiable_backward(g):
-            # create_graph=True, or a transform: the same formula in differentiable, batchable
-            # torch operations on the saved output, whose graph leads back here, so second
-            # derivatives are exact
-            acc = acc_dtype(out.dtype)
-            y, gg = out.to(acc), g.to(acc)
-            if ctx.opts.log:
-                gx = gg - torch.exp(y) * gg.sum(-1, keepdim=True)
-            else:
-                gx = y * (gg - (gg * y).sum(-1, keepdim=True))
-            return gx.to(out.dtype), None
+        if differentiable_backward(g):  # create_graph=True, or a transform
+            return softmax_graph_grad(out, g, ctx.opts.log), None
         return ctx.opts.backend.softmax_backward(g.contiguous(), out, ctx.opts.log), None
+
+
+def softmax_graph_grad(out: Tensor, g: Tensor, log: bool) -> Tensor:
+    """softmax's (or log_softmax's) input gradient from its output, in differentiable,
+    batchable torch operations on the saved output, whose graph leads back to the input, so
+    second derivatives are exact."""
+    acc = acc_dtype(out.dtype)
+    y, gg = out.to(acc), g.to(acc)
+    if log:
+        gx = gg - torch.exp(y) * gg.sum(-1, keepdim=True)
+    else:
+        gx = y * (gg - (gg * y).sum(-1, keepdim=True))
+    return gx.to(out.dtype)

@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
-from . import _composite
 from ._args import check_target_range
 from ._autograd import (
     LossOptions,
@@ -32,12 +31,15 @@ from ._autograd import (
     _grad_buffer,
     _index_forward,
     _prob_forward,
+    ce_graph_grads,
     nll_forward,
     nll_grad,
+    nll_graph_grad,
     prob_extra_grads,
     scale,
+    softmax_graph_grad,
 )
-from .backends.base import RowOptions, acc_dtype
+from .backends.base import RowOptions
 from .backends.torch import prob_acc_dtype
 from .dispatch import resolve
 
@@ -129,11 +131,7 @@ def _cross_entropy_backward(ctx: Any, g: Tensor, *_: Any) -> tuple[Tensor | None
     wanted = tuple(bool(n) for n in ctx.needs_input_grad[:3])
     nones = (None,) * 9
     if torch.is_grad_enabled():  # create_graph: a gradient differentiable in its inputs
-        loss, leaves = _composite.replay(
-            lambda a, t, w: _composite.cross_entropy(a, t, w, rows, reduction, prob),
-            (x, target, weight), wanted,
-        )  # fmt: skip
-        return (*_composite.gradients(loss, leaves, g, wanted), *nones)
+        return (*ce_graph_grads((x, target, weight), g, rows, reduction, prob, wanted), *nones)
     gx = scale(grad, g, reduction == "none") if need_grad and wanted[0] else None
     dt = dw = None
     if prob and (wanted[1] or wanted[2]):
@@ -216,12 +214,9 @@ def _nll_backward(ctx: Any, g: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
     nones = (None,) * 5
     if not ctx.needs_input_grad[0]:
         return (None, *nones)
-    if torch.is_grad_enabled():  # the gradient does not depend on x: torch's, of zeros
-        zeros = torch.zeros(ctx.shape, dtype=ctx.dtype, device=g.device)
-        loss, leaves = _composite.replay(
-            lambda a: _composite.nll_loss(a, target, weight, ii, reduction), (zeros,), (True,)
-        )
-        return (_composite.gradients(loss, leaves, g, (True,))[0], None, *nones)
+    if torch.is_grad_enabled():  # create_graph
+        gx = nll_graph_grad(ctx.shape, ctx.dtype, target, weight, ii, reduction, g)
+        return (gx, None, *nones)
     gx = torch.ops.crossent.nll_loss_backward(
         g, target, weight, denom, backend, reduction, ii, ctx.shape[1], ctx.dtype
     )
@@ -276,14 +271,8 @@ def _softmax_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
 def _softmax_backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
     (out,) = ctx.saved_tensors
     backend, log = ctx.args
-    if torch.is_grad_enabled():  # create_graph: torch's formula on the saved output
-        acc = acc_dtype(out.dtype)
-        y, gg = out.to(acc), g.to(acc)
-        if log:
-            gx = gg - torch.exp(y) * gg.sum(-1, keepdim=True)
-        else:
-            gx = y * (gg - (gg * y).sum(-1, keepdim=True))
-        return gx.to(out.dtype), None, None
+    if torch.is_grad_enabled():  # create_graph
+        return softmax_graph_grad(out, g, log), None, None
     return torch.ops.crossent.softmax_backward(g, out, backend, log), None, None
 
 
@@ -367,7 +356,7 @@ def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 
 def _linear_backward(ctx: Any, g: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
-    from ._linear import composite
+    from ._linear import composite_grads
 
     x, w, b, target, weight, divisor, dx, dw, db = ctx.saved_tensors
     args = ctx.args
@@ -380,11 +369,8 @@ def _linear_backward(ctx: Any, g: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
         opts = _linear_options(
             backend, x, reduction, rows, chunk, out_dtype, compute_dtype, divisor
         )
-        loss, leaves = _composite.replay(
-            lambda a, lw, lb, t, cw: composite(a, lw, lb, t, cw, opts),
-            (x, w, b, target, weight), wanted[:5],
-        )  # fmt: skip
-        return (*_composite.gradients(loss, leaves, g, wanted[:5]), *nones)
+        grads = composite_grads((x, w, b, target, weight), g, opts, wanted)
+        return (*grads, *nones)
     need = args[10:13]
     grads = (dx, dw, db)
     if reduction == "none":
