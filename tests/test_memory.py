@@ -208,8 +208,9 @@ def _tensors_on(ptrs: set[int]) -> list[torch.Tensor]:
     found = []
     for o in gc.get_objects():
         # type(), not isinstance: isinstance reads __class__, which some deprecated objects
-        # answer with a warning
-        if issubclass(type(o), torch.Tensor) and o.layout == torch.strided:
+        # answer with a warning. Plain tensors and parameters only: the fake and functional
+        # tensors torch.compile leaves behind (another test) have no storage to point to.
+        if type(o) in (torch.Tensor, torch.nn.Parameter) and o.layout == torch.strided:
             if o.untyped_storage().data_ptr() in ptrs:
                 found.append(o)
     return found
