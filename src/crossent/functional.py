@@ -339,9 +339,8 @@ def linear_cross_entropy(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
             options=options,
         )
-    red = _args.reduction_string(None, None, reduction)
     if divisor is not None:
-        divisor = _args.check_divisor(divisor, red)
+        divisor = _args.check_divisor(divisor, _args.reduction_string(None, None, reduction))
     if logits_dtype is not None and not (
         isinstance(logits_dtype, torch.dtype) and logits_dtype.is_floating_point
     ):
@@ -361,7 +360,7 @@ def linear_cross_entropy(
         label_smoothing, options, backend, chunk_bytes, z_loss, softcap, temperature,
         logits_dtype, divisor,
     )  # fmt: skip
-    if batch_shape is not None and red == "none":
+    if batch_shape is not None and reduction == "none":
         return loss.view(batch_shape)
     return loss
 
@@ -374,7 +373,6 @@ def _linear_autocast(
     divisor: Tensor | None,
 ) -> Tensor:  # fmt: skip
     """:func:`linear_cross_entropy` of rows, under autocast or not."""
-    extra = {"divisor": divisor}
     # torch.autocast: the linear layer in the autocast dtype, the cross entropy in float32
     ac_dtype = _autocast_dtype(input)
     if ac_dtype is not None:
@@ -391,12 +389,12 @@ def _linear_autocast(
             return _linear_cross_entropy(
                 input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                 label_smoothing, options, backend, chunk_bytes, z_loss, softcap, temperature,
-                logits_dtype or torch.float32, compute, **extra,
+                logits_dtype or torch.float32, compute, divisor,
             )
     return _linear_cross_entropy(
         input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
         label_smoothing, options, backend, chunk_bytes, z_loss, softcap, temperature,
-        logits_dtype, None, **extra,
+        logits_dtype, None, divisor,
     )
 
 
