@@ -32,6 +32,8 @@ What the backend guarantees (:mod:`._lanes`, :mod:`._runtime`):
 
 from __future__ import annotations
 
+import importlib
+
 import numba
 import numpy as np
 import torch
@@ -42,20 +44,8 @@ from ..base import RowOptions, RowStats, acc_dtype
 from ..torch import TorchBackend, no_classes, prob_acc_dtype
 from . import _runtime
 
-try:
-    from . import _kernels
-except RuntimeError as exc:
-    # Numba found no writable cache location (read-only install, unwritable home): the kernels
-    # are declared with a private temporary directory to write to; they still read any
-    # read-only cache (see _runtime.KernelCache). Numba's setting is restored afterwards.
-    if "cannot cache" not in str(exc):
-        raise
-    _user_dir = numba.config.CACHE_DIR  # type: ignore[attr-defined]
-    numba.config.CACHE_DIR = _runtime.private_cache_dir()  # type: ignore[attr-defined]
-    try:
-        from . import _kernels
-    finally:
-        numba.config.CACHE_DIR = _user_dir  # type: ignore[attr-defined]
+# with a private cache directory where no location is writable (see _runtime.declare)
+_kernels = _runtime.declare(lambda: importlib.import_module(f"{__name__}._kernels"))
 
 from . import _lanes, _math, _memory  # noqa: E402  (imported by _kernels)
 

@@ -272,20 +272,29 @@ def specialised(factory: Any, *flags: Any) -> Any:
     key = (factory, *flags)
     kernel = _specialised.get(key)
     if kernel is None:
-        try:
-            kernel = factory(*flags)
-        except RuntimeError as exc:
-            if "cannot cache" not in str(exc):
-                raise
-            user_dir = numba.config.CACHE_DIR  # type: ignore[attr-defined]
-            numba.config.CACHE_DIR = private_cache_dir()  # type: ignore[attr-defined]
-            try:
-                kernel = factory(*flags)
-            finally:
-                numba.config.CACHE_DIR = user_dir  # type: ignore[attr-defined]
+        kernel = declare(functools.partial(factory, *flags))
         _adopt(kernel)
         _specialised[key] = kernel
     return kernel
+
+
+def declare(make: Any) -> Any:
+    """``make()``, which declares cached kernels (importing a module of them, or a factory);
+    where Numba finds no writable cache location (a read-only install, an unwritable home)
+    it raises, and ``make()`` runs again with the private directory to write to (Numba's
+    setting restored afterwards). The kernels still read any read-only cache
+    (:class:`KernelCache`)."""
+    try:
+        return make()
+    except RuntimeError as exc:
+        if "cannot cache" not in str(exc):
+            raise
+    user_dir = numba.config.CACHE_DIR  # type: ignore[attr-defined]
+    numba.config.CACHE_DIR = private_cache_dir()  # type: ignore[attr-defined]
+    try:
+        return make()
+    finally:
+        numba.config.CACHE_DIR = user_dir  # type: ignore[attr-defined]
 
 
 def install_caches(*modules: ModuleType) -> None:
