@@ -73,10 +73,6 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(_EMPTY) if t is None else t
 
 
-def _none_if_empty(t: Tensor, want: bool) -> Tensor | None:
-    return t if want else None
-
-
 # ---- cross entropy ---------------------------------------------------------------------------
 
 
@@ -139,7 +135,7 @@ def _cross_entropy_backward(ctx: Any, g: Tensor, *_: Any) -> tuple[Tensor | None
             x, target, weight, lse, g, backend, reduction, ls, z, cap, temp, wanted[1],
             wanted[2],
         )  # fmt: skip
-        dt, dw = _none_if_empty(dt, wanted[1]), _none_if_empty(dw, wanted[2])
+        dt, dw = (dt if wanted[1] else None), (dw if wanted[2] else None)
     return (gx, dt, dw, *nones)
 
 
