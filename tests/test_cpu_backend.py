@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from numba import njit
 
 import crossent
-from crossent.backends.cpu import _math, _memory, as_numpy
+from crossent.backends.cpu import _math, _memory, _runtime, as_numpy
 from crossent.testing import assert_close_to_oracle, make_logits, make_targets
 
 
@@ -323,7 +323,7 @@ def test_kernels_work_without_any_writable_cache_location() -> None:
         assert torch.allclose(a, b), (a, b)
         import numba
         from crossent.backends.cpu import _kernels, _runtime
-        paths = [_kernels.ce_prob.stats.cache_path]
+        paths = [_kernels._row_max.stats.cache_path]
         paths += [k.stats.cache_path for k in _runtime._specialised.values()]
         assert len(paths) > 1 and all("crossent-numba-" in p for p in paths), paths
         print("ok", repr(numba.config.CACHE_DIR), *paths)
@@ -462,7 +462,9 @@ def test_softmax_bwd_streamed_equals_cached(dtype: torch.dtype, log: bool, v: in
     outs = []
     for nt in (True, False):
         out = torch.empty_like(y)
-        _kernels.softmax_bwd(as_numpy(g), as_numpy(y), as_numpy(out), log, proto, nt)
+        _runtime.specialised(_kernels.softmax_bwd_kernel, log)(
+            as_numpy(g), as_numpy(y), as_numpy(out), proto, nt
+        )
         outs.append(out)
     assert torch.equal(outs[0].view(-1).view(torch.uint8), outs[1].view(-1).view(torch.uint8))
 
@@ -481,7 +483,9 @@ def test_softmax_fwd_streamed_equals_cached(dtype: torch.dtype, log: bool, v: in
     outs = []
     for nt in (True, False):
         out = torch.empty_like(x)
-        _kernels.softmax_fwd(as_numpy(x), as_numpy(out), log, proto, nt)
+        _runtime.specialised(_kernels.softmax_fwd_kernel, log)(
+            as_numpy(x), as_numpy(out), proto, nt
+        )
         outs.append(out)
     assert torch.equal(outs[0].view(-1).view(torch.uint8), outs[1].view(-1).view(torch.uint8))
 

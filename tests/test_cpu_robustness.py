@@ -39,11 +39,9 @@ CHILD = textwrap.dedent(
     PART = os.environ["PART"]
 
     def kernels():
-        # the class-index kernels are made per set of options on first use (the specialised
-        # ones), so they are looked up when the counts are read
-        if PART == "softmax":
-            return (_kernels.softmax_fwd, _kernels.softmax_bwd)
-        return (_kernels.ce_prob, *_runtime._specialised.values())
+        # the kernels are made per set of options on first use (the specialised ones), so
+        # they are looked up when the counts are read
+        return tuple(_runtime._specialised.values())
 
     def outputs():
         res = {}
@@ -57,11 +55,11 @@ CHILD = textwrap.dedent(
                 for log in (False, True) if PART == "softmax" else ():
                     for nt in (True, False):
                         y = torch.empty_like(x)
-                        _kernels.softmax_fwd(as_numpy(x), as_numpy(y), log, proto, nt)
+                        fwd = _runtime.specialised(_kernels.softmax_fwd_kernel, log)
+                        fwd(as_numpy(x), as_numpy(y), proto, nt)
                         gx = torch.empty_like(x)
-                        _kernels.softmax_bwd(
-                            as_numpy(g), as_numpy(y), as_numpy(gx), log, proto, nt
-                        )
+                        bwd = _runtime.specialised(_kernels.softmax_bwd_kernel, log)
+                        bwd(as_numpy(g), as_numpy(y), as_numpy(gx), proto, nt)
                         res[f"{dtype} {v} log={log} nt={nt}"] = (y, gx)
                 t = torch.randint(0, v, (13,), generator=gen)
                 t[5] = -100
@@ -255,12 +253,12 @@ def _entry_files(cache: Path, name: str) -> tuple[Path, list[Path]]:
     return index, sorted(index.parent.glob(index.name[: -len("nbi")] + "*.nbc"))
 
 
-# A truncated index (softmax_fwd) and data files overwritten with garbage (the class-index
+# A truncated index (softmax's forward) and data files overwritten with garbage (the class-index
 # kernels): the kernels are compiled again, with a warning, give the same bits, and the next
 # process loads the rewritten entries without one.
 def test_damaged_cache_entries_are_compiled_again(cold: Cold, tmp_path: Path) -> None:
     caches = _copies(cold, tmp_path)
-    index, _ = _entry_files(caches["softmax"], "softmax_fwd")
+    index, _ = _entry_files(caches["softmax"], "softmax_fwd_kernel.locals.kernel")
     index.write_bytes(index.read_bytes()[:20])
     _, data = _entry_files(caches["ce"], "ce_index_kernel.locals.kernel")
     for f in data:

@@ -54,6 +54,12 @@ h = torch.randn(64, 16, requires_grad=True)
 w = torch.randn(2000, 16, requires_grad=True)
 crossent.linear_cross_entropy(h, w, t[:64], backend="cpu").backward()
 crossent.linear_token_stats(h, w, t[:64]).logprob.sum().backward()
+# at most D tokens: the linear head's transposed layout, with options
+crossent.linear_cross_entropy(h[:8], w, t[:8], label_smoothing=0.1, temperature=2.0,
+                              backend="cpu").backward()
+p = torch.softmax(torch.randn(300, 2000), 1)
+crossent.cross_entropy(x, p, softcap=30.0, backend="cpu").backward()
+crossent.token_stats(x, t, temperature=0.5).logprob.sum().backward()
 from crossent.backends.cpu import _runtime
 kernels = [*vars(_kernels).items(), *enumerate(_runtime._specialised.values())]
 misses = {k: v.stats.cache_misses for k, v in kernels

@@ -3,10 +3,12 @@
 A kernel is compiled the first time a process calls it with a new combination of dtypes
 (seconds each) and loaded from the cache afterwards. :func:`warmup` calls every public
 function on tiny inputs over the dtypes, target kinds, class weights, options (label
-smoothing, temperature, soft-cap, z-loss: the class-index kernel is compiled per set) and
-gradient settings that select distinct kernels, so that a container image or a CI cache built
-with it never compiles at training time. Set ``NUMBA_CACHE_DIR`` to choose where the cache
-goes (it is read-only afterwards if need be).
+smoothing, temperature, soft-cap, z-loss: the cross-entropy and token-statistics kernels are
+compiled per set), the linear head's two layouts (a chunk's logits by rows, or transposed
+when there are at most as many tokens as features) and gradient settings that select distinct
+kernels, so that a container image or a CI cache built with it never compiles at training
+time. Set ``NUMBA_CACHE_DIR`` to choose where the cache goes (it is read-only afterwards if
+need be).
 """
 
 from __future__ import annotations
@@ -53,6 +55,22 @@ def _calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
             temperature=temperature, backend="cpu",
         ))  # fmt: skip
 
+    def transformed(kind: str, softcap: float | None, temperature: float) -> None:
+        # probability targets and token statistics: a kernel per transform of the logits
+        if kind == "probabilities":
+            backward(crossent.cross_entropy(
+                x(n, v), p, softcap=softcap, temperature=temperature, backend="cpu"
+            ))  # fmt: skip
+        else:
+            backward(crossent.token_stats(x(n, v), t, softcap=softcap, temperature=temperature))
+
+    def linear_columns(smoothing: float, softcap: float | None, temperature: float) -> None:
+        # at most D tokens: the chunk's logits transposed (kernels per smoothing and transform)
+        backward(crossent.linear_cross_entropy(
+            x(d - 1, d), x(v, d), t[: d - 1], label_smoothing=smoothing, softcap=softcap,
+            temperature=temperature, backend="cpu",
+        ))  # fmt: skip
+
     def nll(weight: torch.Tensor | None) -> None:
         backward(crossent.nll_loss(x(n, v), t, weight, backend="cpu"))
 
@@ -79,14 +97,19 @@ def _calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
             calls.append((f"linear_cross_entropy {red} {tag}",
                           functools.partial(linear, weight, red)))  # fmt: skip
         calls.append((f"nll_loss {tag}", functools.partial(nll, weight)))
+    transforms = (("", None, 1.0), (" temperature", None, 0.7), (" softcap", 20.0, 1.0))
     for smoothing in (0.0, 0.1):
-        for label, cap, temp in (("", None, 1.0), (" temperature", None, 0.7),
-                                 (" softcap", 20.0, 1.0)):  # fmt: skip
+        for label, cap, temp in transforms:
             for z_loss in (0.0, 1e-4):
                 if smoothing or label or z_loss:
                     name = f"cross_entropy smoothing={smoothing}{label} z_loss={z_loss}"
                     calls.append((name, functools.partial(ce_options, smoothing, cap, temp,
                                                           z_loss)))  # fmt: skip
+            name = f"linear_cross_entropy by columns smoothing={smoothing}{label}"
+            calls.append((name, functools.partial(linear_columns, smoothing, cap, temp)))
+    for label, cap, temp in transforms[1:]:
+        for kind in ("probabilities", "token_stats"):
+            calls.append((f"{kind}{label}", functools.partial(transformed, kind, cap, temp)))
     calls += [("softmax", functools.partial(softmax, False)),
               ("log_softmax", functools.partial(softmax, True)),
               ("token_stats", functools.partial(stats, False)),

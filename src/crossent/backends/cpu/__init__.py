@@ -28,6 +28,10 @@ What the backend guarantees (:mod:`._lanes`, :mod:`._runtime`):
   lacks are compiled and, when no location is writable, kept in a private temporary directory
   removed at exit. A damaged cache entry (truncated, overwritten) is compiled again and
   rewritten, with a warning, instead of failing every call.
+- **Compiles only what a call runs.** Each parallel kernel is made per set of the options that
+  change its code (``_kernels.ce_index_kernel`` and its siblings, through
+  ``_runtime.specialised``): label smoothing, the transform of the logits (none, temperature,
+  soft-cap), z-loss, softmax or log_softmax. The other options are run-time arguments.
 """
 
 from __future__ import annotations
@@ -110,7 +114,8 @@ class CpuBackend(TorchBackend):
         out = buffers.empty(x.shape, x.dtype, x.device)
         _set_threads()
         proto = np.empty(0, dtype=np.float64 if x.dtype == torch.float64 else np.float32)
-        _kernels.softmax_fwd(as_numpy(x), as_numpy(out), log, proto, _streams(out))
+        kernel = _runtime.specialised(_kernels.softmax_fwd_kernel, log)
+        kernel(as_numpy(x), as_numpy(out), proto, _streams(out))
         return out
 
     def softmax_backward(self, grad: Tensor, out: Tensor, log: bool) -> Tensor:
@@ -119,9 +124,8 @@ class CpuBackend(TorchBackend):
         gx = buffers.empty(out.shape, out.dtype, out.device)
         _set_threads()
         proto = np.empty(0, dtype=np.float64 if out.dtype == torch.float64 else np.float32)
-        _kernels.softmax_bwd(
-            as_numpy(grad), as_numpy(out), as_numpy(gx), log, proto, _streams(gx, grad)
-        )
+        kernel = _runtime.specialised(_kernels.softmax_bwd_kernel, log)
+        kernel(as_numpy(grad), as_numpy(out), as_numpy(gx), proto, _streams(gx, grad))
         return gx
 
     # ---- cross entropy -------------------------------------------------------------------------
@@ -183,7 +187,8 @@ class CpuBackend(TorchBackend):
         grad, want = _grad_target(grad_out, x)
         _set_threads()
         eps = opts.label_smoothing
-        _kernels.ce_prob(
+        kernel = _runtime.specialised(_kernels.ce_prob_kernel, _transform_kind(opts))
+        kernel(
             as_numpy(x), as_numpy(target), w, weight is not None,
             _scalar(1.0 - eps, acc), _scalar(eps / v, acc), _scalar(opts.z_loss, acc),
             _scale(grad_scale, acc),
@@ -225,9 +230,12 @@ class CpuBackend(TorchBackend):
         _set_threads()
         eps = opts.label_smoothing
         cap, inv_cap, inv_t = _transform(opts, acc)
-        _kernels.ce_index_cols(
+        kernel = _runtime.specialised(
+            _kernels.ce_index_cols_kernel, eps > 0, _transform_kind(opts)
+        )
+        kernel(
             as_numpy(xt), _rows(target).numpy(), w, weight is not None, w_total,
-            opts.ignore_index, eps > 0, _scalar(1.0 - eps, acc), _scalar(eps / v, acc),
+            opts.ignore_index, _scalar(1.0 - eps, acc), _scalar(eps / v, acc),
             _scalar(opts.z_loss, acc), _scale(grad_scale, acc), as_numpy(loss), as_numpy(lse),
             want_grad, cap, inv_cap, inv_t, numba.get_num_threads(),
         )
@@ -308,7 +316,8 @@ def token_stats_forward(
     argmax = torch.empty(m, dtype=torch.int64)
     _set_threads()
     cap, inv_cap, inv_t = _transform(opts, acc)
-    _kernels.stats_fwd(
+    kernel = _runtime.specialised(_kernels.stats_fwd_kernel, _transform_kind(opts))
+    kernel(
         as_numpy(x), _rows(target).numpy(), ignore_index, cap, inv_cap, inv_t,
         as_numpy(out[0]), as_numpy(out[1]), as_numpy(out[2]), argmax.numpy(),
     )
@@ -325,7 +334,8 @@ def token_stats_backward(
     acc = acc_dtype(x.dtype)
     _set_threads()
     cap, inv_cap, inv_t = _transform(opts, acc)
-    _kernels.stats_bwd(
+    kernel = _runtime.specialised(_kernels.stats_bwd_kernel, _transform_kind(opts))
+    kernel(
         as_numpy(x), _rows(target).numpy(), ignore_index, _rows(g_lp).numpy(),
         _rows(g_h).numpy(), cap, inv_cap, inv_t, as_numpy(out),
         np.empty(0, dtype=_np_dtype(acc)), _streams(out, x),

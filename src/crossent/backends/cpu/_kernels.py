@@ -28,6 +28,7 @@ here is unchecked.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -214,27 +215,52 @@ def _cap_grad(e, xr, a, b, w, has_w, cap, inv_cap, inv_t):
 
 
 @njit(cache=True)
-def _exp_sum(xr, m, e, nxt, transformed, cap, inv_cap, inv_t, keep=True):
-    """Exponentials of a row (of its transformed logits when ``transformed``) into ``e`` and
-    their sum (NaN if the row holds NaN), and the max of row ``nxt`` (as :func:`_row_max`,
-    except that it may be a NaN where the row holds one), read in the same loop: its loads
-    from memory overlap the exponentials' arithmetic. Without ``keep`` (plain logits only) the
-    exponentials are summed, not stored."""
+def _exp_sum(xr, m, e, nxt, keep):
+    """Exponentials of a row into ``e`` and their sum (NaN if the row holds NaN), and the max
+    of row ``nxt`` (as :func:`_row_max`, except that it may be a NaN where the row holds one),
+    read in the same loop: its loads from memory overlap the exponentials' arithmetic. Without
+    ``keep`` the exponentials are summed, not stored (log_softmax's streamed output)."""
     v = xr.shape[0]
     s = 0.0
     k = order_key(nxt, 0)
     for lo in range(0, v, BLOCK):
         hi = min(lo + BLOCK, v)
-        if not keep:
-            b, k = _exp_sum_only_block(xr[lo:hi], m, nxt[lo:hi], k)
-        elif cap > 0:
-            b, k = _exp_sum_block_cap(xr[lo:hi], m, e[lo:hi], cap, inv_cap, inv_t, nxt[lo:hi], k)
-        elif transformed:
-            b, k = _exp_sum_block_scaled(xr[lo:hi], m, e[lo:hi], inv_t, nxt[lo:hi], k)
-        else:
+        if keep:
             b, k = _exp_sum_block(xr[lo:hi], m, e[lo:hi], nxt[lo:hi], k)
+        else:
+            b, k = _exp_sum_only_block(xr[lo:hi], m, nxt[lo:hi], k)
         s += b
     return like(s, m), from_key(nxt, k)
+
+
+@functools.cache
+def _exp_sum_row(transform: int):
+    """``exp_sum(xr, m, e, nxt, cap, inv_cap, inv_t) -> (s, max of row nxt)``: as
+    :func:`_exp_sum` (exponentials kept) for the logits transformed by ``transform`` (as in
+    :func:`ce_index_kernel`; ``m`` is the max of the transformed row), compiled with only that
+    transform's code. Made once per process for each transform."""
+    capped = transform == 2
+    scaled = transform == 1
+
+    @njit(cache=True)
+    def exp_sum(xr, m, e, nxt, cap, inv_cap, inv_t):
+        v = xr.shape[0]
+        s = 0.0
+        k = order_key(nxt, 0)
+        for lo in range(0, v, BLOCK):
+            hi = min(lo + BLOCK, v)
+            if capped:
+                b, k = _exp_sum_block_cap(
+                    xr[lo:hi], m, e[lo:hi], cap, inv_cap, inv_t, nxt[lo:hi], k
+                )
+            elif scaled:
+                b, k = _exp_sum_block_scaled(xr[lo:hi], m, e[lo:hi], inv_t, nxt[lo:hi], k)
+            else:
+                b, k = _exp_sum_block(xr[lo:hi], m, e[lo:hi], nxt[lo:hi], k)
+            s += b
+        return like(s, m), from_key(nxt, k)
+
+    return exp_sum
 
 
 @njit(inline="always", cache=True)
@@ -335,8 +361,8 @@ def ce_index_kernel(smoothing: bool, transform: int, z_loss: bool):  # noqa: C90
     cache-hot re-reads), streams M·V·b of gradient.
     """
     capped = transform == 2
-    scaled = transform == 1
     transformed = transform != 0
+    exp_sum = _exp_sum_row(transform)
 
     @njit(cache=True)
     def row(
@@ -372,22 +398,7 @@ def ce_index_kernel(smoothing: bool, transform: int, z_loss: bool):  # noqa: C90
         zy = xy - m
         if transformed:
             zy = _u(xy, cap, inv_cap, inv_t) - m
-        # the exponentials and their sum, block by block (as _exp_sum, one variant)
-        total = 0.0
-        k = order_key(nxt, 0)
-        for lo in range(0, v, BLOCK):
-            hi = min(lo + BLOCK, v)
-            if capped:
-                part, k = _exp_sum_block_cap(
-                    xr[lo:hi], m, e[lo:hi], cap, inv_cap, inv_t, nxt[lo:hi], k
-                )
-            elif scaled:
-                part, k = _exp_sum_block_scaled(xr[lo:hi], m, e[lo:hi], inv_t, nxt[lo:hi], k)
-            else:
-                part, k = _exp_sum_block(xr[lo:hi], m, e[lo:hi], nxt[lo:hi], k)
-            total += part
-        s = like(total, m)
-        m_next = from_key(nxt, k)
+        s, m_next = exp_sum(xr, m, e, nxt, cap, inv_cap, inv_t)
         if _bad(m, s):
             if want_grad:
                 _fill(g, math.nan)
@@ -489,19 +500,26 @@ def _prob_dots_step(j, lane, acc, args):
     acc[1][lane] += tj * (np.float64(log_s) - z)
 
 
-@njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
-def _prob_dots(xr, tr, m, log_s, w, has_w, c_t, c_s, cap, inv_cap, inv_t):
+@njit(fastmath=FM_REDUCE, cache=True)
+def _prob_dots(xr, tr, m, log_s, w, has_w, c_t, c_s, inv_t):
     """``(Σ_j w_j t'_j, Σ_j w_j t'_j (log s - z_j))`` with ``t' = c_t·t + c_s`` and
-    ``z = u - m`` (u: the logits as read, see :func:`_u`). Each term is torch's, a weight
-    times ``-log p_j >= 0``: an inf weight gives an inf loss, never inf - inf."""
+    ``z = x/T - m``. Each term is torch's, a weight times ``-log p_j >= 0``: an inf weight gives
+    an inf loss, never inf - inf. z in float64 (exact for float32 logits at T = 1, however far
+    from the max)."""
     wide_vectors()
     main, tail = (lanes(0.0), lanes(0.0)), (lanes(0.0), lanes(0.0))
-    n = xr.shape[0]
-    if cap > 0:  # the transform written out in each loop, so that both vectorise
-        args = (xr, tr, m, log_s, w, has_w, c_t, c_s, cap, inv_cap, inv_t)
-        lane_loop(n, _prob_dots_cap_step, main, tail, args)
-    else:  # z in float64 (exact for float32 logits at T = 1, however far from the max)
-        lane_loop(n, _prob_dots_step, main, tail, (xr, tr, m, log_s, w, has_w, c_t, c_s, inv_t))
+    args = (xr, tr, m, log_s, w, has_w, c_t, c_s, inv_t)
+    lane_loop(xr.shape[0], _prob_dots_step, main, tail, args)
+    return like(lane_sum(main[0], tail[0]), m), like(lane_sum(main[1], tail[1]), m)
+
+
+@njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
+def _prob_dots_cap(xr, tr, m, log_s, w, has_w, c_t, c_s, cap, inv_cap, inv_t):
+    """As :func:`_prob_dots` for soft-capped (and scaled) logits."""
+    wide_vectors()
+    main, tail = (lanes(0.0), lanes(0.0)), (lanes(0.0), lanes(0.0))
+    args = (xr, tr, m, log_s, w, has_w, c_t, c_s, cap, inv_cap, inv_t)
+    lane_loop(xr.shape[0], _prob_dots_cap_step, main, tail, args)
     return like(lane_sum(main[0], tail[0]), m), like(lane_sum(main[1], tail[1]), m)
 
 
@@ -528,56 +546,73 @@ def _prob_grad_cap(e, tr, xr, w, has_w, c_t, c_s, a, b, inv_cap, inv_t):
         e[j] = (e[j] * a - b * tj) * (inv_t * (like(1, th) - th * th))
 
 
-@njit(cache=True)
-def _ce_prob_row(
-    xr, mx, tr, w, has_w, c_t, c_s, z_loss, scale, e, nxt, g, want_grad, nt, cap, inv_cap, inv_t,
-):
-    """One row, whose max is ``mx``: returns ``(loss, lse, max of row nxt)``; with u the logits
-    as read (see :func:`_u`), z = u - max u:
-    loss = Σ_j w_j t'_j (log s - z_j) + λ·lse²;
-    d loss/d u_j = p_j·(Σ w t' + 2λ·lse) - w_j t'_j, times d u_j/d x_j."""
-    transformed = cap > 0 or inv_t != 1
-    m = _u(mx, cap, inv_cap, inv_t) if transformed else mx
-    s, m_next = _exp_sum(xr, m, e, nxt, transformed, cap, inv_cap, inv_t)
-    if _bad(m, s):
-        if want_grad:
-            _fill(g, math.nan)
-        return math.nan, math.nan, m_next
-    log_s = like(math.log(s), m)
-    lse = m + log_s
-    total, dot = _prob_dots(xr, tr, m, log_s, w, has_w, c_t, c_s, cap, inv_cap, inv_t)
-    if want_grad:
-        a = like(scale * (total + 2 * z_loss * lse) / s, m)
-        if cap > 0:
-            _prob_grad_cap(e, tr, xr, w, has_w, c_t, c_s, a, scale, inv_cap, inv_t)
+def ce_prob_kernel(transform: int):
+    """Cross entropy with probability targets for one ``transform`` of the logits (as in
+    :func:`ce_index_kernel`), compiled with only that transform's code::
+
+        kernel(x, t, w, has_w, c_t, c_s, z_loss, scales, loss, lse, grad, want_grad, nt,
+               cap, inv_cap, inv_t)
+
+    Reads x and t once each, streams the gradient; ``scales`` and the transform as in
+    :func:`ce_index_kernel`.
+    """
+    capped = transform == 2
+    transformed = transform != 0
+    exp_sum = _exp_sum_row(transform)
+
+    @njit(cache=True)
+    def row(
+        xr, mx, tr, w, has_w, c_t, c_s, z_loss, scale, e, nxt, g, want_grad, nt, cap, inv_cap,
+        inv_t,
+    ):
+        """One row, whose max is ``mx``: returns ``(loss, lse, max of row nxt)``; with u the
+        logits as read (see :func:`_u`), z = u - max u:
+        loss = Σ_j w_j t'_j (log s - z_j) + λ·lse²;
+        d loss/d u_j = p_j·(Σ w t' + 2λ·lse) - w_j t'_j, times d u_j/d x_j."""
+        m = _u(mx, cap, inv_cap, inv_t) if transformed else mx
+        s, m_next = exp_sum(xr, m, e, nxt, cap, inv_cap, inv_t)
+        if _bad(m, s):
+            if want_grad:
+                _fill(g, math.nan)
+            return math.nan, math.nan, m_next
+        log_s = like(math.log(s), m)
+        lse = m + log_s
+        if capped:
+            total, dot = _prob_dots_cap(xr, tr, m, log_s, w, has_w, c_t, c_s, cap, inv_cap, inv_t)
         else:
-            _prob_grad(e, tr, w, has_w, c_t, c_s, a * inv_t, scale * inv_t)
-        stream_row(e, g, nt)
-    return dot + z_loss * lse * lse, lse, m_next
+            total, dot = _prob_dots(xr, tr, m, log_s, w, has_w, c_t, c_s, inv_t)
+        if want_grad:
+            a = like(scale * (total + 2 * z_loss * lse) / s, m)
+            if capped:
+                _prob_grad_cap(e, tr, xr, w, has_w, c_t, c_s, a, scale, inv_cap, inv_t)
+            else:
+                _prob_grad(e, tr, w, has_w, c_t, c_s, a * inv_t, scale * inv_t)
+            stream_row(e, g, nt)
+        return dot + z_loss * lse * lse, lse, m_next
 
+    @njit(parallel=True, cache=True)
+    def kernel(
+        x, t, w, has_w, c_t, c_s, z_loss, scales, loss, lse, grad, want_grad, nt, cap, inv_cap,
+        inv_t,
+    ):
+        m_rows, v = x.shape
+        nb = _nblocks(m_rows, 8)
+        for b in prange(nb):
+            e = np.empty(v, dtype=loss.dtype)
+            last = (b + 1) * m_rows // nb - 1
+            mx, known = compute_zero(x), False  # row i's max when known (found with row i - 1)
+            for i in range(b * m_rows // nb, last + 1):
+                nxt, ahead = _next_row(x, i, last)
+                g = grad[i]  # an empty row when no gradient is wanted
+                scale = scales[i] if scales.shape[0] > 1 else scales[0]
+                loss[i], lse[i], m_next = row(
+                    x[i], mx if known else _row_max(x[i]), t[i], w, has_w, c_t, c_s, z_loss,
+                    scale, e, nxt, g, want_grad, nt, cap, inv_cap, inv_t,
+                )
+                mx, known = m_next, ahead
+            fence()
 
-@njit(parallel=True, cache=True)
-def ce_prob(
-    x, t, w, has_w, c_t, c_s, z_loss, scales, loss, lse, grad, want_grad, nt, cap, inv_cap, inv_t
-):
-    """Cross entropy with probability targets; reads x and t once each, streams the gradient.
-    ``scales`` and the transform (``cap``, ``inv_cap``, ``inv_t``) as in :func:`ce_index`."""
-    m_rows, v = x.shape
-    nb = _nblocks(m_rows, 8)
-    for b in prange(nb):
-        e = np.empty(v, dtype=loss.dtype)
-        last = (b + 1) * m_rows // nb - 1
-        mx, known = compute_zero(x), False  # the max of row i when known (found with row i - 1)
-        for i in range(b * m_rows // nb, last + 1):
-            nxt, ahead = _next_row(x, i, last)
-            g = grad[i]  # an empty row when no gradient is wanted
-            scale = scales[i] if scales.shape[0] > 1 else scales[0]
-            loss[i], lse[i], m_next = _ce_prob_row(
-                x[i], mx if known else _row_max(x[i]), t[i], w, has_w, c_t, c_s, z_loss, scale, e,
-                nxt, g, want_grad, nt, cap, inv_cap, inv_t,
-            )
-            mx, known = m_next, ahead
-        fence()
+    return kernel
 
 
 # ---- softmax / log_softmax --------------------------------------------------------------
@@ -590,34 +625,45 @@ def _log_probs(xr, m, log_s, e):
         e[j] = (load(xr, j) - m) - log_s
 
 
-@njit(parallel=True, cache=True)
-def softmax_fwd(x, out, log, proto, nt):
-    """softmax (or log_softmax) of each row: ``p = exp(z) / Σ exp(z)``, ``log p = z - log Σ``."""
-    m_rows, v = x.shape
-    nb = _nblocks(m_rows, 8)
-    for b in prange(nb):
-        e = np.empty(v, dtype=proto.dtype)
-        last = (b + 1) * m_rows // nb - 1
-        m_next, known = compute_zero(x), False  # the max of row i when known
-        for i in range(b * m_rows // nb, last + 1):
-            xr = x[i]
-            nxt, ahead = _next_row(x, i, last)
-            m = m_next if known else _row_max(xr)
-            one = like(1, m)
-            # streamed log_softmax output comes from x itself: exponentials only summed
-            s, m_next = _exp_sum(xr, m, e, nxt, False, one - one, one, one, not (log and nt))
-            known = ahead
-            if _bad(m, s):
-                _fill(out[i], math.nan)
-                continue
-            if log and nt:  # log p = (x - m) - log s, computed while streaming
-                stream_formula(LOG_PROBS, xr, xr, out[i], m, like(math.log(s), m), nt)
-            elif log:
-                _log_probs(xr, m, like(math.log(s), m), e)
-                stream_row(e, out[i], nt)
-            else:  # p = e·(1/s), multiplied while streaming
-                stream_row_affine(e, out[i], like(1, m) / s, like(0, m), 0, 0, nt)
-        fence()
+def softmax_fwd_kernel(log: bool):
+    """softmax (``log`` false) or log_softmax of each row, ``p = exp(z) / Σ exp(z)``,
+    ``log p = z - log Σ``, compiled for one of the two::
+
+        kernel(x, out, proto, nt)
+    """
+    keep_exp = _exp_sum_row(0)
+
+    @njit(parallel=True, cache=True)
+    def kernel(x, out, proto, nt):
+        m_rows, v = x.shape
+        nb = _nblocks(m_rows, 8)
+        for b in prange(nb):
+            e = np.empty(v, dtype=proto.dtype)
+            last = (b + 1) * m_rows // nb - 1
+            m_next, known = compute_zero(x), False  # the max of row i when known
+            for i in range(b * m_rows // nb, last + 1):
+                xr = x[i]
+                nxt, ahead = _next_row(x, i, last)
+                m = m_next if known else _row_max(xr)
+                if log:  # streamed output comes from x itself: exponentials only summed
+                    s, m_next = _exp_sum(xr, m, e, nxt, not nt)
+                else:
+                    one = like(1, m)
+                    s, m_next = keep_exp(xr, m, e, nxt, one - one, one, one)
+                known = ahead
+                if _bad(m, s):
+                    _fill(out[i], math.nan)
+                    continue
+                if log and nt:  # log p = (x - m) - log s, computed while streaming
+                    stream_formula(LOG_PROBS, xr, xr, out[i], m, like(math.log(s), m), nt)
+                elif log:
+                    _log_probs(xr, m, like(math.log(s), m), e)
+                    stream_row(e, out[i], nt)
+                else:  # p = e·(1/s), multiplied while streaming
+                    stream_row_affine(e, out[i], like(1, m) / s, like(0, m), 0, 0, nt)
+            fence()
+
+    return kernel
 
 
 @njit(fastmath=FM_REDUCE, cache=True, inline="always")
@@ -686,32 +732,44 @@ def _exp_lsum_block_short(y, e, g):
     return lane_sum(s, t)
 
 
-@njit(cache=True)
 def _lsum_exp_row(g, y, e):
     """``Σ g``, and ``e = exp(y)``, block by block."""
-    v = g.shape[0]
-    s = 0.0
-    for lo in range(0, v, BLOCK):
-        hi = min(lo + BLOCK, v)
-        if g.itemsize == 2:
-            s += _exp_lsum_block_short(y[lo:hi], e[lo:hi], g[lo:hi])
-        else:
-            s += _exp_lsum_block(y[lo:hi], e[lo:hi], g[lo:hi])
-    return like(s, e[0])
+    raise NotImplementedError  # only callable from jitted code
 
 
-@njit(cache=True)
+@overload(_lsum_exp_row)
+def _lsum_exp_row_impl(g, y, e):
+    block = _exp_lsum_block_short if g.dtype.bitwidth == 16 else _exp_lsum_block  # as typed
+
+    def impl(g, y, e):
+        v = g.shape[0]
+        s = 0.0
+        for lo in range(0, v, BLOCK):
+            hi = min(lo + BLOCK, v)
+            s += block(y[lo:hi], e[lo:hi], g[lo:hi])
+        return like(s, e[0])
+
+    return impl
+
+
 def _bwd_dot(g, y):
     """``Σ g·y`` of a row (softmax's backward), block by block."""
-    v = g.shape[0]
-    s = 0.0
-    for lo in range(0, v, BLOCK):
-        hi = min(lo + BLOCK, v)
-        if g.itemsize == 2:
-            s += _dot_short(g[lo:hi], y[lo:hi])
-        else:
-            s += _dot(g[lo:hi], y[lo:hi])
-    return like(s, load(g, 0))
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(_bwd_dot)
+def _bwd_dot_impl(g, y):
+    dot = _dot_short if g.dtype.bitwidth == 16 else _dot  # chosen as the row is typed
+
+    def impl(g, y):
+        v = g.shape[0]
+        s = 0.0
+        for lo in range(0, v, BLOCK):
+            hi = min(lo + BLOCK, v)
+            s += dot(g[lo:hi], y[lo:hi])
+        return like(s, load(g, 0))
+
+    return impl
 
 
 def _softmax_grad_row(y, g, dst, d, y_next, g_next, nt):
@@ -733,28 +791,36 @@ def _softmax_grad_row_impl(y, g, dst, d, y_next, g_next, nt):
     return separate
 
 
-@njit(parallel=True, cache=True)
-def softmax_bwd(g, y, gx, log, proto, nt):
-    """softmax: ``gx = y·(g - Σ g·y)``; log_softmax: ``gx = g - exp(y)·Σ g``. The output is
-    computed from the inputs as it is stored (streamed when ``nt``): for softmax after a pass
-    for ``Σ g·y`` (16-bit rows: the next row's read in the same loop as this row's output);
-    for log_softmax after one pass that sums g and keeps exp(y) in a scratch row."""
-    m_rows, v = g.shape
-    nb = _nblocks(m_rows, 8)
-    for b in prange(nb):
-        e = np.empty(v if log else 0, dtype=proto.dtype)  # exp(y): log_softmax's only
-        last = (b + 1) * m_rows // nb - 1
-        d_next, known = compute_zero(y), False  # softmax's Σ g·y of row i, found with row i - 1
-        for i in range(b * m_rows // nb, last + 1):
-            if log:  # g - exp(y)·Σg: the exponentials while Σg is read
-                d = _lsum_exp_row(g[i], y[i], e)
-                stream_formula(LOG_SOFTMAX_GRAD, e, g[i], gx[i], d, d, nt)
-            else:  # y·(g - Σ g·y), then the next row's Σ g·y
-                d = d_next if known else _bwd_dot(g[i], y[i])
-                k = min(i + 1, last)
-                d_next = like(_softmax_grad_row(y[i], g[i], gx[i], d, y[k], g[k], nt), d)
-                known = i < last
-        fence()
+def softmax_bwd_kernel(log: bool):
+    """The backward of softmax (``log`` false), ``gx = y·(g - Σ g·y)``, or of log_softmax,
+    ``gx = g - exp(y)·Σ g``, compiled for one of the two::
+
+        kernel(g, y, gx, proto, nt)
+
+    The output is computed from the inputs as it is stored (streamed when ``nt``): for softmax
+    after a pass for ``Σ g·y`` (16-bit rows: the next row's read in the same loop as this row's
+    output); for log_softmax after one pass that sums g and keeps exp(y) in a scratch row."""
+
+    @njit(parallel=True, cache=True)
+    def kernel(g, y, gx, proto, nt):
+        m_rows, v = g.shape
+        nb = _nblocks(m_rows, 8)
+        for b in prange(nb):
+            e = np.empty(v if log else 0, dtype=proto.dtype)  # exp(y): log_softmax's only
+            last = (b + 1) * m_rows // nb - 1
+            d_next, known = compute_zero(y), False  # softmax's Σ g·y of row i, found with i - 1
+            for i in range(b * m_rows // nb, last + 1):
+                if log:  # g - exp(y)·Σg: the exponentials while Σg is read
+                    d = _lsum_exp_row(g[i], y[i], e)
+                    stream_formula(LOG_SOFTMAX_GRAD, e, g[i], gx[i], d, d, nt)
+                else:  # y·(g - Σ g·y), then the next row's Σ g·y
+                    d = d_next if known else _bwd_dot(g[i], y[i])
+                    k = min(i + 1, last)
+                    d_next = like(_softmax_grad_row(y[i], g[i], gx[i], d, y[k], g[k], nt), d)
+                    known = i < last
+            fence()
+
+    return kernel
 
 
 # ---- token statistics -------------------------------------------------------------------
@@ -820,132 +886,164 @@ def _exp_dot_block_cap(xr, m, e, cap, inv_cap, inv_t):
     return lane_sum(main[0], tail[0]), lane_sum(main[1], tail[1])
 
 
-@njit(cache=True)
-def _row_softmax_stats(xr, e, cap, inv_cap, inv_t):
-    """``(m, s, Σ e z)`` of a row, its exponentials left in ``e``."""
-    transformed = cap > 0 or inv_t != 1
-    m = _row_max(xr)
-    if transformed:
-        m = _u(m, cap, inv_cap, inv_t)
-    s, d = 0.0, 0.0
-    v = xr.shape[0]
-    for lo in range(0, v, BLOCK):
-        hi = min(lo + BLOCK, v)
-        if cap > 0:
-            bs, bd = _exp_dot_block_cap(xr[lo:hi], m, e[lo:hi], cap, inv_cap, inv_t)
-        elif transformed:
-            bs, bd = _exp_dot_block_scaled(xr[lo:hi], m, e[lo:hi], inv_t)
-        else:
-            bs, bd = _exp_dot_block(xr[lo:hi], m, e[lo:hi])
-        s += bs
-        d += bd
-    return m, like(s, m), like(d, m)
+@functools.cache
+def _token_rows(transform: int):  # noqa: C901
+    """The row functions of the token statistics for one ``transform`` (as in
+    :func:`ce_index_kernel`), each compiled with only that transform's code:
 
+    - ``stats(xr, e, cap, inv_cap, inv_t)``: ``(m, s, Σ e z)`` of a row, its exponentials
+      left in ``e``;
+    - ``argmax(xr, e, m, cap, inv_cap, inv_t, has_nan)``: the first NaN when the row may hold
+      one, else the first j with u_j = m. For transformed logits u_j is evaluated only where
+      ``e_j = exp(u_j - m)`` is not below 1/2 (the max's own exponential is 1 up to rounding,
+      or NaN for an infinite max), not along the whole row;
+    - ``grad_block(xr, e, m, inv_s, mean_z, glp, gh, cap, inv_cap, inv_t)``:
+      ``e_j = p_j·(-g_lp - g_h·(z_j - mean z))·d u_j/d x_j`` in place.
 
-@njit(cache=True)
-def _row_argmax(xr, e, m, cap, inv_cap, inv_t, has_nan):
-    """The first NaN when the row may hold one, else the first j with u_j = m. For
-    transformed logits u_j is evaluated only where ``e_j = exp(u_j - m)`` is not below 1/2 (the
-    max's own exponential is 1 up to rounding, or NaN for an infinite max), not along the
-    whole row."""
-    if has_nan:
-        for j in range(xr.shape[0]):
-            xv = load(xr, j)
-            if xv != xv:
-                return j
-    if cap > 0 or inv_t != 1:
-        for j in range(xr.shape[0]):
-            if not e[j] < 0.5 and _u(load(xr, j), cap, inv_cap, inv_t) == m:  # NaN e: +inf
-                return j
-    else:
-        for j in range(xr.shape[0]):
-            if load(xr, j) == m:
-                return j
-    return 0
+    Made once per process for each transform: both kernels call the same functions.
+    """
+    capped = transform == 2
+    scaled = transform == 1
 
-
-@njit(parallel=True, cache=True)
-def stats_fwd(x, target, ignore_index, cap, inv_cap, inv_t, logprob, entropy, lse, argmax):
-    """Token statistics of every row of ``x`` (see the section comment)."""
-    m_rows, v = x.shape
-    nb = _nblocks(m_rows, 8)
-    for b in prange(nb):
-        e = np.empty(v, dtype=logprob.dtype)
-        for i in range(b * m_rows // nb, (b + 1) * m_rows // nb):
-            xr = x[i]
-            m, s, d = _row_softmax_stats(xr, e, cap, inv_cap, inv_t)
-            log_s = like(math.log(s), m)
-            lse[i] = m + log_s
-            entropy[i] = log_s - d / s
-            y = target[i]
-            if y == ignore_index:
-                logprob[i] = 0
+    @njit(cache=True)
+    def stats(xr, e, cap, inv_cap, inv_t):
+        m = _row_max(xr)
+        if capped or scaled:
+            m = _u(m, cap, inv_cap, inv_t)
+        s, d = 0.0, 0.0
+        v = xr.shape[0]
+        for lo in range(0, v, BLOCK):
+            hi = min(lo + BLOCK, v)
+            if capped:
+                bs, bd = _exp_dot_block_cap(xr[lo:hi], m, e[lo:hi], cap, inv_cap, inv_t)
+            elif scaled:
+                bs, bd = _exp_dot_block_scaled(xr[lo:hi], m, e[lo:hi], inv_t)
             else:
-                xy = load(xr, y)
-                uy = _u(xy, cap, inv_cap, inv_t) if (cap > 0 or inv_t != 1) else xy
-                logprob[i] = (uy - m) - log_s
-            argmax[i] = _row_argmax(xr, e, m, cap, inv_cap, inv_t, s != s)
+                bs, bd = _exp_dot_block(xr[lo:hi], m, e[lo:hi])
+            s += bs
+            d += bd
+        return m, like(s, m), like(d, m)
+
+    @njit(cache=True)
+    def argmax(xr, e, m, cap, inv_cap, inv_t, has_nan):
+        if has_nan:
+            for j in range(xr.shape[0]):
+                xv = load(xr, j)
+                if xv != xv:
+                    return j
+        if capped or scaled:
+            for j in range(xr.shape[0]):
+                if not e[j] < 0.5 and _u(load(xr, j), cap, inv_cap, inv_t) == m:  # NaN e: +inf
+                    return j
+        else:
+            for j in range(xr.shape[0]):
+                if load(xr, j) == m:
+                    return j
+        return 0
+
+    @njit(fastmath=FM_WRITE, cache=True, error_model="numpy")
+    def grad_block(xr, e, m, inv_s, mean_z, glp, gh, cap, inv_cap, inv_t):
+        wide_vectors()
+        if capped:
+            for j in range(e.shape[0]):
+                th = fast_tanh(load(xr, j) * inv_cap)
+                z = cap * th * inv_t - m
+                e[j] = e[j] * inv_s * (-glp - gh * (z - mean_z)) * (inv_t * (like(1, th) - th * th))
+        elif scaled:
+            for j in range(e.shape[0]):
+                z = load(xr, j) * inv_t - m
+                e[j] = e[j] * inv_s * (-glp - gh * (z - mean_z)) * inv_t
+        else:
+            for j in range(e.shape[0]):
+                z = load(xr, j) - m
+                e[j] = e[j] * inv_s * (-glp - gh * (z - mean_z))
+
+    return stats, argmax, grad_block
 
 
-@njit(fastmath=FM_WRITE, cache=True, error_model="numpy")
-def _stats_grad_block(xr, e, m, inv_s, mean_z, glp, gh, cap, inv_cap, inv_t, transformed):
-    """``e_j = p_j·(-g_lp - g_h·(z_j - mean z))·d u_j/d x_j`` in place."""
-    wide_vectors()
-    if cap > 0:
-        for j in range(e.shape[0]):
-            th = fast_tanh(load(xr, j) * inv_cap)
-            z = cap * th * inv_t - m
-            e[j] = e[j] * inv_s * (-glp - gh * (z - mean_z)) * (inv_t * (like(1, th) - th * th))
-    elif transformed:
-        for j in range(e.shape[0]):
-            z = load(xr, j) * inv_t - m
-            e[j] = e[j] * inv_s * (-glp - gh * (z - mean_z)) * inv_t
-    else:
-        for j in range(e.shape[0]):
-            z = load(xr, j) - m
-            e[j] = e[j] * inv_s * (-glp - gh * (z - mean_z))
+def stats_fwd_kernel(transform: int):
+    """Token statistics of every row of ``x`` (see the section comment), compiled for one
+    ``transform`` (see :func:`_token_rows`)::
+
+        kernel(x, target, ignore_index, cap, inv_cap, inv_t, logprob, entropy, lse, argmax)
+    """
+    stats, argmax, _ = _token_rows(transform)
+    transformed = transform != 0
+
+    @njit(parallel=True, cache=True)
+    def kernel(x, target, ignore_index, cap, inv_cap, inv_t, logprob, entropy, lse, argmax_out):
+        m_rows, v = x.shape
+        nb = _nblocks(m_rows, 8)
+        for b in prange(nb):
+            e = np.empty(v, dtype=logprob.dtype)
+            for i in range(b * m_rows // nb, (b + 1) * m_rows // nb):
+                xr = x[i]
+                m, s, d = stats(xr, e, cap, inv_cap, inv_t)
+                log_s = like(math.log(s), m)
+                lse[i] = m + log_s
+                entropy[i] = log_s - d / s
+                y = target[i]
+                if y == ignore_index:
+                    logprob[i] = 0
+                else:
+                    xy = load(xr, y)
+                    uy = _u(xy, cap, inv_cap, inv_t) if transformed else xy
+                    logprob[i] = (uy - m) - log_s
+                argmax_out[i] = argmax(xr, e, m, cap, inv_cap, inv_t, s != s)
+
+    return kernel
 
 
-@njit(parallel=True, cache=True)
-def stats_bwd(x, target, ignore_index, g_lp, g_h, cap, inv_cap, inv_t, gx, proto, nt):
-    """d(Σ g_lp·logprob + g_h·entropy)/d x for every row of ``x``; exponentials recomputed."""
-    m_rows, v = x.shape
-    nb = _nblocks(m_rows, 8)
-    for b in prange(nb):
-        e = np.empty(v, dtype=proto.dtype)
-        for i in range(b * m_rows // nb, (b + 1) * m_rows // nb):
-            xr = x[i]
-            m, s, d = _row_softmax_stats(xr, e, cap, inv_cap, inv_t)
-            y = target[i]
-            glp = g_lp[i] if y != ignore_index else like(0, m)
-            transformed = cap > 0 or inv_t != 1
-            xy = load(xr, y) if y != ignore_index else like(0, m)
-            for lo in range(0, v, BLOCK):
-                hi = min(lo + BLOCK, v)
-                _stats_grad_block(
-                    xr[lo:hi], e[lo:hi], m, like(1, m) / s, d / s, glp, g_h[i], cap, inv_cap,
-                    inv_t, transformed,
-                )
-            if y != ignore_index:
-                du = like(1, m)
-                if cap > 0:
-                    du = _du_dx(xy, inv_cap, inv_t)
-                elif transformed:
-                    du = inv_t
-                e[y] += glp * du
-            stream_row(e, gx[i], nt)
-        fence()
+def stats_bwd_kernel(transform: int):
+    """d(Σ g_lp·logprob + g_h·entropy)/d x for every row of ``x``, exponentials recomputed,
+    compiled for one ``transform`` (see :func:`_token_rows`)::
+
+        kernel(x, target, ignore_index, g_lp, g_h, cap, inv_cap, inv_t, gx, proto, nt)
+    """
+    stats, _, grad_block = _token_rows(transform)
+    capped = transform == 2
+    transformed = transform != 0
+
+    @njit(parallel=True, cache=True)
+    def kernel(x, target, ignore_index, g_lp, g_h, cap, inv_cap, inv_t, gx, proto, nt):
+        m_rows, v = x.shape
+        nb = _nblocks(m_rows, 8)
+        for b in prange(nb):
+            e = np.empty(v, dtype=proto.dtype)
+            for i in range(b * m_rows // nb, (b + 1) * m_rows // nb):
+                xr = x[i]
+                m, s, d = stats(xr, e, cap, inv_cap, inv_t)
+                y = target[i]
+                glp = g_lp[i] if y != ignore_index else like(0, m)
+                xy = load(xr, y) if y != ignore_index else like(0, m)
+                for lo in range(0, v, BLOCK):
+                    hi = min(lo + BLOCK, v)
+                    grad_block(
+                        xr[lo:hi], e[lo:hi], m, like(1, m) / s, d / s, glp, g_h[i], cap,
+                        inv_cap, inv_t,
+                    )
+                if y != ignore_index:
+                    du = like(1, m)
+                    if capped:
+                        du = _du_dx(xy, inv_cap, inv_t)
+                    elif transformed:
+                        du = inv_t
+                    e[y] += glp * du
+                stream_row(e, gx[i], nt)
+            fence()
+
+    return kernel
 
 
 # ---- cross entropy over columns -----------------------------------------------------------
 # The linear cross entropy holds the logits of up to D rows transposed, (V, n): one token per
-# column. ce_index_cols computes what ce_index computes for each column, in place, without
-# transposing: bands of columns are spread over threads, and each band walks its V rows twice.
-# The first walk, a group of rows at a time (the group stays in L2), takes the group's column
-# maxima, rescales the running sums of exponentials where a maximum grew, and adds the group's
-# exponentials; the second writes the gradient. A column is too long to keep its
-# exponentials, so the second walk evaluates each one again; both run along contiguous rows,
-# vectorised across columns. Per-column sums accumulate in float64.
+# column. ce_index_cols_kernel computes what ce_index_kernel computes for each column, in
+# place, without transposing: bands of columns are spread over threads, and each band walks its
+# V rows twice. The first walk, a group of rows at a time (the group stays in L2), takes the
+# group's column maxima, rescales the running sums of exponentials where a maximum grew, and
+# adds the group's exponentials; the second writes the gradient. A column is too long to keep
+# its exponentials, so the second walk evaluates each one again; both run along contiguous
+# rows, vectorised across columns. Per-column sums accumulate in float64.
 
 COL_BAND = 1024  # columns per band at most: its per-column state stays in L1
 ROW_GROUP = 32  # rows per group of the first walk
@@ -957,155 +1055,186 @@ def _cols_max(xr, m):
         m[c] = fmax(m[c], load(xr, c))
 
 
-@njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
-def _cols_rescale(gm, m, s, cap, inv_cap, inv_t):
-    """The running maxima ``m`` (of u) raised to the group's maxima ``gm`` (of x, reset to -inf
-    here), the running sums ``s`` scaled by ``exp(old m - new m)``."""
-    for c in range(m.shape[0]):
-        mn = fmax(m[c], _u(gm[c], cap, inv_cap, inv_t))
-        f = np.float64(mn) - np.float64(m[c])
-        s[c] *= np.float64(1) if m[c] == mn else fast_exp(-f)
-        m[c] = mn
-        gm[c] = -np.inf
+@functools.cache
+def _cols_steps(smoothing: bool, transform: int):  # noqa: C901
+    """The walks' steps over one row of a band of columns, for one set of options (label
+    ``smoothing`` on, ``transform`` as in :func:`ce_index_kernel`), compiled with only their
+    code; made once per process for each set:
 
+    - ``rescale(gm, m, s, cap, inv_cap, inv_t)``: the running maxima ``m`` (of u) raised to the
+      group's maxima ``gm`` (of x, reset to -inf here), the running sums ``s`` scaled by
+      ``exp(old m - new m)``;
+    - ``exp_sum(xr, m, s, su, wr, cap, inv_cap, inv_t)``: ``s_c += exp(u_c - m_c)`` and, with
+      smoothing, ``su_c += w_r·u_c``;
+    - ``grad(xr, m, a, b, keep, wr, cap, inv_cap, inv_t)``: ``x_c = exp(u_c - m_c)·a_c - b_c·w_r``
+      (times d u/d x with a cap) in place; zero in columns not kept;
+    - ``u(xv, cap, inv_cap, inv_t)``: the logit as read.
 
-# u is evaluated by _u (compiled without fast-math) in both walks: each exponential of the
-# second walk is then the very one summed in the first, whatever the loops' own flags.
+    u is evaluated by ``u`` (compiled without fast-math, :func:`_u` for transformed logits) in
+    both walks: each exponential of the second walk is then the very one summed in the first,
+    whatever the loops' own flags.
+    """
+    capped = transform == 2
+    transformed = transform != 0
 
+    @njit(cache=True, error_model="numpy")
+    def u(xv, cap, inv_cap, inv_t):
+        if transformed:
+            return _u(xv, cap, inv_cap, inv_t)
+        return xv
 
-@njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
-def _cols_exp_sum(xr, m, s, su, wr, smoothing, cap, inv_cap, inv_t):
-    """``s_c += exp(u_c - m_c)`` and, with smoothing, ``su_c += w_r·u_c``."""
-    for c in range(m.shape[0]):
-        u = _u(load(xr, c), cap, inv_cap, inv_t)
-        s[c] += np.float64(exp_for(xr, u - m[c]))
-        if smoothing:
-            su[c] += np.float64(wr * u)
-
-
-@njit(fastmath=FM_WRITE, cache=True, error_model="numpy")
-def _cols_grad(xr, m, a, b, keep, wr, cap, inv_cap, inv_t):
-    """``x_c = exp(u_c - m_c)·a_c - b_c·w_r`` (times d u/d x with a cap) in place; zero in
-    columns not kept."""
-    if cap > 0:
+    @njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
+    def rescale(gm, m, s, cap, inv_cap, inv_t):
         for c in range(m.shape[0]):
-            xv = load(xr, c)
-            e = exp_for(xr, _u(xv, cap, inv_cap, inv_t) - m[c])
-            g = (e * a[c] - b[c] * wr) * _du_dx(xv, inv_cap, inv_t)
-            g = g if keep[c] else like(0, g)  # (a conditional passed straight to store is
-            store(xr, c, g)  # dropped by Numba's inlining: named first)
-    else:
+            mn = fmax(m[c], u(gm[c], cap, inv_cap, inv_t))
+            f = np.float64(mn) - np.float64(m[c])
+            s[c] *= np.float64(1) if m[c] == mn else fast_exp(-f)
+            m[c] = mn
+            gm[c] = -np.inf
+
+    @njit(fastmath=FM_REDUCE, cache=True, error_model="numpy")
+    def exp_sum(xr, m, s, su, wr, cap, inv_cap, inv_t):
         for c in range(m.shape[0]):
-            g = exp_for(xr, _u(load(xr, c), cap, inv_cap, inv_t) - m[c]) * a[c] - b[c] * wr
-            g = g if keep[c] else like(0, g)
-            store(xr, c, g)
+            uc = u(load(xr, c), cap, inv_cap, inv_t)
+            s[c] += np.float64(exp_for(xr, uc - m[c]))
+            if smoothing:
+                su[c] += np.float64(wr * uc)
+
+    @njit(fastmath=FM_WRITE, cache=True, error_model="numpy")
+    def grad(xr, m, a, b, keep, wr, cap, inv_cap, inv_t):
+        if capped:
+            for c in range(m.shape[0]):
+                xv = load(xr, c)
+                e = exp_for(xr, u(xv, cap, inv_cap, inv_t) - m[c])
+                g = (e * a[c] - b[c] * wr) * _du_dx(xv, inv_cap, inv_t)
+                g = g if keep[c] else like(0, g)  # (a conditional passed straight to store is
+                store(xr, c, g)  # dropped by Numba's inlining: named first)
+        else:
+            for c in range(m.shape[0]):
+                g = exp_for(xr, u(load(xr, c), cap, inv_cap, inv_t) - m[c]) * a[c] - b[c] * wr
+                g = g if keep[c] else like(0, g)
+                store(xr, c, g)
+
+    return rescale, exp_sum, grad, u
 
 
-@njit(cache=True)
-def _ce_index_band(
-    x, target, w, has_w, w_total, ignore_index, smoothing, c_t, c_s, z_loss, scales, loss, lse,
-    want_grad, cap, inv_cap, inv_t, lo, hi,
-):
-    """Columns ``lo:hi`` of :func:`ce_index_cols`."""
-    v = x.shape[0]
-    k = hi - lo
-    proto = loss[:1]
-    transformed = cap > 0 or inv_t != 1
-    m = np.full(k, -np.inf, dtype=loss.dtype)  # of u
-    gm = np.full(k, -np.inf, dtype=loss.dtype)  # of x, in a group of rows
-    s = np.zeros(k, dtype=np.float64)
-    su = np.zeros(k, dtype=np.float64)
-    one = like(1, proto[0])
-    for r0 in range(0, v, ROW_GROUP):
-        r1 = min(r0 + ROW_GROUP, v)
-        for r in range(r0, r1):
-            _cols_max(x[r, lo:hi], gm)
-        _cols_rescale(gm, m, s, cap, inv_cap, inv_t)
-        for r in range(r0, r1):
-            wr = w[r] if has_w else one
-            _cols_exp_sum(x[r, lo:hi], m, s, su, wr, smoothing, cap, inv_cap, inv_t)
-    a = np.zeros(k, dtype=loss.dtype)
-    b = np.zeros(k, dtype=loss.dtype)
-    cy = np.zeros(k, dtype=loss.dtype)  # subtracted at the target
-    xys = np.zeros(k, dtype=loss.dtype)  # the target logits
-    keep = np.zeros(k, dtype=np.bool_)
-    wt = w_total if has_w else like(v, proto[0])
-    for c in range(k):
-        i = lo + c
-        y = target[i]
-        if y == ignore_index:
-            loss[i] = 0
-            lse[i] = math.nan
-            continue
-        keep[c] = True
-        mc = m[c]
-        sc = like(s[c], mc)
-        if _bad(mc, sc):
-            loss[i] = math.nan
-            lse[i] = math.nan
-            a[c] = b[c] = math.nan
-            continue
-        scale = scales[i] if scales.shape[0] > 1 else scales[0]
-        wy = w[y] if has_w else one
-        xy = load(x[y], i)
-        xys[c] = xy
-        zy = (_u(xy, cap, inv_cap, inv_t) if transformed else xy) - mc
-        log_s = like(math.log(sc), mc)
-        lse[i] = mc + log_s
-        li = c_t * wy * (log_s - zy)
-        if smoothing and math.isfinite(wt):
-            li += c_s * (wt * log_s - like(su[c] - np.float64(mc) * np.float64(wt), mc))
-        elif smoothing:  # an inf or NaN class weight (see _smoothing_terms)
-            li += c_s * _smoothing_terms_col(x, i, mc, log_s, w, cap, inv_cap, inv_t)
-        if z_loss != 0:
-            li += z_loss * lse[i] * lse[i]
-        loss[i] = li
-        ws = c_s * wt if smoothing else like(0, mc)  # as in _ce_index_row
-        a[c] = like(scale * (c_t * wy + ws + 2 * z_loss * lse[i]) / sc, mc)
-        b[c] = like(scale * c_s, mc)
-        cy[c] = like(scale * c_t * wy, mc)
-        if cap > 0:
-            cy[c] *= _du_dx(xy, inv_cap, inv_t)
-        else:  # 1/T folds into the affine map
-            a[c], b[c], cy[c] = a[c] * inv_t, b[c] * inv_t, cy[c] * inv_t
-    if not want_grad:
-        return
-    # the weights enter the gradient only through the smoothing term, b·w_r (b = 0 without
-    # smoothing, where an inf or NaN weight must not turn 0·w into NaN)
-    weighted = has_w and smoothing
-    for r in range(v):
-        wr = w[r] if weighted else one
-        _cols_grad(x[r, lo:hi], m, a, b, keep, wr, cap, inv_cap, inv_t)
-    # each target's element computed again, whole, and rounded once to the storage dtype
-    for c in range(k):
-        if keep[c]:
-            y = target[lo + c]
-            xv = xys[c]
-            wy = w[y] if weighted else one
-            e = exp_for(x, _u(xv, cap, inv_cap, inv_t) - m[c])
-            if cap > 0:
-                gy = (e * a[c] - b[c] * wy) * _du_dx(xv, inv_cap, inv_t) - cy[c]
-            else:
-                gy = e * a[c] - b[c] * wy - cy[c]
-            store(x[y], lo + c, gy)
+def ce_index_cols_kernel(smoothing: bool, transform: int):  # noqa: C901
+    """Cross entropy with class indices down the columns of ``x`` ``(V, n)`` for one set of
+    options (as in :func:`ce_index_kernel`; the z-loss is always compiled in)::
 
+        kernel(x, target, w, has_w, w_total, ignore_index, c_t, c_s, z_loss, scales, loss,
+               lse, want_grad, cap, inv_cap, inv_t, bands)
 
-@njit(parallel=True, cache=True)
-def ce_index_cols(
-    x, target, w, has_w, w_total, ignore_index, smoothing, c_t, c_s, z_loss, scales, loss, lse,
-    want_grad, cap, inv_cap, inv_t, bands,
-):
-    """Cross entropy with class indices down the columns of ``x`` ``(V, n)``, arguments as in
-    :func:`ce_index`; the gradient (when wanted) is written over ``x``. ``bands``: how many
-    bands of columns to split the work into (at least one per thread)."""
-    n = x.shape[1]
-    for bnd in prange(bands):
-        # band edges on cache lines: neighbouring bands never write to one line
-        per_line = LINE // x.itemsize
-        lo = min(n, (bnd * n // bands) // per_line * per_line)
-        hi = n if bnd == bands - 1 else min(n, ((bnd + 1) * n // bands) // per_line * per_line)
-        for c0 in range(lo, hi, COL_BAND):
-            _ce_index_band(
-                x, target, w, has_w, w_total, ignore_index, smoothing, c_t, c_s, z_loss, scales,
-                loss, lse, want_grad, cap, inv_cap, inv_t, c0, min(c0 + COL_BAND, hi),
-            )
+    arguments as in :func:`ce_index_kernel`'s kernel; the gradient (when wanted) is written
+    over ``x``. ``bands``: how many bands of columns to split the work into (at least one per
+    thread).
+    """
+    capped = transform == 2
+    rescale, exp_sum, grad, u = _cols_steps(smoothing, transform)
+
+    @njit(cache=True)
+    def band(
+        x, target, w, has_w, w_total, ignore_index, c_t, c_s, z_loss, scales, loss, lse,
+        want_grad, cap, inv_cap, inv_t, lo, hi,
+    ):
+        """Columns ``lo:hi``."""
+        v = x.shape[0]
+        k = hi - lo
+        proto = loss[:1]
+        m = np.full(k, -np.inf, dtype=loss.dtype)  # of u
+        gm = np.full(k, -np.inf, dtype=loss.dtype)  # of x, in a group of rows
+        s = np.zeros(k, dtype=np.float64)
+        su = np.zeros(k if smoothing else 0, dtype=np.float64)
+        one = like(1, proto[0])
+        for r0 in range(0, v, ROW_GROUP):
+            r1 = min(r0 + ROW_GROUP, v)
+            for r in range(r0, r1):
+                _cols_max(x[r, lo:hi], gm)
+            rescale(gm, m, s, cap, inv_cap, inv_t)
+            for r in range(r0, r1):
+                wr = w[r] if has_w else one
+                exp_sum(x[r, lo:hi], m, s, su, wr, cap, inv_cap, inv_t)
+        a = np.zeros(k, dtype=loss.dtype)
+        b = np.zeros(k, dtype=loss.dtype)
+        cy = np.zeros(k, dtype=loss.dtype)  # subtracted at the target
+        xys = np.zeros(k, dtype=loss.dtype)  # the target logits
+        keep = np.zeros(k, dtype=np.bool_)
+        wt = w_total if has_w else like(v, proto[0])
+        for c in range(k):
+            i = lo + c
+            y = target[i]
+            if y == ignore_index:
+                loss[i] = 0
+                lse[i] = math.nan
+                continue
+            keep[c] = True
+            mc = m[c]
+            sc = like(s[c], mc)
+            if _bad(mc, sc):
+                loss[i] = math.nan
+                lse[i] = math.nan
+                a[c] = b[c] = math.nan
+                continue
+            scale = scales[i] if scales.shape[0] > 1 else scales[0]
+            wy = w[y] if has_w else one
+            xy = load(x[y], i)
+            xys[c] = xy
+            zy = u(xy, cap, inv_cap, inv_t) - mc
+            log_s = like(math.log(sc), mc)
+            lse[i] = mc + log_s
+            li = c_t * wy * (log_s - zy)
+            if smoothing:
+                if math.isfinite(wt):
+                    li += c_s * (wt * log_s - like(su[c] - np.float64(mc) * np.float64(wt), mc))
+                else:  # an inf or NaN class weight (see _smoothing_terms)
+                    li += c_s * _smoothing_terms_col(x, i, mc, log_s, w, cap, inv_cap, inv_t)
+            if z_loss != 0:
+                li += z_loss * lse[i] * lse[i]
+            loss[i] = li
+            ws = c_s * wt if smoothing else like(0, mc)  # as in ce_index_kernel's row
+            a[c] = like(scale * (c_t * wy + ws + 2 * z_loss * lse[i]) / sc, mc)
+            b[c] = like(scale * c_s, mc)
+            cy[c] = like(scale * c_t * wy, mc)
+            if capped:
+                cy[c] *= _du_dx(xy, inv_cap, inv_t)
+            else:  # 1/T folds into the affine map
+                a[c], b[c], cy[c] = a[c] * inv_t, b[c] * inv_t, cy[c] * inv_t
+        if not want_grad:
+            return
+        # the weights enter the gradient only through the smoothing term, b·w_r (b = 0 without
+        # smoothing, where an inf or NaN weight must not turn 0·w into NaN)
+        weighted = has_w and smoothing
+        for r in range(v):
+            wr = w[r] if weighted else one
+            grad(x[r, lo:hi], m, a, b, keep, wr, cap, inv_cap, inv_t)
+        # each target's element computed again, whole, and rounded once to the storage dtype
+        for c in range(k):
+            if keep[c]:
+                y = target[lo + c]
+                xv = xys[c]
+                wy = w[y] if weighted else one
+                e = exp_for(x, u(xv, cap, inv_cap, inv_t) - m[c])
+                if capped:
+                    gy = (e * a[c] - b[c] * wy) * _du_dx(xv, inv_cap, inv_t) - cy[c]
+                else:
+                    gy = e * a[c] - b[c] * wy - cy[c]
+                store(x[y], lo + c, gy)
+
+    @njit(parallel=True, cache=True)
+    def kernel(
+        x, target, w, has_w, w_total, ignore_index, c_t, c_s, z_loss, scales, loss, lse,
+        want_grad, cap, inv_cap, inv_t, bands,
+    ):
+        n = x.shape[1]
+        for bnd in prange(bands):
+            # band edges on cache lines: neighbouring bands never write to one line
+            per_line = LINE // x.itemsize
+            lo = min(n, (bnd * n // bands) // per_line * per_line)
+            hi = n if bnd == bands - 1 else min(n, ((bnd + 1) * n // bands) // per_line * per_line)
+            for c0 in range(lo, hi, COL_BAND):
+                band(
+                    x, target, w, has_w, w_total, ignore_index, c_t, c_s, z_loss, scales, loss,
+                    lse, want_grad, cap, inv_cap, inv_t, c0, min(c0 + COL_BAND, hi),
+                )
+
+    return kernel
