@@ -20,7 +20,7 @@ gradient); implementations must read each element before writing it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -59,11 +59,120 @@ class RowOptions:
         return self.transformed or self.z_loss != 0.0
 
 
+# ---- the cross-entropy formula, once --------------------------------------------------------
+# With u the logits as read, lse = log Σ_c exp(u_c), ε the label smoothing, V the number of
+# classes of the whole row, W = Σ_c w_c and λ the z-loss, a row's class-index loss is
+# (1-ε)·nll + (ε/V)·smooth + λ·lse², nll = w_y·(lse - u_y), smooth = Σ_c w_c·(lse - u_c), and
+# d loss/d u_j = p_j·a - (ε/V)·w_j - (1-ε)·w_y·[j = y] with a = (1-ε)·w_y + (ε/V)·W + 2λ·lse.
+
+
+def index_loss(nll: Any, smooth: Any, eps: float, v: int, lse: Any, z_loss: float) -> Any:
+    """``(1-ε)·nll + (ε/V)·smooth + λ·lse²`` (``smooth`` unused when ``ε == 0``)."""
+    row = nll
+    if eps > 0.0:
+        row = (1.0 - eps) * row + (eps / v) * smooth
+    if z_loss:
+        row = row + z_loss * lse * lse
+    return row
+
+
+def index_coef(wt: Any, eps: float, v: int, w_total: Any, lse: Any, z_loss: float) -> Any:
+    """``a = (1-ε)·w_y + (ε/V)·Σ_c w_c + 2λ·lse``, the factor of ``p_j`` in d loss / d u_j."""
+    a = wt
+    if eps > 0.0:
+        a = (1.0 - eps) * wt + (eps / v) * w_total
+    if z_loss:
+        a = a + 2.0 * z_loss * lse
+    return a
+
+
 class RowStats(NamedTuple):
     """Per-row results of a cross-entropy forward: both ``(M,)`` in the accumulation dtype."""
 
     loss: Tensor
     lse: Tensor
+
+
+# ---- cross entropy over slices of the classes ---------------------------------------------
+# A row's classes may be split into slices (the ranks of a vocabulary-parallel group): each
+# slice reports its part of the row's statistics, float64 rows of a (K, M) tensor (see
+# Backend.cross_entropy_partial); merge_index / merge_prob combine the parts of every slice,
+# in slice order, into the row's loss, lse and gradient factor, the same bits wherever the
+# same parts are merged; each slice then writes the gradient of its own columns from those
+# (Backend.cross_entropy_partial_grad). A slice's sums are taken relative to its reference
+# point: its max where that is finite, else 0 (a slice of -inf logits, or an empty one, then
+# adds exact zeros and its Σ w·u stays what torch forms term by term).
+
+INDEX_PARTS = 5  # max, Σ exp(u - ref), u_y (0 off the slice), Σ w·(u - ref), Σ w
+PROB_PARTS = 4  # max, Σ exp(u - ref), Σ w t'·(u - ref), Σ w t'
+
+
+class Merged(NamedTuple):
+    """Merged per-row statistics, all ``(M,)`` float64: the loss (0 on ignored rows), lse, and
+    ``coef``, the factor of ``p_j`` in the gradient (``a`` above; for probability targets
+    ``Σ w t' + 2λ·lse``). Rows holding NaN or +inf, or only -inf, are NaN throughout (torch's
+    ``log_softmax`` is NaN along them)."""
+
+    loss: Tensor
+    lse: Tensor
+    coef: Tensor
+
+
+def reference_point(mx: Tensor) -> Tensor:
+    """A slice's reference point: its max where finite, else 0."""
+    return torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+
+
+def _merge_common(parts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(max, log s, shift, bad)`` from ``parts`` ``(R, K, M)``: the row max over every
+    slice, log Σ exp(u - max), each slice's ``ref - max`` ``(R, M)`` and the rows that are
+    NaN throughout."""
+    mx = parts[:, 0]
+    m = mx.amax(0)  # NaN where any slice holds NaN
+    bad = ~torch.isfinite(m)
+    shift = reference_point(mx) - torch.where(bad, torch.zeros_like(m), m)
+    s = (parts[:, 1] * torch.exp(shift)).sum(0)
+    return m, torch.log(s), shift, bad | torch.isnan(s)
+
+
+def merge_index(
+    parts: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, total: int
+) -> Merged:
+    """Class-index statistics from every slice's :meth:`Backend.cross_entropy_partial`,
+    ``parts`` ``(R, INDEX_PARTS, M)`` in slice order; ``weight``: all ``total`` class weights."""
+    m, log_s, shift, bad = _merge_common(parts)
+    eps = opts.label_smoothing
+    keep = target != opts.ignore_index
+    tc = torch.where(keep, target, 0)
+    wt = torch.ones_like(m) if weight is None else weight.to(torch.float64)[tc]
+    w_total = parts[:, 4].sum(0)
+    lse = m + log_s
+    nll = wt * (log_s - (parts[:, 2].sum(0) - m))
+    smooth = None
+    if eps > 0.0:  # Σ_c w_c·(lse - u_c) = W·log s - Σ_c w_c·(u_c - max)
+        smooth = w_total * log_s - (parts[:, 3] + parts[:, 4] * shift).sum(0)
+    loss = index_loss(nll, smooth, eps, total, lse, opts.z_loss)
+    coef = index_coef(wt, eps, total, w_total, lse, opts.z_loss)
+    nan = torch.full_like(m, torch.nan)
+    lse, loss, coef = (torch.where(bad, nan, t) for t in (lse, loss, coef))
+    return Merged(loss.masked_fill(~keep, 0.0), lse, coef)
+
+
+def merge_prob(parts: Tensor, opts: RowOptions) -> Merged:
+    """Probability-target statistics from every slice's
+    :meth:`Backend.cross_entropy_prob_partial`, ``parts`` ``(R, PROB_PARTS, M)`` in slice
+    order: loss ``Σ_c w_c t'_c·(lse - u_c) + λ·lse²``."""
+    m, log_s, shift, bad = _merge_common(parts)
+    total_wt = parts[:, 3].sum(0)
+    lse = m + log_s
+    loss = total_wt * log_s - (parts[:, 2] + parts[:, 3] * shift).sum(0)
+    coef = total_wt
+    if opts.z_loss:
+        loss = loss + opts.z_loss * lse * lse
+        coef = coef + 2.0 * opts.z_loss * lse
+    nan = torch.full_like(m, torch.nan)
+    lse, loss, coef = (torch.where(bad, nan, t) for t in (lse, loss, coef))
+    return Merged(loss, lse, coef)
 
 
 class Backend:
@@ -154,6 +263,44 @@ class Backend:
         dtype: torch.dtype,
     ) -> Tensor:
         """Gradient ``(M, V)`` of :meth:`nll_forward`: ``-w[y]·row_grad[n]`` at ``(n, y)``."""
+        raise NotImplementedError
+
+    def cross_entropy_partial(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int,
+    ) -> Tensor:  # fmt: skip
+        """This slice's part of the class-index statistics: ``x`` ``(M, V)`` holds the classes
+        ``[start, start + V)`` of ``total``; ``target`` (global indices, range-checked against
+        ``total``) and ``weight`` (all ``total`` weights, or ``None``) are the whole row's.
+        Returns ``(INDEX_PARTS, M)`` float64: the max of u, Σ exp(u - ref), u_y where the
+        target is in the slice (else 0), Σ w·(u - ref) (0 without smoothing) and Σ w over the
+        slice; ``ref`` as :func:`reference_point`. For :func:`merge_index`."""
+        raise NotImplementedError
+
+    def cross_entropy_partial_grad(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int, merged: Merged, grad_out: Tensor, grad_scale: Tensor | None = None,
+    ) -> None:  # fmt: skip
+        """Writes ``grad_scale · d loss / d x`` of this slice's columns into ``grad_out``
+        (``x``'s shape; exact zeros on ignored rows), given the statistics merged over every
+        slice; arguments as in :meth:`cross_entropy_partial`."""
+        raise NotImplementedError
+
+    def cross_entropy_prob_partial(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int,
+    ) -> Tensor:  # fmt: skip
+        """As :meth:`cross_entropy_partial` for probability targets: ``target`` ``(M, V)`` is
+        the slice's columns of the targets, ``t' = (1-ε)·t + ε/total``. Returns
+        ``(PROB_PARTS, M)`` float64: the max of u, Σ exp(u - ref), Σ w t'·(u - ref), Σ w t'.
+        For :func:`merge_prob`."""
+        raise NotImplementedError
+
+    def cross_entropy_prob_partial_grad(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int, merged: Merged, grad_out: Tensor, grad_scale: Tensor | None = None,
+    ) -> None:  # fmt: skip
+        """As :meth:`cross_entropy_partial_grad` for probability targets."""
         raise NotImplementedError
 
     def cross_entropy_columns(

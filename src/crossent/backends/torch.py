@@ -13,7 +13,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Backend, RowOptions, RowStats, acc_dtype
+from .base import (
+    INDEX_PARTS,
+    PROB_PARTS,
+    Backend,
+    Merged,
+    RowOptions,
+    RowStats,
+    acc_dtype,
+    index_coef,
+    index_loss,
+    reference_point,
+)
 
 # Elements per chunk of upcast temporaries: on CPU 2**20 float32 = 4 MiB, about an L2 cache.
 # On other devices every chunk costs a dozen kernel launches whatever its size, so chunks are
@@ -104,6 +115,114 @@ class TorchBackend(Backend):
                 e, a * c / s, c, eps, v, w, tc, t_term.expand_as(mx), du, keep
             )
         return RowStats(loss, lse)
+
+    # ---- cross entropy over a slice of the classes ---------------------------------------------
+
+    def cross_entropy_partial(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int,
+    ) -> Tensor:  # fmt: skip
+        m, v = x.shape
+        acc = acc_dtype(x.dtype)
+        parts = torch.zeros(INDEX_PARTS, m, dtype=torch.float64, device=x.device)
+        parts[0] = -torch.inf
+        if v == 0:
+            return parts
+        w = None if weight is None else weight[start : start + v].to(acc)
+        parts[4] = v if w is None else w.sum(dtype=torch.float64)
+        mine, tl = _local_target(target, opts.ignore_index, start, v)
+        step = chunk_rows(m, v, chunk_elements(x.device))
+        for r0 in range(0, m, step):
+            r1 = min(m, r0 + step)
+            u, _ = transform(x[r0:r1].to(acc), opts)
+            mx = u.amax(1)
+            z = u - reference_point(mx).unsqueeze(1)
+            parts[0, r0:r1] = mx
+            parts[1, r0:r1] = torch.exp(z).sum(1, dtype=torch.float64)
+            parts[2, r0:r1] = torch.where(mine[r0:r1], u.gather(1, tl[r0:r1]).squeeze(1), 0.0)
+            if opts.label_smoothing > 0.0:
+                wz = z if w is None else z * w
+                parts[3, r0:r1] = wz.sum(1, dtype=torch.float64)
+        return parts
+
+    def cross_entropy_partial_grad(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int, merged: Merged, grad_out: Tensor, grad_scale: Tensor | None = None,
+    ) -> None:  # fmt: skip
+        m, v = x.shape
+        if v == 0 or m == 0:
+            return
+        acc = acc_dtype(x.dtype)
+        eps = opts.label_smoothing
+        w = None if weight is None else weight[start : start + v].to(acc)
+        mine, tl = _local_target(target, opts.ignore_index, start, v)
+        keep = (target != opts.ignore_index).unsqueeze(1)
+        tc = torch.where(keep.squeeze(1), target, 0)
+        wt = torch.ones(m, dtype=acc, device=x.device) if weight is None else weight.to(acc)[tc]
+        t_all = torch.where(mine, -(1.0 - eps) * wt, 0.0).unsqueeze(1)  # off the slice: 0
+        lse = merged.lse.to(acc).unsqueeze(1)
+        coef = merged.coef.to(acc).unsqueeze(1)
+        step = chunk_rows(m, v, chunk_elements(x.device))
+        for r0 in range(0, m, step):
+            r1 = min(m, r0 + step)
+            c = 1.0 if grad_scale is None else row_scale(grad_scale, r0, r1, acc)
+            u, du = transform(x[r0:r1].to(acc), opts)
+            e = torch.exp(u - lse[r0:r1])  # p_j
+            grad_out[r0:r1] = index_grad_(
+                e, coef[r0:r1] * c, c, eps, total, w, tl[r0:r1], t_all[r0:r1] * c, du,
+                keep[r0:r1],
+            )
+
+    def cross_entropy_prob_partial(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int,
+    ) -> Tensor:  # fmt: skip
+        m, v = x.shape
+        acc = prob_acc_dtype(x, target, weight)
+        parts = torch.zeros(PROB_PARTS, m, dtype=torch.float64, device=x.device)
+        parts[0] = -torch.inf
+        if v == 0:
+            return parts
+        w = None if weight is None else weight[start : start + v].to(acc)
+        step = chunk_rows(m, v, chunk_elements(x.device))
+        for r0 in range(0, m, step):
+            r1 = min(m, r0 + step)
+            u, _ = transform(x[r0:r1].to(acc), opts)
+            ts = smoothed(target[r0:r1].to(acc), opts.label_smoothing, total)
+            if w is not None:
+                ts = ts * w
+            mx = u.amax(1)
+            z = u - reference_point(mx).unsqueeze(1)
+            parts[0, r0:r1] = mx
+            parts[1, r0:r1] = torch.exp(z).sum(1, dtype=torch.float64)
+            parts[2, r0:r1] = (ts * z).sum(1, dtype=torch.float64)  # product first, as torch
+            parts[3, r0:r1] = ts.sum(1, dtype=torch.float64)
+        return parts
+
+    def cross_entropy_prob_partial_grad(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int, merged: Merged, grad_out: Tensor, grad_scale: Tensor | None = None,
+    ) -> None:  # fmt: skip
+        m, v = x.shape
+        if v == 0 or m == 0:
+            return
+        acc = prob_acc_dtype(x, target, weight)
+        w = None if weight is None else weight[start : start + v].to(acc)
+        lse = merged.lse.to(acc).unsqueeze(1)
+        coef = merged.coef.to(acc).unsqueeze(1)
+        step = chunk_rows(m, v, chunk_elements(x.device))
+        for r0 in range(0, m, step):
+            r1 = min(m, r0 + step)
+            u, du = transform(x[r0:r1].to(acc), opts)
+            ts = smoothed(target[r0:r1].to(acc), opts.label_smoothing, total)
+            if w is not None:
+                ts = ts * w
+            g = torch.exp(u - lse[r0:r1]).mul_(coef[r0:r1]).sub_(ts)  # p·coef - w t'
+            if grad_scale is not None:
+                g.mul_(row_scale(grad_scale, r0, r1, acc))
+            if du is not None:
+                g.mul_(du)
+            grad_out[r0:r1] = g
 
     # ---- cross entropy, probability targets --------------------------------------------------
 
@@ -247,30 +366,6 @@ def transform(xs: Tensor, opts: RowOptions) -> tuple[Tensor, Tensor | None]:
     return u, du
 
 
-# Class-index cross entropy of a row, given its nll = w_y·(lse - u_y), smooth = Σ_c w_c·(lse - u_c)
-# (for ε > 0) and lse: the loss, and the per-row factor a of its gradient (below).
-
-
-def index_loss(nll: Any, smooth: Any, eps: float, v: int, lse: Any, z_loss: float) -> Any:
-    """``(1-ε)·nll + (ε/V)·smooth + λ·lse²`` (``smooth`` unused when ``ε == 0``)."""
-    row = nll
-    if eps > 0.0:
-        row = (1.0 - eps) * row + (eps / v) * smooth
-    if z_loss:
-        row = row + z_loss * lse * lse
-    return row
-
-
-def index_coef(wt: Any, eps: float, v: int, w_total: Any, lse: Any, z_loss: float) -> Any:
-    """``a = (1-ε)·w_y + (ε/V)·Σ_c w_c + 2λ·lse``, the factor of ``p_j`` in d loss / d x_j."""
-    a = wt
-    if eps > 0.0:
-        a = (1.0 - eps) * wt + (eps / v) * w_total
-    if z_loss:
-        a = a + 2.0 * z_loss * lse
-    return a
-
-
 def index_grad_(
     e: Tensor, k: Any, c: Any, eps: float, v: int, w: Tensor | None, t_col: Tensor,
     t_term: Tensor, du: Tensor | None, keep: Tensor,
@@ -291,6 +386,13 @@ def index_grad_(
     if du is not None:
         g.mul_(du)
     return g.masked_fill_(~keep, 0.0)
+
+
+def _local_target(target: Tensor, ignore_index: int, start: int, v: int) -> tuple[Tensor, Tensor]:
+    """``(mine, col)``: rows whose kept target is among the classes ``[start, start + v)``, and
+    its column there ``(M, 1)`` (0 on other rows)."""
+    mine = (target != ignore_index) & (target >= start) & (target < start + v)
+    return mine, torch.where(mine, target - start, 0).unsqueeze(1)
 
 
 def row_scale(grad_scale: Tensor, r0: int, r1: int, acc: torch.dtype) -> Tensor:

@@ -23,16 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .base import Backend, RowOptions, RowStats, acc_dtype
-from .torch import (
-    chunk_elements,
-    chunk_rows,
-    index_coef,
-    index_grad_,
-    index_loss,
-    row_scale,
-    transform,
-)
+from .base import Backend, RowOptions, RowStats, acc_dtype, index_coef, index_loss
+from .torch import chunk_elements, chunk_rows, index_grad_, row_scale, transform
 
 
 class VocabParallelBackend(Backend):
