@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from crossent.testing import make_logits, make_targets, make_weight
+from crossent.testing import make_logits, make_probs, make_targets, make_weight
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class Case:
     scale: float = 3.0  # of the logits
     targets: tuple[int, ...] | None = None  # explicit targets (else random)
     special: bool = False  # a NaN logit in row 1; row 3's first slice all -inf
+    prob: bool = False  # class probabilities as targets (each rank holds its slice)
+    offsets: bool = False  # vocab_start and vocab_size passed (no exchange of slice sizes)
 
     @property
     def world(self) -> int:
@@ -48,7 +50,9 @@ def build(case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     c = case.classes
     x = make_logits(case.shape, case.dtype, seed=seed, scale=case.scale)
     tshape = () if len(case.shape) == 1 else case.shape[:1] + case.shape[2:]
-    if case.targets is not None:
+    if case.prob:
+        t = make_probs(case.shape, case.dtype, seed=seed + 1)
+    elif case.targets is not None:
         t = torch.tensor(case.targets, dtype=torch.int64).reshape(tshape)
     else:
         ii = case.kw.get("ignore_index", -100)
@@ -103,6 +107,26 @@ def _cases() -> list[Case]:
         Case("2r-all-extensions", (5, 6), (6, 11), weighted=True,
              kw=dict(z_loss=1e-3, softcap=5.0, temperature=2.0, label_smoothing=0.1)),
         Case("2r-inplace", (5, 6), (6, 11), kw=dict(inplace_backward=True)),
+        # one rank: the whole vocabulary
+        Case("1r-weighted-ls", (9,), (7, 9), weighted=True, kw=dict(label_smoothing=0.1)),
+        Case("1r-prob-offsets", (9,), (7, 9), prob=True, offsets=True),
+        # slice offsets given by the caller
+        Case("3r-offsets", (4, 0, 5), (7, 9), offsets=True, kw=dict(label_smoothing=0.1)),
+    ]
+    # probability targets, sliced like the logits
+    for dt in (torch.float32, torch.float64):
+        out += [
+            Case(f"2r-prob-{str(dt)[6:]}", (5, 8), (6, 13), dt, prob=True,
+                 kw=dict(reduction="none")),
+            Case(f"2r-prob-weighted-ls-{str(dt)[6:]}", (5, 8), (6, 13), dt, weighted=True,
+                 prob=True, kw=dict(label_smoothing=0.2)),
+        ]  # fmt: skip
+    out += [
+        Case("3r-prob-empty-slice", (4, 0, 5), (7, 9), prob=True, offsets=True,
+             kw=dict(reduction="sum", z_loss=1e-2)),
+        Case("2r-prob-3d-extensions", (3, 4), (2, 7, 3), prob=True,
+             kw=dict(softcap=5.0, temperature=0.7, label_smoothing=0.1)),
+        Case("2r-prob-inplace", (5, 6), (6, 11), prob=True, kw=dict(inplace_backward=True)),
     ]
     return out
 
@@ -132,9 +156,14 @@ def main(rank: int, world: int, store: str, out: str) -> None:
         x, t, w = build(case, seed=i)
         lo = sum(case.splits[:rank])
         xs = x.narrow(case.class_dim, lo, case.splits[rank]).clone()
+        if case.prob:
+            t = t.narrow(case.class_dim, lo, case.splits[rank]).clone()
         leaf = xs.requires_grad_()
         inp = leaf * 1 if case.kw.get("inplace_backward") else leaf  # not a leaf: writable
-        loss = vocab_parallel_cross_entropy(inp, t, w, **case.kw)
+        kw = dict(case.kw)
+        if case.offsets:
+            kw.update(vocab_start=lo, vocab_size=case.classes)
+        loss = vocab_parallel_cross_entropy(inp, t, w, **kw)
         loss.backward(grad_for(loss, case.kw.get("reduction", "mean")))
         results[case.name] = (loss.detach(), leaf.grad)
     dist.barrier()

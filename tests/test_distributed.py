@@ -73,7 +73,7 @@ def test_matches_cross_entropy_on_the_whole_logits(
         theirs_loss, theirs_grad = tl.detach(), xt.grad
         assert loss.dtype == tl.dtype and loss.shape == tl.shape
     assert grad.dtype == x.dtype and grad.shape == x.shape
-    xn, tn = _np(x), t.numpy()
+    xn, tn = _np(x), (_np(t) if case.prob else t.numpy())
     assert_close_to_oracle(loss, reference.cross_entropy(xn, tn, **okw), theirs_loss,
                            dtype=x.dtype, what="loss")  # fmt: skip
     oracle = reference.cross_entropy_grad(xn, tn, _np(grad_for(loss, red)), **okw)
@@ -86,11 +86,6 @@ def test_needs_a_process_group() -> None:
         vocab_parallel_cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]))
     with pytest.raises(RuntimeError, match="init_process_group"):
         shard_offsets(3)
-
-
-def test_probability_targets_are_refused_before_any_collective() -> None:
-    with pytest.raises(TypeError, match="class-index targets"):
-        vocab_parallel_cross_entropy(torch.zeros(2, 3), torch.full((2, 3), 1 / 3))
 
 
 @pytest.fixture()
@@ -126,6 +121,24 @@ def test_targets_checked_against_the_whole_vocabulary(
 ) -> None:
     with pytest.raises(IndexError, match=match):
         vocab_parallel_cross_entropy(torch.zeros(2, 7), target)
+
+
+def test_probability_target_gradients_are_refused(one_rank_group: None) -> None:
+    p = torch.full((2, 3), 1 / 3, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="detach them"):
+        vocab_parallel_cross_entropy(torch.zeros(2, 3, requires_grad=True), p)
+
+
+@pytest.mark.parametrize(
+    "kw,error,match",
+    [(dict(vocab_start=0), ValueError, "both vocab_start and vocab_size"),
+     (dict(vocab_start=2, vocab_size=7), ValueError, "do not fit in vocab_size=7"),
+     (dict(vocab_start=-1, vocab_size=7), ValueError, "vocab_start=-1"),
+     (dict(vocab_start=0.0, vocab_size=7), TypeError, "vocab_start must be an int")],
+)  # fmt: skip
+def test_slice_offsets_checked(one_rank_group: None, kw: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        vocab_parallel_cross_entropy(torch.zeros(2, 7), torch.tensor([0, 1]), **kw)
 
 
 def test_weight_must_cover_the_whole_vocabulary(one_rank_group: None) -> None:

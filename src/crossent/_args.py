@@ -389,9 +389,11 @@ class ProbRows:
 
 
 def prob_rows(
-    x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float
-) -> ProbRows:
-    """Check a probability-target problem in torch's order, then flatten it."""
+    x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, label_smoothing: float,
+    classes: int | None = None,
+) -> ProbRows:  # fmt: skip
+    """Check a probability-target problem in torch's order, then flatten it. ``classes``: how
+    many class weights there are (the input's class dim by default)."""
     if not target.dtype.is_floating_point:
         raise RuntimeError(
             "Expected floating point type for target with class probabilities, "
@@ -406,10 +408,11 @@ def prob_rows(
     if ndim == 0:
         raise IndexError("Dimension specified as 1 but tensor has no dimensions")
     C = x.shape[0] if ndim == 1 else x.shape[1]
-    if weight is not None and (weight.dim() != 1 or weight.numel() != C):
+    n_weights = C if classes is None else classes
+    if weight is not None and (weight.dim() != 1 or weight.numel() != n_weights):
         raise RuntimeError(
-            f"cross_entropy: weight tensor should be defined either for all {C} classes or no "
-            f"classes but got weight tensor of shape: {shape_str(weight)}"
+            f"cross_entropy: weight tensor should be defined either for all {n_weights} classes "
+            f"or no classes but got weight tensor of shape: {shape_str(weight)}"
         )
     check_floating(x, softmax_kernel_name("log_softmax", 1, ndim))
     check_label_smoothing(label_smoothing)

@@ -36,8 +36,7 @@ from torch.autograd.function import FunctionCtx
 from . import _composite
 from ._autograd import Inputs, _denominator, _reduce, scale, scale_saved
 from ._transforms import batched
-from .backends.base import Backend, RowOptions, acc_dtype
-from .backends.torch import prob_acc_dtype
+from .backends.base import Backend, RowOptions, acc_dtype, prob_acc_dtype
 
 # logits of one chunk of rows, at most: with fewer, larger chunks the matmuls re-read W and
 # re-write d(weight) fewer times (float32 4096×1024×32000 on 2 AVX2 cores: the whole step took

@@ -39,8 +39,7 @@ from ._autograd import (
     scale,
     softmax_graph_grad,
 )
-from .backends.base import RowOptions
-from .backends.torch import prob_acc_dtype
+from .backends.base import RowOptions, prob_acc_dtype
 from .dispatch import resolve
 
 _EMPTY = (0,)

@@ -31,6 +31,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def prob_acc_dtype(x: Tensor, target: Tensor, weight: Tensor | None) -> torch.dtype:
+    """float64 when any of logits, target or weight is float64, else float32."""
+    dts = [x.dtype, target.dtype] + ([] if weight is None else [weight.dtype])
+    return torch.float64 if torch.float64 in dts else torch.float32
+
+
 @dataclass(frozen=True)
 class RowOptions:
     """Per-row options of the cross-entropy primitives.

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
-from .base import Backend, RowOptions, RowStats, acc_dtype
-from .torch import no_classes, prob_acc_dtype
+from .base import Backend, RowOptions, RowStats, acc_dtype, prob_acc_dtype
+from .torch import no_classes
 
 
 def _np(t: Tensor) -> np.ndarray:

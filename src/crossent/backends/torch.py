@@ -23,6 +23,7 @@ from .base import (
     acc_dtype,
     index_coef,
     index_loss,
+    prob_acc_dtype,
     reference_point,
 )
 
@@ -406,12 +407,6 @@ def no_classes(m: int, acc: torch.dtype, device: torch.device) -> RowStats:
     """Rows of a ``(M, 0)`` block: loss 0 (all rows are ignored) and lse = log 0 = -inf."""
     zeros = torch.zeros(m, dtype=acc, device=device)
     return RowStats(zeros, torch.full((m,), -torch.inf, dtype=acc, device=device))
-
-
-def prob_acc_dtype(x: Tensor, target: Tensor, weight: Tensor | None) -> torch.dtype:
-    """float64 when any of logits, target or weight is float64, else float32."""
-    dts = [x.dtype, target.dtype] + ([] if weight is None else [weight.dtype])
-    return torch.float64 if torch.float64 in dts else torch.float32
 
 
 def smoothed(t: Tensor, eps: float, v: int) -> Tensor:
