@@ -135,7 +135,8 @@ def test_prob_partials_merge_to_the_whole_row(
 # Rows torch's log_softmax makes NaN throughout (a NaN, a +inf, or only -inf): NaN whichever
 # slice holds the culprit; an ignored row stays 0. The merge is the same bits wherever it runs.
 @pytest.mark.parametrize("split", ["two", "three uneven, one empty"])
-def test_bad_rows_and_determinism(split: str) -> None:
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_bad_rows_and_determinism(backend: str, split: str) -> None:
     x, t, _ = _inputs(torch.float32)
     x[0, 4] = float("nan")
     x[1, 25] = float("inf")
@@ -143,7 +144,7 @@ def test_bad_rows_and_determinism(split: str) -> None:
     t[4] = -100
     x[4, 0] = float("nan")
     opts = RowOptions(label_smoothing=0.1)
-    be = dispatch.resolve("torch", x)
+    be = dispatch.resolve(backend, x)
     slices = _split(x, SPLITS[split])
     parts = torch.stack([be.cross_entropy_partial(xs, t, None, opts, s0, 29) for s0, xs in slices])
     merged = merge_index(parts, t, None, opts, 29)

@@ -60,6 +60,14 @@ crossent.linear_cross_entropy(h[:8], w, t[:8], label_smoothing=0.1, temperature=
 p = torch.softmax(torch.randn(300, 2000), 1)
 crossent.cross_entropy(x, p, softcap=30.0, backend="cpu").backward()
 crossent.token_stats(x, t, temperature=0.5).logprob.sum().backward()
+# a vocabulary-parallel rank's slice
+from crossent.backends.base import RowOptions, merge_index
+from crossent.dispatch import resolve
+be, o = resolve("cpu", x), RowOptions(label_smoothing=0.1)
+parts = be.cross_entropy_partial(x.detach()[:, :700], t, None, o, 0, 2000)
+m = merge_index(parts.unsqueeze(0), t, None, o, 2000)
+be.cross_entropy_partial_grad(x.detach()[:, :700].contiguous(), t, None, o, 0, 2000, m,
+                              torch.empty(300, 700))
 from crossent.backends.cpu import _runtime
 kernels = [*vars(_kernels).items(), *enumerate(_runtime._specialised.values())]
 misses = {k: v.stats.cache_misses for k, v in kernels

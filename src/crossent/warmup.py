@@ -4,11 +4,11 @@ A kernel is compiled the first time a process calls it with a new combination of
 (seconds each) and loaded from the cache afterwards. :func:`warmup` calls every public
 function on tiny inputs over the dtypes, target kinds, class weights, options (label
 smoothing, temperature, soft-cap, z-loss: the cross-entropy and token-statistics kernels are
-compiled per set), the linear head's two layouts (a chunk's logits by rows, or transposed
-when there are at most as many tokens as features) and gradient settings that select distinct
-kernels, so that a container image or a CI cache built with it never compiles at training
-time. Set ``NUMBA_CACHE_DIR`` to choose where the cache goes (it is read-only afterwards if
-need be).
+compiled per set), a vocabulary-parallel rank's slice, the linear head's two layouts (a
+chunk's logits by rows, or transposed when there are at most as many tokens as features) and
+gradient settings that select distinct kernels, so that a container image or a CI cache built
+with it never compiles at training time. Set ``NUMBA_CACHE_DIR`` to choose where the cache
+goes (it is read-only afterwards if need be).
 """
 
 from __future__ import annotations
@@ -71,6 +71,18 @@ def _calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
             temperature=temperature, backend="cpu",
         ))  # fmt: skip
 
+    def vocab_slice(smoothing: float, softcap: float | None, temperature: float) -> None:
+        # a slice of the classes (vocab-parallel ranks): partial statistics, then the gradient
+        from crossent.backends.base import RowOptions, merge_index
+        from crossent.dispatch import resolve
+
+        xs = x(n, v).detach()
+        opts = RowOptions(label_smoothing=smoothing, softcap=softcap, temperature=temperature)
+        be = resolve("cpu", xs)
+        parts = be.cross_entropy_partial(xs, t, None, opts, 0, v)
+        merged = merge_index(parts.unsqueeze(0), t, None, opts, v)
+        be.cross_entropy_partial_grad(xs, t, None, opts, 0, v, merged, torch.empty_like(xs))
+
     def nll(weight: torch.Tensor | None) -> None:
         backward(crossent.nll_loss(x(n, v), t, weight, backend="cpu"))
 
@@ -107,6 +119,8 @@ def _calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
                                                           z_loss)))  # fmt: skip
             name = f"linear_cross_entropy by columns smoothing={smoothing}{label}"
             calls.append((name, functools.partial(linear_columns, smoothing, cap, temp)))
+            name = f"vocab-parallel slice smoothing={smoothing}{label}"
+            calls.append((name, functools.partial(vocab_slice, smoothing, cap, temp)))
     for label, cap, temp in transforms[1:]:
         for kind in ("probabilities", "token_stats"):
             calls.append((f"{kind}{label}", functools.partial(transformed, kind, cap, temp)))

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from .. import buffers
-from ..base import RowOptions, RowStats, acc_dtype
+from ..base import INDEX_PARTS, Merged, RowOptions, RowStats, acc_dtype
 from ..torch import TorchBackend, no_classes, prob_acc_dtype
 from . import _runtime
 
@@ -197,6 +197,62 @@ class CpuBackend(TorchBackend):
         )
         _finish_grad(grad_out, grad)
         return RowStats(loss, lse)
+
+    def cross_entropy_partial(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int,
+    ) -> Tensor:  # fmt: skip
+        _check_cpu(x, target, weight)
+        m, v = x.shape
+        if v == 0 or m == 0:
+            return super().cross_entropy_partial(x, target, weight, opts, start, total)
+        acc = acc_dtype(x.dtype)
+        x = _rows(x.detach())
+        w, w_total = _weight(None if weight is None else weight[start : start + v], acc)
+        parts = torch.empty(INDEX_PARTS, m, dtype=torch.float64)
+        _set_threads()
+        kernel = _runtime.specialised(
+            _kernels.ce_partial_kernel, opts.label_smoothing > 0, _transform_kind(opts)
+        )
+        kernel(
+            as_numpy(x), _rows(target).numpy(), opts.ignore_index, start, w, weight is not None,
+            np.float64(v if weight is None else w_total), np.empty(0, dtype=_np_dtype(acc)),
+            *_transform(opts, acc), parts.numpy(),
+        )
+        return parts
+
+    def cross_entropy_partial_grad(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int, merged: Merged, grad_out: Tensor, grad_scale: Tensor | None = None,
+    ) -> None:  # fmt: skip
+        _check_cpu(x, target, weight, grad_out)
+        m, v = x.shape
+        if v == 0 or m == 0:
+            return
+        acc = acc_dtype(x.dtype)
+        eps = opts.label_smoothing
+        keep = target != opts.ignore_index
+        tc = torch.where(keep, target, 0)
+        mine = keep & (target >= start) & (target < start + v)
+        col = torch.where(mine, target - start, -1)
+        sc = torch.ones((), dtype=acc) if grad_scale is None else grad_scale.to(acc)
+        sc = sc.expand(m)
+        wt = torch.ones(m, dtype=acc) if weight is None else weight.to(acc)[tc]
+        a = (merged.coef.to(acc) * sc).contiguous()
+        b = (sc * (eps / total)).contiguous()
+        c = torch.where(mine, (1.0 - eps) * wt * sc, 0.0).contiguous()
+        w, _ = _weight(None if weight is None else weight[start : start + v], acc)
+        grad, _ = _grad_target(grad_out, x)
+        _set_threads()
+        kernel = _runtime.specialised(
+            _kernels.ce_partial_grad_kernel, eps > 0, _transform_kind(opts)
+        )
+        kernel(
+            as_numpy(_rows(x.detach())), col.numpy(), keep.numpy(),
+            merged.lse.to(acc).contiguous().numpy(), a.numpy(), b.numpy(), c.numpy(), w,
+            weight is not None, as_numpy(grad), _streams(grad, x), *_transform(opts, acc),
+        )
+        _finish_grad(grad_out, grad)
 
     def cross_entropy_columns(
         self,

@@ -234,13 +234,15 @@ def _exp_sum(xr, m, e, nxt, keep):
 
 
 @functools.cache
-def _exp_sum_row(transform: int):
+def _exp_sum_row(transform: int, keep: bool = True):
     """``exp_sum(xr, m, e, nxt, cap, inv_cap, inv_t) -> (s, max of row nxt)``: as
-    :func:`_exp_sum` (exponentials kept) for the logits transformed by ``transform`` (as in
-    :func:`ce_index_kernel`; ``m`` is the max of the transformed row), compiled with only that
-    transform's code. Made once per process for each transform."""
+    :func:`_exp_sum` for the logits transformed by ``transform`` (as in :func:`ce_index_kernel`;
+    ``m`` is the max of the transformed row), compiled with only that transform's code. The
+    exponentials are kept in ``e`` unless ``keep`` is false for plain logits. Made once per
+    process for each set."""
     capped = transform == 2
     scaled = transform == 1
+    only_sum = not keep and transform == 0
 
     @njit(cache=True)
     def exp_sum(xr, m, e, nxt, cap, inv_cap, inv_t):
@@ -255,6 +257,8 @@ def _exp_sum_row(transform: int):
                 )
             elif scaled:
                 b, k = _exp_sum_block_scaled(xr[lo:hi], m, e[lo:hi], inv_t, nxt[lo:hi], k)
+            elif only_sum:
+                b, k = _exp_sum_only_block(xr[lo:hi], m, nxt[lo:hi], k)
             else:
                 b, k = _exp_sum_block(xr[lo:hi], m, e[lo:hi], nxt[lo:hi], k)
             s += b
@@ -467,6 +471,136 @@ def ce_index_kernel(smoothing: bool, transform: int, z_loss: bool):  # noqa: C90
                     z_loss_value, scale, e, nxt, g, want_grad, nt, cap, inv_cap, inv_t,
                 )
                 mx, known = m_next, ahead
+            fence()
+
+    return kernel
+
+
+# ---- cross entropy over a slice of the classes -------------------------------------------
+# The partial statistics of backends/base.py (Backend.cross_entropy_partial) and the gradient
+# given the merged ones, for class-index targets: the rows of x hold the classes
+# [start, start + V) of the whole vocabulary.
+
+
+def ce_partial_kernel(smoothing: bool, transform: int):
+    """This slice's partial statistics of every row, for one set of options (as in
+    :func:`ce_index_kernel`)::
+
+        kernel(x, target, ignore_index, start, w, has_w, w_total, proto, cap, inv_cap, inv_t,
+               parts)
+
+    ``parts`` ``(5, M)`` float64 receives per row: the max of u, Σ exp(u - ref) (ref: the max
+    where finite, else 0), u_y where the target is among this slice's classes (else 0),
+    Σ w·(u - ref) with smoothing (else 0) and ``w_total`` (Σ w over the slice). Ignored rows
+    get (-inf, 0, 0, 0, w_total): they take no part in the loss. One pass over each row.
+    """
+    transformed = transform != 0
+    exp_sum = _exp_sum_row(transform, keep=False)  # the exponentials only summed
+
+    @njit(parallel=True, cache=True)
+    def kernel(
+        x, target, ignore_index, start, w, has_w, w_total, proto, cap, inv_cap, inv_t, parts
+    ):
+        m_rows, v = x.shape
+        nb = _nblocks(m_rows, 8)
+        for b in prange(nb):
+            e = np.empty(v, dtype=proto.dtype)
+            last = (b + 1) * m_rows // nb - 1
+            mx, known = compute_zero(x), False  # row i's max when known (found with row i - 1)
+            for i in range(b * m_rows // nb, last + 1):
+                parts[4, i] = w_total
+                y = target[i]
+                if y == ignore_index:
+                    parts[0, i] = -math.inf
+                    parts[1, i] = parts[2, i] = parts[3, i] = 0.0
+                    known = False
+                    continue
+                xr = x[i]
+                nxt, ahead = _next_row(x, i, last)
+                m = mx if known else _row_max(xr)
+                if transformed:
+                    m = _u(m, cap, inv_cap, inv_t)
+                ref = m if math.isfinite(m) else like(0, m)
+                s, mx = exp_sum(xr, ref, e, nxt, cap, inv_cap, inv_t)
+                known = ahead
+                parts[0, i] = m
+                parts[1, i] = s
+                yl = y - start
+                parts[2, i] = 0.0
+                if 0 <= yl < v:
+                    xy = load(xr, yl)
+                    parts[2, i] = _u(xy, cap, inv_cap, inv_t) if transformed else xy
+                parts[3, i] = 0.0
+                if smoothing:
+                    if transformed:
+                        parts[3, i] = _shifted_sum_t(xr, ref, w, has_w, cap, inv_cap, inv_t)
+                    elif has_w:
+                        parts[3, i] = _shifted_wsum(xr, ref, w)
+                    else:
+                        parts[3, i] = _shifted_sum(xr, ref)
+
+    return kernel
+
+
+@njit(fastmath=FM_WRITE, cache=True)
+def _exps(xr, m, e):
+    """``e[j] = exp(x[j] - m)``: no sum, no next row."""
+    wide_vectors()
+    for j in range(xr.shape[0]):
+        e[j] = exp_for(xr, load(xr, j) - m)
+
+
+def ce_partial_grad_kernel(smoothing: bool, transform: int):
+    """The gradient of this slice's columns given the merged statistics, for one set of options
+    (as in :func:`ce_index_kernel`)::
+
+        kernel(x, col, keep, lse, a, b, c, w, has_w, grad, nt, cap, inv_cap, inv_t)
+
+    Per row ``i``: ``grad = (p_j·a_i - b_i·w_j)·(d u_j/d x_j)``, less ``c_i·(d u_y/d x_y)`` at
+    column ``col[i]`` (the target's column in this slice, -1 when it is elsewhere), with
+    ``p_j = exp(u_j - lse_i)``; exact zeros where ``keep[i]`` is false. ``a``, ``b``, ``c`` already
+    hold the row's gradient scale. One pass over each row, the gradient streamed.
+    """
+    capped = transform == 2
+    transformed = transform != 0
+    exp_sum = _exp_sum_row(transform)
+
+    @njit(parallel=True, cache=True)
+    def kernel(x, col, keep, lse, a, b, c, w, has_w, grad, nt, cap, inv_cap, inv_t):
+        m_rows, v = x.shape
+        nb = _nblocks(m_rows, 8)
+        for blk in prange(nb):
+            e = np.empty(v, dtype=lse.dtype)
+            last = (blk + 1) * m_rows // nb - 1
+            for i in range(blk * m_rows // nb, last + 1):
+                g = grad[i]
+                if not keep[i]:
+                    _fill(g, 0.0)
+                    continue
+                xr = x[i]
+                if transformed:
+                    exp_sum(xr, lse[i], e, xr, cap, inv_cap, inv_t)
+                else:
+                    _exps(xr, lse[i], e)
+                yl = col[i]
+                xy = load(xr, yl) if yl >= 0 else like(0, lse[i])  # before g may overwrite it
+                if capped:  # a factor per element: finished in the scratch row
+                    _cap_grad(e, xr, a[i], b[i], w, has_w, cap, inv_cap, inv_t)
+                    if yl >= 0:
+                        e[yl] -= c[i] * _du_dx(xy, inv_cap, inv_t)
+                    stream_row(e, g, nt)
+                    continue
+                ai, bi, ci = a[i] * inv_t, b[i] * inv_t, c[i] * inv_t
+                if smoothing and has_w:
+                    _waffine(e, ai, bi, w)
+                    if yl >= 0:
+                        e[yl] -= ci
+                    stream_row(e, g, nt)
+                elif yl >= 0:
+                    e[yl] = fma(e[yl], ai, -bi) - ci
+                    stream_row_affine(e, g, ai, bi, yl, yl + 1, nt)
+                else:
+                    stream_row_affine(e, g, ai, bi, 0, 0, nt)
             fence()
 
     return kernel
