@@ -136,10 +136,7 @@ class TorchBackend(Backend):
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
             u, _ = transform(x[r0:r1].to(acc), opts)
-            mx = u.amax(1)
-            z = u - reference_point(mx).unsqueeze(1)
-            parts[0, r0:r1] = mx
-            parts[1, r0:r1] = torch.exp(z).sum(1, dtype=torch.float64)
+            z = _slice_exp_sum(parts, u, r0, r1)
             parts[2, r0:r1] = torch.where(mine[r0:r1], u.gather(1, tl[r0:r1]).squeeze(1), 0.0)
             if opts.label_smoothing > 0.0:
                 wz = z if w is None else z * w
@@ -192,10 +189,7 @@ class TorchBackend(Backend):
             ts = smoothed(target[r0:r1].to(acc), opts.label_smoothing, total)
             if w is not None:
                 ts = ts * w
-            mx = u.amax(1)
-            z = u - reference_point(mx).unsqueeze(1)
-            parts[0, r0:r1] = mx
-            parts[1, r0:r1] = torch.exp(z).sum(1, dtype=torch.float64)
+            z = _slice_exp_sum(parts, u, r0, r1)
             parts[2, r0:r1] = (ts * z).sum(1, dtype=torch.float64)  # product first, as torch
             parts[3, r0:r1] = ts.sum(1, dtype=torch.float64)
         return parts
@@ -387,6 +381,16 @@ def index_grad_(
     if du is not None:
         g.mul_(du)
     return g.masked_fill_(~keep, 0.0)
+
+
+def _slice_exp_sum(parts: Tensor, u: Tensor, r0: int, r1: int) -> Tensor:
+    """Rows ``r0:r1`` of a slice's first two partial statistics from its logits ``u`` as read:
+    the max, Σ exp(u - ref); returns ``u - ref`` (see ``reference_point``)."""
+    mx = u.amax(1)
+    z = u - reference_point(mx).unsqueeze(1)
+    parts[0, r0:r1] = mx
+    parts[1, r0:r1] = torch.exp(z).sum(1, dtype=torch.float64)
+    return z
 
 
 def _local_target(target: Tensor, ignore_index: int, start: int, v: int) -> tuple[Tensor, Tensor]:

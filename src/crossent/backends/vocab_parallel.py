@@ -12,6 +12,8 @@ every rank. Each rank then writes the gradient of its own columns from the merge
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -51,10 +53,6 @@ class VocabParallelBackend(Backend):
         dist.all_gather(list(out.unbind(0)), parts.contiguous(), group=self.group)
         return out
 
-    @staticmethod
-    def _stats(merged: Merged, acc: torch.dtype) -> RowStats:
-        return RowStats(merged.loss.to(acc), merged.lse.to(acc))
-
     def cross_entropy_forward(
         self,
         x: Tensor,
@@ -64,14 +62,12 @@ class VocabParallelBackend(Backend):
         grad_out: Tensor | None = None,
         grad_scale: Tensor | None = None,
     ) -> RowStats:
-        lo, total, local = self.start, self.total, self.local
-        parts = local.cross_entropy_partial(x, target, weight, opts, lo, total)
-        merged = merge_index(self._gather(parts), target, weight, opts, total)
-        if grad_out is not None:
-            local.cross_entropy_partial_grad(
-                x, target, weight, opts, lo, total, merged, grad_out, grad_scale
-            )
-        return self._stats(merged, acc_dtype(x.dtype))
+        local = self.local
+        return self._run(
+            local.cross_entropy_partial, local.cross_entropy_partial_grad,
+            lambda parts: merge_index(parts, target, weight, opts, self.total),
+            acc_dtype(x.dtype), x, target, weight, opts, grad_out, grad_scale,
+        )  # fmt: skip
 
     def cross_entropy_prob_forward(
         self,
@@ -82,11 +78,22 @@ class VocabParallelBackend(Backend):
         grad_out: Tensor | None = None,
         grad_scale: Tensor | None = None,
     ) -> RowStats:
-        lo, total, local = self.start, self.total, self.local
-        parts = local.cross_entropy_prob_partial(x, target, weight, opts, lo, total)
-        merged = merge_prob(self._gather(parts), opts)
+        local = self.local
+        return self._run(
+            local.cross_entropy_prob_partial, local.cross_entropy_prob_partial_grad,
+            lambda parts: merge_prob(parts, opts), prob_acc_dtype(x, target, weight),
+            x, target, weight, opts, grad_out, grad_scale,
+        )  # fmt: skip
+
+    def _run(
+        self, partial: Callable[..., Tensor], partial_grad: Callable[..., None],
+        merge: Callable[[Tensor], Merged], acc: torch.dtype, x: Tensor, target: Tensor,
+        weight: Tensor | None, opts: RowOptions, grad_out: Tensor | None,
+        grad_scale: Tensor | None,
+    ) -> RowStats:  # fmt: skip
+        """The local partial statistics, everyone's merged, then this slice's gradient."""
+        lo, total = self.start, self.total
+        merged = merge(self._gather(partial(x, target, weight, opts, lo, total)))
         if grad_out is not None:
-            local.cross_entropy_prob_partial_grad(
-                x, target, weight, opts, lo, total, merged, grad_out, grad_scale
-            )
-        return self._stats(merged, prob_acc_dtype(x, target, weight))
+            partial_grad(x, target, weight, opts, lo, total, merged, grad_out, grad_scale)
+        return RowStats(merged.loss.to(acc), merged.lse.to(acc))
