@@ -134,6 +134,54 @@ def _cases() -> list[Case]:
 CASES = _cases()
 
 
+@dataclass(frozen=True)
+class LinearCase:
+    """A language-model head split over the ranks: hidden (N, D), head (V, D)."""
+
+    name: str
+    splits: tuple[int, ...]
+    rows: int = 9
+    dim: int = 6
+    dtype: torch.dtype = torch.float32
+    weighted: bool = False
+    bias: bool = False
+    kw: dict[str, Any] = field(default_factory=dict)
+    chunk_bytes: int | None = None
+
+    @property
+    def world(self) -> int:
+        return len(self.splits)
+
+    @property
+    def classes(self) -> int:
+        return sum(self.splits)
+
+
+LINEAR_CASES = [
+    LinearCase("lin-1r", (11,)),
+    LinearCase("lin-2r-none-bias", (5, 8), bias=True, kw=dict(reduction="none")),
+    LinearCase("lin-2r-weighted-ls-chunked", (5, 8), weighted=True,
+               kw=dict(label_smoothing=0.1), chunk_bytes=64),
+    LinearCase("lin-3r-empty-sum", (4, 0, 7), kw=dict(reduction="sum")),
+    LinearCase("lin-3r-extensions", (3, 4, 5), bias=True,
+               kw=dict(z_loss=1e-2, softcap=4.0, temperature=0.8, label_smoothing=0.1)),
+    LinearCase("lin-2r-float64-offsets", (6, 5), dtype=torch.float64, kw=dict(ignore_index=2)),
+    LinearCase("lin-2r-bf16", (5, 8), rows=12, dim=8, dtype=torch.bfloat16),
+]  # fmt: skip
+
+
+def build_linear(case: LinearCase, seed: int):
+    """Hidden states, the whole head (and bias), the targets and the class weights."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.rows, case.dim, generator=g).to(case.dtype)
+    w = (torch.randn(case.classes, case.dim, generator=g) * 0.7).to(case.dtype)
+    b = torch.randn(case.classes, generator=g).to(case.dtype) if case.bias else None
+    t = torch.randint(0, case.classes, (case.rows,), generator=g)
+    t[1] = case.kw.get("ignore_index", -100)
+    cw = make_weight(case.classes, case.dtype) if case.weighted else None
+    return x, w, b, t, cw
+
+
 def grad_for(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     """A non-uniform gradient for 'none' (the same on every rank), else 1 or 0.75."""
     if reduction == "none":
@@ -166,6 +214,24 @@ def main(rank: int, world: int, store: str, out: str) -> None:
         loss = vocab_parallel_cross_entropy(inp, t, w, **kw)
         loss.backward(grad_for(loss, case.kw.get("reduction", "mean")))
         results[case.name] = (loss.detach(), leaf.grad)
+    from crossent.distributed import vocab_parallel_linear_cross_entropy
+
+    for i, lc in enumerate(LINEAR_CASES):
+        if lc.world != world:
+            continue
+        x, w, b, t, cw = build_linear(lc, seed=100 + i)
+        lo = sum(lc.splits[:rank])
+        ws = w[lo : lo + lc.splits[rank]].clone().requires_grad_()
+        bs = None if b is None else b[lo : lo + lc.splits[rank]].clone().requires_grad_()
+        xl = x.clone().requires_grad_()
+        kw = dict(lc.kw)
+        if "offsets" in lc.name:
+            kw.update(vocab_start=lo, vocab_size=lc.classes)
+        loss = vocab_parallel_linear_cross_entropy(
+            xl, ws, t, bias_shard=bs, weight=cw, chunk_bytes=lc.chunk_bytes, **kw
+        )
+        loss.backward(grad_for(loss, kw.get("reduction", "mean")))
+        results[lc.name] = (loss.detach(), xl.grad, ws.grad, None if bs is None else bs.grad)
     dist.barrier()
     dist.destroy_process_group()
     torch.save(results, f"{out}/rank{rank}.pt")

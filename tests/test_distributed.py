@@ -14,14 +14,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dist_worker import CASES, Case, build, grad_for
+from dist_worker import CASES, LINEAR_CASES, Case, LinearCase, build, build_linear, grad_for
 
 from crossent import reference
 from crossent.distributed import shard_offsets, vocab_parallel_cross_entropy
 from crossent.testing import assert_close_to_oracle
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-WORLDS = sorted({c.world for c in CASES})
+WORLDS = sorted({c.world for c in [*CASES, *LINEAR_CASES]})
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,46 @@ def test_matches_cross_entropy_on_the_whole_logits(
                            dtype=x.dtype, what="loss")  # fmt: skip
     oracle = reference.cross_entropy_grad(xn, tn, _np(grad_for(loss, red)), **okw)
     assert_close_to_oracle(grad, oracle.input, theirs_grad, what="d input")
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: c.name)
+def test_linear_head_matches_the_whole_head(
+    case: LinearCase, ranks_results: dict[int, list[dict[str, Any]]]
+) -> None:
+    x, w, b, t, cw = build_linear(case, seed=100 + LINEAR_CASES.index(case))
+    per_rank = [r[case.name] for r in ranks_results[case.world]]
+    for loss, dx, _, _ in per_rank[1:]:  # the same loss and d(input) on every rank
+        assert torch.equal(loss, per_rank[0][0])
+        assert torch.equal(dx, per_rank[0][1])
+    loss, dx = per_rank[0][0], per_rank[0][1]
+    dw = torch.cat([r[2] for r in per_rank])
+    kw = dict(case.kw)
+    red = kw.get("reduction", "mean")
+    extended = any(k in kw for k in ("z_loss", "softcap", "temperature"))
+    # the whole head in float64: the oracle of the loss and of d(logits), then d x, d W, d b
+    x64, w64 = x.double(), w.double()
+    logits = x64 @ w64.t() + (0 if b is None else b.double())
+    okw = dict(weight=_np(cw), **kw)
+    ln, tn = logits.numpy(), t.numpy()
+    g = grad_for(loss, red)
+    oracle = reference.cross_entropy_grad(ln, tn, _np(g), **okw)
+    gl = torch.from_numpy(oracle.input)
+    want = {"loss": torch.as_tensor(reference.cross_entropy(ln, tn, **okw)), "dx": gl @ w64,
+            "dw": gl.t() @ x64, "db": gl.sum(0)}  # fmt: skip
+    theirs: dict[str, torch.Tensor | None] = dict.fromkeys(want)
+    if not extended:  # torch's own error on the whole head, the yardstick
+        xt, wt = x.clone().requires_grad_(), w.clone().requires_grad_()
+        bt = None if b is None else b.clone().requires_grad_()
+        tl = F.cross_entropy(F.linear(xt, wt, bt), t, cw, **kw)
+        tl.backward(g)
+        theirs = {"loss": tl.detach(), "dx": xt.grad, "dw": wt.grad,
+                  "db": None if bt is None else bt.grad}  # fmt: skip
+    ours = {"loss": loss, "dx": dx, "dw": dw}
+    if b is not None:
+        ours["db"] = torch.cat([r[3] for r in per_rank])
+    assert loss.dtype == case.dtype and dx.dtype == case.dtype and dw.dtype == case.dtype
+    for k, v in ours.items():
+        assert_close_to_oracle(v, want[k], theirs[k], dtype=case.dtype, what=k)
 
 
 def test_needs_a_process_group() -> None:

@@ -13,18 +13,24 @@ all-gather), whatever the vocabulary size: the method is in
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from . import _args
 from ._autograd import LossOptions, cross_entropy_loss
-from .backends.base import RowOptions
+from .backends.base import INDEX_PARTS, Merged, RowOptions, merge_index
 from .backends.vocab_parallel import VocabParallelBackend
 from .dispatch import BackendName, resolve
 from .functional import _check_index_input, _index_cross_entropy, _loss_arguments
 
-__all__ = ["shard_offsets", "vocab_parallel_cross_entropy"]
+__all__ = [
+    "shard_offsets",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
+]
 
 
 def _require_group(group: dist.ProcessGroup | None) -> None:
@@ -141,3 +147,178 @@ def _check_slice(vocab_start: int, vocab_size: int, here: int) -> tuple[int, int
             f"vocab_size={vocab_size}"
         )
     return vocab_start, vocab_size
+
+
+# ---- the language-model head split over the vocabulary --------------------------------------
+
+LINEAR_CHUNK_BYTES = 32 * 2**20  # float32 logits of one chunk of rows, at most
+
+
+class _VocabParallelLinear(torch.autograd.Function):
+    """Cross entropy of ``x @ w.T + b`` over a slice of the classes, a chunk of rows at a time:
+    the forward pass takes each chunk's partial statistics (one all-gather of all of them,
+    merged in rank order on every rank); the backward pass computes each chunk's logits again
+    and from the merged statistics their gradient, accumulating d x (summed over the group)
+    and d w, d b (in float32)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, weight: Tensor | None,
+        opts: RowOptions, reduction: str, vp: VocabParallelBackend, rows: int,
+    ) -> Tensor:  # fmt: skip
+        n = x.shape[0]
+        parts = torch.empty(INDEX_PARTS, n, dtype=torch.float64, device=x.device)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            logits = _chunk_logits(x[r0:r1], w, b)
+            parts[:, r0:r1] = vp.local.cross_entropy_partial(
+                logits, target[r0:r1], weight, opts, vp.start, vp.total
+            )
+        merged = merge_index(vp._gather(parts), target, weight, opts, vp.total)
+        keep = target != opts.ignore_index
+        if weight is None:
+            denom = keep.sum().to(torch.float64)
+        else:
+            wt = weight.to(torch.float64)[torch.where(keep, target, 0)]
+            denom = wt.masked_fill(~keep, 0.0).sum()
+        out_dtype = torch.promote_types(x.dtype, w.dtype)
+        if reduction == "none":
+            loss = merged.loss.to(out_dtype)
+        else:
+            total = merged.loss.sum()
+            loss = (total if reduction == "sum" else total / denom).to(out_dtype)
+        ctx.save_for_backward(x, w, b, target, weight, *merged)
+        ctx.rest = (opts, reduction, vp, rows, denom)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x, w, b, target, weight, loss, lse, coef = ctx.saved_tensors
+        opts, reduction, vp, rows, denom = ctx.rest
+        n = x.shape[0]
+        if reduction == "none":
+            scale = g.to(torch.float64).reshape(n)
+        else:
+            s = g.to(torch.float64).reshape(())
+            scale = (s if reduction == "sum" else s / denom).expand(n)
+        dx = torch.zeros(x.shape, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype,
+                         device=x.device)  # fmt: skip
+        dw = torch.zeros(w.shape, dtype=dx.dtype, device=w.device)
+        db = None if b is None else torch.zeros(b.shape, dtype=dx.dtype, device=b.device)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            logits = _chunk_logits(x[r0:r1], w, b)
+            part = Merged(loss[r0:r1], lse[r0:r1], coef[r0:r1])
+            vp.local.cross_entropy_partial_grad(
+                logits, target[r0:r1], weight, opts, vp.start, vp.total, part, logits,
+                scale[r0:r1],
+            )
+            gl = logits.to(dx.dtype)
+            dx[r0:r1] = gl @ w.to(dx.dtype)
+            dw.addmm_(gl.t(), x[r0:r1].to(dx.dtype))
+            if db is not None:
+                db += gl.sum(0)
+        if dist.get_world_size(vp.group) > 1:
+            dist.all_reduce(dx, group=vp.group)
+        return (
+            dx.to(x.dtype), dw.to(w.dtype), None if db is None else db.to(b.dtype),
+            None, None, None, None, None, None,
+        )  # fmt: skip
+
+
+def _chunk_logits(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """The logits of a chunk of rows, float32 (float64 for float64 operands), contiguous."""
+    dt = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
+    out = x.to(dt) @ w.to(dt).t()
+    if b is not None:
+        out += b.to(dt)
+    return out
+
+
+def vocab_parallel_linear_cross_entropy(
+    input: Tensor,
+    weight_shard: Tensor,
+    target: Tensor,
+    *,
+    bias_shard: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    group: dist.ProcessGroup | None = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    backend: BackendName = "auto",
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    chunk_bytes: int | None = None,
+) -> Tensor:
+    """Cross entropy of a language-model head whose vocabulary is split across the ranks of
+    ``group``: the loss of ``cross_entropy(input @ W.T + bias, target, ...)`` with ``W`` the
+    ranks' ``weight_shard`` rows concatenated in rank order, the same on every rank.
+
+    ``input``: ``(N, D)`` (or ``(B, T, D)``, targets ``(B, T)``) hidden states, the same on
+    every rank (replicated); ``weight_shard``: this rank's ``(V_r, D)`` rows of the head (may
+    be empty), ``bias_shard`` its ``(V_r,)`` bias; ``target``: class indices into the whole
+    vocabulary, the same on every rank; ``weight``: all ``V`` class weights, the same on every
+    rank. The logits are computed a chunk of rows at a time (at most ``chunk_bytes`` of float32
+    logits, 32 MiB by default), so not even this rank's ``N × V_r`` logits exist at once; the
+    forward pass exchanges one all-gather of ``5 × N`` float64 statistics, the backward pass
+    computes each chunk's logits again and sums d(input) over the group (one all-reduce of
+    ``N × D``). d(weight_shard) and d(bias_shard) are this rank's, accumulated in float32.
+    ``vocab_start``/``vocab_size`` as in :func:`vocab_parallel_cross_entropy`; the other
+    options are those of :func:`crossent.linear_cross_entropy`.
+    """
+    fn = "vocab_parallel_linear_cross_entropy"
+    _require_group(group)
+    if input.dim() not in (2, 3) or weight_shard.dim() != 2:
+        raise ValueError(
+            f"{fn}: input must be (N, D) or (B, T, D) and weight_shard (V_r, D), got "
+            f"{tuple(input.shape)} and {tuple(weight_shard.shape)}"
+        )
+    if input.shape[-1] != weight_shard.shape[1]:
+        raise ValueError(
+            f"{fn}: input's last dim {input.shape[-1]} does not match weight_shard's "
+            f"{weight_shard.shape[1]}"
+        )
+    if bias_shard is not None and tuple(bias_shard.shape) != (weight_shard.shape[0],):
+        raise ValueError(f"{fn}: bias_shard must be ({weight_shard.shape[0]},)")
+    if target.shape != input.shape[:-1]:
+        raise ValueError(
+            f"{fn}: target must have shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}"
+        )
+    if target.is_floating_point():
+        raise TypeError(f"{fn} takes class-index targets, got a {target.dtype} target")
+    red = _args.reduction_string(None, None, reduction)
+    _args.check_label_smoothing(label_smoothing)
+    zl, cap, temp = _args.check_extensions(z_loss, softcap, temperature)
+    here = weight_shard.shape[0]
+    if (vocab_start is None) != (vocab_size is None):
+        raise ValueError(f"{fn}: pass both vocab_start and vocab_size, or neither")
+    if vocab_start is None or vocab_size is None:
+        start, total = shard_offsets(here, group, input.device)
+    else:
+        start, total = _check_slice(vocab_start, vocab_size, here)
+    if weight is not None and (weight.dim() != 1 or weight.numel() != total):
+        raise RuntimeError(
+            f"{fn}: weight tensor should be defined either for all {total} classes or no "
+            f"classes but got weight tensor of shape: {tuple(weight.shape)}"
+        )
+    x = input.reshape(-1, input.shape[-1])
+    t = target.reshape(-1)
+    if t.dtype != torch.int64:
+        t = t.long()
+    _args.check_target_range(t, total, ignore_index)
+    opts = RowOptions(
+        ignore_index=ignore_index, label_smoothing=_args.effective_smoothing(label_smoothing),
+        z_loss=zl, softcap=cap, temperature=temp,
+    )
+    budget = LINEAR_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    rows = max(1, budget // (4 * max(here, 1)))
+    vp = VocabParallelBackend(group, start, total, resolve(backend, x))
+    loss = _VocabParallelLinear.apply(
+        x, weight_shard, bias_shard, t, weight, opts, red, vp, rows
+    )
+    return loss.view(target.shape) if red == "none" else loss
