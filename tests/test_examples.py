@@ -23,3 +23,13 @@ def test_example_runs(script: str, expect: str) -> None:
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     assert expect in res.stdout
+
+
+def test_vocab_parallel_example_runs_on_two_ranks() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(EXAMPLES / "vocab_parallel.py"), "--tiny"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "largest loss difference over 3 steps" in res.stdout
