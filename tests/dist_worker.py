@@ -214,6 +214,28 @@ def main(rank: int, world: int, store: str, out: str) -> None:
         loss = vocab_parallel_cross_entropy(inp, t, w, **kw)
         loss.backward(grad_for(loss, case.kw.get("reduction", "mean")))
         results[case.name] = (loss.detach(), leaf.grad)
+    # the same cases as DTensor logits sharded on the class dim (torch.chunk's slices)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import crossent
+
+    mesh = init_device_mesh("cpu", (world,))
+    for i, case in enumerate(CASES):
+        if case.world != world or case.kw.get("inplace_backward"):
+            continue
+        x, t, w = build(case, seed=i)
+        xd = distribute_tensor(x, mesh, [Shard(case.class_dim)]).requires_grad_()
+        td = distribute_tensor(t, mesh, [Shard(case.class_dim)]) if case.prob else t
+        wd = None if w is None else distribute_tensor(w, mesh, [Replicate()])
+        loss = crossent.cross_entropy(xd, td, wd, **case.kw)
+        assert loss.placements == (Replicate(),), loss.placements
+        if not any(k in case.kw for k in ("z_loss", "softcap", "temperature")):  # the module
+            module = crossent.nn.CrossEntropyLoss(wd, **case.kw)(xd.detach(), td)
+            assert torch.equal(module.to_local().nan_to_num(), loss.to_local().nan_to_num())
+        loss.to_local().backward(grad_for(loss.to_local(), case.kw.get("reduction", "mean")))
+        results["dtensor " + case.name] = (loss.to_local().detach(), xd.grad.full_tensor())
+
     from crossent.distributed import vocab_parallel_linear_cross_entropy
 
     for i, lc in enumerate(LINEAR_CASES):

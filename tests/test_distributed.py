@@ -52,14 +52,29 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
 def test_matches_cross_entropy_on_the_whole_logits(
     case: Case, ranks_results: dict[int, list[dict[str, Any]]]
 ) -> None:
-    x, t, w = build(case, seed=CASES.index(case))
     per_rank = [r[case.name] for r in ranks_results[case.world]]
     losses = [loss for loss, _ in per_rank]
     for loss in losses[1:]:  # every rank returns the same loss, bit for bit
         assert torch.equal(loss, losses[0]) or (loss.isnan() == losses[0].isnan()).all()
-    loss = losses[0]
-    grad = torch.cat([g for _, g in per_rank], dim=case.class_dim)
+    _check(case, losses[0], torch.cat([g for _, g in per_rank], dim=case.class_dim))
 
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if not c.kw.get("inplace_backward")], ids=lambda c: c.name
+)
+def test_dtensor_logits_sharded_on_the_class_dim(
+    case: Case, ranks_results: dict[int, list[dict[str, Any]]]
+) -> None:
+    per_rank = [r["dtensor " + case.name] for r in ranks_results[case.world]]
+    for loss, grad in per_rank[1:]:  # a replicated loss; every rank sees the whole gradient
+        assert torch.equal(loss, per_rank[0][0]) or (loss.isnan() == per_rank[0][0].isnan()).all()
+        assert torch.equal(grad.nan_to_num(), per_rank[0][1].nan_to_num())
+    _check(case, *per_rank[0])
+
+
+def _check(case: Case, loss: torch.Tensor, grad: torch.Tensor) -> None:
+    """The loss and the whole gradient against the oracle on the whole logits."""
+    x, t, w = build(case, seed=CASES.index(case))
     kw = dict(case.kw)
     kw.pop("inplace_backward", None)
     red = kw.get("reduction", "mean")

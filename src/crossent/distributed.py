@@ -322,3 +322,79 @@ def vocab_parallel_linear_cross_entropy(
         x, weight_shard, bias_shard, t, weight, opts, red, vp, rows
     )
     return loss.view(target.shape) if red == "none" else loss
+
+
+# ---- DTensor logits -----------------------------------------------------------------------------
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (without importing it)."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "device_mesh")
+
+
+def dtensor_cross_entropy(
+    input: Any, target: Any, weight: Any, size_average: bool | None, ignore_index: int,
+    reduce: bool | None, reduction: str, label_smoothing: float, **extensions: Any,
+) -> Tensor:  # fmt: skip
+    """:func:`crossent.cross_entropy` of DTensor logits: sharded on the class dim of a 1-D
+    device mesh (the layout of torch's ``loss_parallel()``), or replicated. The classes of each
+    rank and the group come from the DTensor's metadata; the targets are replicated (a tensor
+    or a replicated DTensor), or, for probabilities, sharded as the logits are or whole; the
+    class weights replicated. Returns the loss as a replicated DTensor on the same mesh."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    fn = "cross_entropy"
+    mesh = input.device_mesh
+    if mesh.ndim != 1:
+        raise NotImplementedError(
+            f"{fn} of a DTensor takes a 1-D device mesh, got a {mesh.ndim}-D one"
+        )
+    class_dim = 0 if input.dim() == 1 else 1
+    (placement,) = input.placements
+    local_target = _replicated(target, fn, "target", Shard(class_dim))
+    w = _replicated(weight, fn, "weight", None)
+    kw = dict(
+        weight=w, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
+        reduction=reduction, label_smoothing=label_smoothing,
+    )  # fmt: skip
+    if placement.is_replicate():
+        from .functional import cross_entropy
+
+        loss = cross_entropy(input.to_local(), local_target, **kw, **extensions)
+    elif placement == Shard(class_dim):
+        local = input.to_local()
+        total = input.shape[class_dim]
+        world, rank = mesh.size(), mesh.get_local_rank()
+        chunk = -(-total // world)
+        start = min(total, rank * chunk)
+        size = min(total, start + chunk) - start
+        if local.shape[class_dim] != size:
+            raise NotImplementedError(
+                f"{fn} of a DTensor: rank {rank} holds {local.shape[class_dim]} classes where "
+                f"torch.chunk's sharding gives {size}"
+            )
+        if local_target.is_floating_point() and tuple(local_target.shape) == tuple(input.shape):
+            local_target = local_target.narrow(class_dim, start, size)  # whole probabilities
+        loss = vocab_parallel_cross_entropy(
+            local, local_target, **kw, group=mesh.get_group(), vocab_start=start,
+            vocab_size=total, **extensions,
+        )  # fmt: skip
+    else:
+        raise NotImplementedError(
+            f"{fn} of a DTensor takes logits sharded on the class dim ({class_dim}) or "
+            f"replicated, got placements {input.placements}"
+        )
+    return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+
+
+def _replicated(t: Any, fn: str, name: str, shard: Any) -> Any:
+    """The local tensor of a replicated DTensor argument (or of one placed as ``shard``), a
+    plain tensor as it is."""
+    if t is None or not is_dtensor(t):
+        return t
+    (placement,) = t.placements
+    if placement.is_replicate() or placement == shard:
+        return t.to_local()
+    raise NotImplementedError(
+        f"{fn} of a DTensor: the {name} must be replicated, got placements {t.placements}"
+    )

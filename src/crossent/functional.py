@@ -195,6 +195,15 @@ def cross_entropy(
     softcap: float | None = None,
     temperature: float = 1.0,
 ) -> Tensor:
+    if type(input).__name__ == "DTensor":  # logits sharded on the class dim, or replicated
+        from .distributed import dtensor_cross_entropy, is_dtensor
+
+        if is_dtensor(input):
+            return dtensor_cross_entropy(
+                input, target, weight, size_average, ignore_index, reduce, reduction,
+                label_smoothing, backend=backend, inplace_backward=inplace_backward,
+                z_loss=z_loss, softcap=softcap, temperature=temperature,
+            )  # fmt: skip
     if _autocast_dtype(input) is not None:  # autocast: cross entropy runs in float32
         with torch.autocast(input.device.type, enabled=False):
             f32 = torch.float32
