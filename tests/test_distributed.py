@@ -199,3 +199,20 @@ def test_slice_offsets_checked(one_rank_group: None, kw: dict, error: type, matc
 def test_weight_must_cover_the_whole_vocabulary(one_rank_group: None) -> None:
     with pytest.raises(RuntimeError, match="weight tensor should be defined"):
         vocab_parallel_cross_entropy(torch.zeros(2, 7), torch.tensor([0, 1]), torch.ones(6))
+
+
+# A torch.func transform would recompute the call with torch's operations on this rank's slice
+# alone, and a compiled graph cannot hold the exchange between ranks: both refuse, loudly.
+def test_transforms_and_compile_refuse_the_vocabulary_split(one_rank_group: None) -> None:
+    x = torch.randn(3, 5, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2])
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(x, t, vocab_start=0, vocab_size=5)
+
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.func.grad(loss)(x)
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.func.vmap(loss)(x.unsqueeze(0))
+    with pytest.raises(Exception, match="cannot run under torch.compile"):
+        torch.compile(loss, fullgraph=True)(x)

@@ -402,6 +402,11 @@ def cross_entropy_loss(
     probabilities ``(M, V)`` when ``prob``. With ``opts.inplace`` (arguments checked by the
     caller) the gradient is written over ``x``."""
     if composed(x, target, weight):  # a torch.func transform, or forward-mode AD
+        if opts.backend.distributed:  # torch's operations would see this rank's slice only
+            raise NotImplementedError(
+                "crossent: vocabulary-parallel cross entropy cannot run under torch.func "
+                "transforms (vmap, grad, jacrev, jvp) or forward-mode AD"
+            )
         return _composite.cross_entropy(x, target, weight, opts.rows, opts.reduction, prob)
     if compiling():  # the same computation, as custom operators (in place or not)
         from . import _ops

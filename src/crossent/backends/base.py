@@ -190,6 +190,9 @@ class Backend:
     """
 
     name: str = "base"
+    # whether the backend exchanges data between processes (its results depend on the other
+    # ranks: torch.func transforms and torch.compile cannot replay it from one rank's inputs)
+    distributed: bool = False
     # whether cross_entropy_columns works in place, with no buffer and no transposition
     columns_in_place: bool = False
 

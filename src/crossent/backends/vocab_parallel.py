@@ -35,6 +35,7 @@ class VocabParallelBackend(Backend):
     computed by ``local`` and merged over ``group``."""
 
     name = "vocab_parallel"
+    distributed = True
 
     def __init__(
         self, group: dist.ProcessGroup | None, start: int, total: int, local: Backend
