@@ -61,7 +61,7 @@ def _scale() -> torch.Tensor:
 @pytest.mark.parametrize("split", list(SPLITS), ids=list(SPLITS))
 @pytest.mark.parametrize("name", list(OPTIONS), ids=list(OPTIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
 def test_index_partials_merge_to_the_whole_row(
     backend: str, dtype: torch.dtype, name: str, split: str
 ) -> None:
@@ -97,7 +97,7 @@ def test_index_partials_merge_to_the_whole_row(
 @pytest.mark.parametrize("split", list(SPLITS), ids=list(SPLITS))
 @pytest.mark.parametrize("name", list(OPTIONS), ids=list(OPTIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
 def test_prob_partials_merge_to_the_whole_row(
     backend: str, dtype: torch.dtype, name: str, split: str
 ) -> None:
@@ -135,7 +135,7 @@ def test_prob_partials_merge_to_the_whole_row(
 # Rows torch's log_softmax makes NaN throughout (a NaN, a +inf, or only -inf): NaN whichever
 # slice holds the culprit; an ignored row stays 0. The merge is the same bits wherever it runs.
 @pytest.mark.parametrize("split", ["two", "three uneven, one empty"])
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
 def test_bad_rows_and_determinism(backend: str, split: str) -> None:
     x, t, _ = _inputs(torch.float32)
     x[0, 4] = float("nan")

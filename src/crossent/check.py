@@ -201,4 +201,15 @@ def run_check(file: TextIO = sys.stdout, backends: tuple[str, ...] | None = None
                 )
     total = len(backends) * len(standard_cases()) * len(dtypes)
     print(f"\n{total - failures} passed, {failures} failed", file=file)
+    print_fallbacks(file, backends)
     return 0 if failures == 0 else 1
+
+
+def print_fallbacks(file: TextIO, backends: tuple[str, ...]) -> None:
+    """The primitives each backend runs itself, and those the portable torch backend runs for
+    it (``crossent.dispatch.fallback_table``)."""
+    rows = [r for r in dispatch.fallback_table() if r[0] in backends]
+    print(f"\n| {'backend':<9} | {'primitive':<31} | runs on |", file=file)
+    print(f"|{'-' * 11}|{'-' * 33}|---------|", file=file)
+    for name, primitive, how in rows:
+        print(f"| {name:<9} | {primitive:<31} | {how} |", file=file)

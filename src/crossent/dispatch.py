@@ -3,6 +3,8 @@
 ``backend="auto"`` picks per call from the tensor's device (:mod:`crossent.functional` hands
 small CPU problems to torch's own functions before getting here). Nothing is chosen, imported
 or queried at import time, and a backend that cannot run raises instead of falling back.
+A backend's missing primitives, and the inputs it declines, go to the portable torch backend
+here and nowhere else (:class:`Composed`; ``crossent check`` prints :func:`fallback_table`).
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor
 
-from .backends.base import Backend
+from .backends.base import Backend, Unsupported
 
 BackendName = Literal["auto", "cpu", "torch", "triton", "reference"]
 
@@ -50,6 +52,88 @@ def auto_name(tensor: Tensor) -> str:
     return "cpu" if tensor.device.type == "cpu" else "torch"
 
 
+# The primitives a backend may lack; dispatch gives those the portable backend's. (The
+# interface's cross_entropy_columns is written from cross_entropy_forward: every backend has it.)
+PRIMITIVES = (
+    "softmax_forward",
+    "softmax_backward",
+    "cross_entropy_forward",
+    "cross_entropy_prob_forward",
+    "cross_entropy_prob_extra_grads",
+    "nll_forward",
+    "nll_backward",
+    "cross_entropy_partial",
+    "cross_entropy_partial_grad",
+    "cross_entropy_prob_partial",
+    "cross_entropy_prob_partial_grad",
+)
+PORTABLE = "torch"  # the fallback: runs every primitive on any device
+
+
+def native(backend: Backend) -> frozenset[str]:
+    """The primitives ``backend``'s own class implements."""
+    cls = type(backend)
+    return frozenset(p for p in PRIMITIVES if getattr(cls, p) is not getattr(Backend, p))
+
+
+class Composed(Backend):
+    """A backend's own primitives, and the portable backend's where it has none or declines an
+    input (raising :class:`~crossent.backends.base.Unsupported`): the one place where one
+    backend stands in for another. :func:`fallback_table` lists what each backend delegates."""
+
+    def __init__(self, own: Backend, portable: Backend | None) -> None:
+        self.own = own
+        self.portable = portable
+        self.name = own.name
+        self.columns_in_place = own.columns_in_place
+        self.distributed = own.distributed
+        mine = native(own)
+        for p in PRIMITIVES:
+            setattr(self, p, self._route(p, p in mine))
+
+    def _route(self, primitive: str, mine: bool) -> Any:
+        own = getattr(self.own, primitive)
+        if self.portable is None:
+            return own
+        theirs = getattr(self.portable, primitive)
+        if not mine:
+            return theirs
+        if primitive not in self.own.defers:  # declines nothing (Unsupported would propagate)
+            return own
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return own(*args, **kwargs)
+            except Unsupported:
+                return theirs(*args, **kwargs)
+
+        return call
+
+    def cross_entropy_columns(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.own.cross_entropy_columns(*args, **kwargs)
+
+
+def fallback_table() -> list[tuple[str, str, str]]:
+    """``(backend, primitive, how)`` for every registered backend and primitive: ``native``,
+    ``native; <inputs> -> torch`` where the backend declines some inputs, or ``torch``."""
+    rows = []
+    for name, (module, cls) in _REGISTRY.items():
+        try:
+            klass = getattr(importlib.import_module(module), cls)
+        except ImportError:  # triton not installed: nothing to list
+            continue
+        defers = klass.defers
+        for p in PRIMITIVES:
+            if getattr(klass, p) is getattr(Backend, p):
+                how = PORTABLE
+            elif p in defers:
+                how = f"native; {defers[p]} -> {PORTABLE}"
+            else:
+                how = "native"
+            rows.append((name, p, how))
+    return rows
+
+
 def resolve(backend: str, tensor: Tensor) -> Backend:
     """Return the backend object for ``backend`` (``"auto"`` resolved from ``tensor``)."""
     if not isinstance(backend, str):
@@ -67,7 +151,12 @@ def resolve(backend: str, tensor: Tensor) -> Backend:
         )
     inst = _INSTANCES.get(name)
     if inst is None:
-        module, cls = _REGISTRY[name]
-        inst = getattr(importlib.import_module(module), cls)()
+        inst = Composed(_make(name), None if name == PORTABLE else _make(PORTABLE))
         _INSTANCES[name] = inst
     return inst
+
+
+def _make(name: str) -> Backend:
+    module, cls = _REGISTRY[name]
+    backend: Backend = getattr(importlib.import_module(module), cls)()
+    return backend

@@ -181,8 +181,16 @@ def merge_prob(parts: Tensor, opts: RowOptions) -> Merged:
     return Merged(loss, lse, coef)
 
 
+class Unsupported(Exception):
+    """Raised by a backend's primitive, before it reads or writes anything, for inputs it does
+    not take (its class's ``defers`` says which): :mod:`crossent.dispatch` then calls the
+    portable torch backend's primitive instead, as its fallback table shows."""
+
+
 class Backend:
-    """Interface of a backend. Subclasses implement every method below.
+    """Interface of a backend. A backend subclasses this class alone and implements the
+    primitives it has; :mod:`crossent.dispatch` gives the portable torch backend's to the
+    others (and to inputs its own raise :class:`Unsupported` for).
 
     Shapes: ``x`` ``(M, V)``; index ``target`` ``(M,)`` int64 already range-checked (every
     value is in ``[0, V)`` or equals ``ignore_index``); probability ``target`` ``(M, V)``
@@ -190,6 +198,8 @@ class Backend:
     """
 
     name: str = "base"
+    # primitive -> the inputs for which it raises Unsupported (for crossent check's table)
+    defers: dict[str, str] = {}  # noqa: RUF012
     # whether the backend exchanges data between processes (its results depend on the other
     # ranks: torch.func transforms and torch.compile cannot replay it from one rank's inputs)
     distributed: bool = False

@@ -13,7 +13,16 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
-from .base import Backend, RowOptions, RowStats, acc_dtype, prob_acc_dtype
+from .base import (
+    INDEX_PARTS,
+    PROB_PARTS,
+    Backend,
+    Merged,
+    RowOptions,
+    RowStats,
+    acc_dtype,
+    prob_acc_dtype,
+)
 from .torch import no_classes
 
 
@@ -53,6 +62,38 @@ def _lse(x: np.ndarray) -> np.ndarray:
         return np.full(x.shape[0], -np.inf)
     with np.errstate(invalid="ignore"):
         return (x - ref.log_softmax(x, 1))[:, 0]
+
+
+def _du(x: np.ndarray, opts: RowOptions) -> np.ndarray | float:
+    """d u / d x of :func:`_u`."""
+    d: np.ndarray | float = 1.0
+    if opts.softcap is not None:
+        d = 1.0 - np.tanh(x / opts.softcap) ** 2
+    return d / opts.temperature
+
+
+def _slice(x: Tensor, opts: RowOptions, parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A slice's logits as read and ``u - ref``; writes its max and Σ exp(u - ref) into
+    ``parts`` (see backends/base.py)."""
+    u = _u(_np(x), opts)
+    with np.errstate(invalid="ignore"):
+        mx = u.max(1)
+        z = u - np.where(np.isfinite(mx), mx, 0.0)[:, None]
+        parts[0], parts[1] = mx, np.exp(z).sum(1)
+    return u, z
+
+
+def _probs(x: Tensor, opts: RowOptions, merged: Merged) -> np.ndarray:
+    return np.exp(_u(_np(x), opts) - _np(merged.lse)[:, None])
+
+
+def _smoothed(
+    target: Tensor, weight: Tensor | None, opts: RowOptions, start: int, total: int
+) -> np.ndarray:
+    """``w ⊙ t'`` over the slice's columns, ``t' = (1-ε)·t + ε/total``."""
+    eps = opts.label_smoothing
+    ts = (1.0 - eps) * _np(target) + eps / total
+    return ts if weight is None else ts * _np(weight)[start : start + target.shape[1]]
 
 
 class ReferenceBackend(Backend):
@@ -146,6 +187,74 @@ class ReferenceBackend(Backend):
         if want_weight and weight is not None and grads.weight is not None:
             dw = _back(grads.weight, weight, weight.dtype)
         return dt, dw
+
+    # ---- a slice of the classes (backends/base.py): in float64, term by term -----------------
+
+    def cross_entropy_partial(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int,
+    ) -> Tensor:  # fmt: skip
+        m, v = x.shape
+        parts = np.zeros((INDEX_PARTS, m))
+        parts[0] = -np.inf
+        wn = None if weight is None else _np(weight)[start : start + v]
+        parts[4] = v if wn is None else wn.sum()
+        if v:
+            tn = _np(target)
+            mine = (tn != opts.ignore_index) & (tn >= start) & (tn < start + v)
+            u, z = _slice(x, opts, parts)
+            parts[2] = np.where(mine, u[np.arange(m), np.where(mine, tn - start, 0)], 0.0)
+            if opts.label_smoothing > 0.0:
+                with np.errstate(invalid="ignore"):
+                    parts[3] = (z if wn is None else z * wn).sum(1)
+        return torch.from_numpy(parts).to(x.device)
+
+    def cross_entropy_partial_grad(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int, merged: Merged, grad_out: Tensor, grad_scale: Tensor | None = None,
+    ) -> None:  # fmt: skip
+        m, v = x.shape
+        if not (m and v):
+            return
+        eps = opts.label_smoothing
+        tn = _np(target)
+        keep = tn != opts.ignore_index
+        mine = keep & (tn >= start) & (tn < start + v)
+        wt = np.ones(m) if weight is None else _np(weight)[np.where(keep, tn, 0)]
+        wn = 1.0 if weight is None else _np(weight)[start : start + v]
+        with np.errstate(all="ignore"):
+            g = _probs(x, opts, merged) * _np(merged.coef)[:, None] - (eps / total) * wn
+            rows = np.nonzero(mine)[0]
+            g[rows, tn[rows] - start] -= (1.0 - eps) * wt[rows]
+            g = g * _du(_np(x), opts) * (1.0 if grad_scale is None else _scale(grad_scale))
+        grad_out.copy_(_back(np.where(keep[:, None], g, 0.0), x, grad_out.dtype))
+
+    def cross_entropy_prob_partial(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int,
+    ) -> Tensor:  # fmt: skip
+        m, v = x.shape
+        parts = np.zeros((PROB_PARTS, m))
+        parts[0] = -np.inf
+        if v:
+            ts = _smoothed(target, weight, opts, start, total)
+            _, z = _slice(x, opts, parts)
+            with np.errstate(invalid="ignore"):
+                parts[2] = (ts * z).sum(1)
+            parts[3] = ts.sum(1)
+        return torch.from_numpy(parts).to(x.device)
+
+    def cross_entropy_prob_partial_grad(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int, merged: Merged, grad_out: Tensor, grad_scale: Tensor | None = None,
+    ) -> None:  # fmt: skip
+        if not x.numel():
+            return
+        ts = _smoothed(target, weight, opts, start, total)
+        with np.errstate(all="ignore"):
+            g = _probs(x, opts, merged) * _np(merged.coef)[:, None] - ts
+            g = g * _du(_np(x), opts) * (1.0 if grad_scale is None else _scale(grad_scale))
+        grad_out.copy_(_back(g, x, grad_out.dtype))
 
     def nll_forward(
         self, x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int

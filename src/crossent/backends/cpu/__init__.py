@@ -44,8 +44,17 @@ import torch
 from torch import Tensor
 
 from .. import buffers
-from ..base import INDEX_PARTS, Merged, RowOptions, RowStats, acc_dtype
-from ..torch import TorchBackend, no_classes, prob_acc_dtype
+from ..base import (
+    INDEX_PARTS,
+    Backend,
+    Merged,
+    RowOptions,
+    RowStats,
+    Unsupported,
+    acc_dtype,
+    prob_acc_dtype,
+)
+from ..torch import no_classes
 from . import _runtime
 
 # with a private cache directory where no location is writable (see _runtime.declare)
@@ -100,11 +109,15 @@ def _check_cpu(*tensors: Tensor | None) -> None:
             )
 
 
-class CpuBackend(TorchBackend):
+class CpuBackend(Backend):
     """Fused Numba kernels for CPU tensors; float16/bfloat16/float32/float64 logits."""
 
     name = "cpu"
     columns_in_place = True
+    defers = {  # noqa: RUF012
+        "cross_entropy_prob_forward": "logits, targets and weights of different precisions",
+        "cross_entropy_partial": "no rows or no classes in the slice",
+    }
 
     # ---- softmax / log_softmax ---------------------------------------------------------------
 
@@ -177,7 +190,7 @@ class CpuBackend(TorchBackend):
         acc = prob_acc_dtype(x, target, weight)
         if acc != acc_dtype(x.dtype) or acc != acc_dtype(target.dtype):
             # mixed precisions (e.g. float32 logits, float64 targets): the portable path
-            return super().cross_entropy_prob_forward(x, target, weight, opts, grad_out, grad_scale)
+            raise Unsupported
         if v == 0 or m == 0:
             return no_classes(m, acc, x.device) if v == 0 else _empty_stats(acc)
         x, target = _rows(x.detach()), _rows(target.detach())
@@ -205,7 +218,7 @@ class CpuBackend(TorchBackend):
         _check_cpu(x, target, weight)
         m, v = x.shape
         if v == 0 or m == 0:
-            return super().cross_entropy_partial(x, target, weight, opts, start, total)
+            raise Unsupported
         acc = acc_dtype(x.dtype)
         x = _rows(x.detach())
         w, w_total = _weight(None if weight is None else weight[start : start + v], acc)

@@ -3,7 +3,7 @@
 Cross entropy with class-index targets runs :func:`._ce.ce_index_kernel`, one program per row:
 weights, ``ignore_index``, label smoothing, ``z_loss``, temperature and per-row or global
 gradient scales, the gradient written in the forward pass. The other primitives, and soft-capped
-logits, are :class:`~crossent.backends.torch.TorchBackend`'s chunked torch operations.
+logits, are the portable torch backend's (composed by :mod:`crossent.dispatch`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 import triton
 from torch import Tensor
 
-from ..base import RowOptions, RowStats, acc_dtype
-from ..torch import TorchBackend, no_classes
+from ..base import Backend, RowOptions, RowStats, Unsupported, acc_dtype
+from ..torch import no_classes
 from ._ce import ce_index_kernel
 
 
@@ -39,10 +39,12 @@ def _block(v: int, itemsize: int) -> tuple[int, int]:
     return block, 4 if block <= 1024 else 8 if block <= 2048 else 16
 
 
-class TritonBackend(TorchBackend):
-    """Triton row kernels; the primitives without one are the portable torch ones."""
+class TritonBackend(Backend):
+    """Triton row kernels; :mod:`crossent.dispatch` gives the primitives without one the
+    portable torch ones."""
 
     name = "triton"
+    defers = {"cross_entropy_forward": "soft-capped logits"}  # noqa: RUF012
 
     def cross_entropy_forward(
         self,
@@ -56,7 +58,7 @@ class TritonBackend(TorchBackend):
         _check_device(x, target, weight, grad_out, grad_scale)
         m, v = x.shape
         if opts.softcap is not None:  # tanh has no interpreter-checked Triton form here
-            return super().cross_entropy_forward(x, target, weight, opts, grad_out, grad_scale)
+            raise Unsupported
         acc = acc_dtype(x.dtype)
         if v == 0:
             return no_classes(m, acc, x.device)
