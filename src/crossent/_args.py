@@ -489,3 +489,26 @@ def check_inplace(x: Tensor, *others: Tensor | None) -> None:
                 f"performing the operation. (the {name} lies in the memory of the input logits "
                 "that inplace_backward=True overwrites)"
             )
+
+
+def loss_arguments(
+    fn: str, input: Any, target: Any, weight: Any, size_average: Any, ignore_index: Any,
+    reduce: Any, reduction: Any, label_smoothing: Any, z_loss: Any, softcap: Any,
+    temperature: Any,
+) -> tuple[str, int, float, tuple[float, float | None, float]]:  # fmt: skip
+    """torch's checks of cross_entropy's arguments (``fn`` names the function in messages);
+    returns the reduction, ignore_index, label_smoothing and the extensions."""
+    red = reduction_string(size_average, reduce, reduction)
+    check_tensor(fn, "input", 1, input)
+    check_tensor(fn, "target", 2, target)
+    check_tensor(fn, "weight", 3, weight, optional=True)
+    ii = as_int(fn, "ignore_index", 5, ignore_index)
+    ls = as_float(fn, "label_smoothing", 6, label_smoothing)
+    return red, ii, ls, check_extensions(z_loss, softcap, temperature)
+
+
+def check_index_input(input: Tensor, label_smoothing: float) -> None:
+    """torch's checks of class-index cross entropy's input, before the targets'."""
+    check_label_smoothing(label_smoothing)
+    check_floating(input, softmax_kernel_name("log_softmax", 1, input.dim()))
+    wrap_dim(0 if input.dim() == 1 else 1, input.dim())

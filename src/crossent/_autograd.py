@@ -31,9 +31,11 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from . import _composite
+from ._args import check_inplace, effective_smoothing, index_rows
 from ._transforms import batched, compiling, composed, differentiable_backward
 from .backends import buffers
 from .backends.base import Backend, RowOptions, acc_dtype
+from .dispatch import resolve
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class LossOptions:
     inplace: bool = False
 
 
-def _grad_buffer(need: bool, x: Tensor) -> Tensor | None:
+def grad_buffer(need: bool, x: Tensor) -> Tensor | None:
     """Where the forward writes the gradient: a new buffer, or nowhere."""
     return buffers.empty(x.shape, x.dtype, x.device) if need else None
 
@@ -76,7 +78,7 @@ def _sum64(t: Tensor) -> Tensor:
     return _total([c.sum(dtype=torch.float64) for c in _chunks(t)])
 
 
-def _denominator(target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
+def mean_denominator(target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
     """The 'mean' denominator: summed weight of the non-ignored targets, in float64."""
     if weight is None:  # a count: exact in int64, without a float64 copy of the mask
         return torch.count_nonzero(target != ignore_index).to(torch.float64)
@@ -88,7 +90,7 @@ def _denominator(target: Tensor, weight: Tensor | None, ignore_index: int) -> Te
     return _total(parts)
 
 
-def _reduce(rows: Tensor, reduction: str, denom: Tensor | float | None) -> Tensor:
+def reduce_rows(rows: Tensor, reduction: str, denom: Tensor | float | None) -> Tensor:
     """Reduce per-row losses; sums of M row values are accumulated in float64."""
     if reduction == "none":
         return rows
@@ -185,7 +187,7 @@ def scale_saved(t: Tensor, g: Tensor, rows: bool = False) -> Tensor:
     return t.mul_(gg) if graph_freed() else t * gg
 
 
-def _index_forward(
+def index_forward(
     x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions, grad: Tensor | None
 ) -> Tensor:
     """Class-index cross entropy's reduced loss (in x's dtype); writes the gradient of that
@@ -194,13 +196,13 @@ def _index_forward(
     denom = None
     scale = None
     if opts.reduction == "mean":
-        denom = _denominator(target, weight, opts.rows.ignore_index)
+        denom = mean_denominator(target, weight, opts.rows.ignore_index)
         # A zero total weight makes torch's mean 0/0: NaN loss and NaN gradient on every
         # kept row (ignored rows stay exactly 0). Written without a host synchronisation.
         scale = torch.where(denom == 0, torch.nan, 1.0 / denom).to(acc)
         denom = torch.where(denom == 0, torch.nan, denom)
     stats = opts.backend.cross_entropy_forward(x, target, weight, opts.rows, grad, scale)
-    return _reduce(stats.loss, opts.reduction, denom).to(x.dtype)
+    return reduce_rows(stats.loss, opts.reduction, denom).to(x.dtype)
 
 
 class CrossEntropyIndex(torch.autograd.Function):
@@ -211,11 +213,11 @@ class CrossEntropyIndex(torch.autograd.Function):
         ctx: FunctionCtx, x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
     ) -> Tensor:
         need_x = ctx.needs_input_grad[0] and opts.grad_enabled  # type: ignore[attr-defined]
-        grad = _grad_buffer(need_x, x)
+        grad = grad_buffer(need_x, x)
         ctx.save_for_backward(grad)  # type: ignore[arg-type]
         ctx.inputs = Inputs(x, target, weight)  # type: ignore[attr-defined]
         ctx.opts = opts  # type: ignore[attr-defined]
-        return _index_forward(x, target, weight, opts, grad)
+        return index_forward(x, target, weight, opts, grad)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:
@@ -259,7 +261,7 @@ def scale(t: Tensor, g: Tensor, rows: bool = False) -> Tensor:
     return t * (g.reshape(()) if g.dtype.is_floating_point else g.to(t.dtype).reshape(()))
 
 
-def _prob_forward(
+def prob_forward(
     x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions, grad: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """Probability-target cross entropy's reduced loss (in the promoted dtype of x, target
@@ -279,7 +281,7 @@ def _prob_forward(
         rows = torch.full((m,), -0.0, dtype=out_dtype, device=x.device)
         empty = {"none": rows, "sum": rows.new_tensor(-0.0), "mean": rows.new_tensor(torch.nan)}
         return empty[opts.reduction], stats.lse
-    loss = _reduce(stats.loss, opts.reduction, float(m) if m else float("nan"))
+    loss = reduce_rows(stats.loss, opts.reduction, float(m) if m else float("nan"))
     return loss.to(out_dtype), stats.lse
 
 
@@ -298,8 +300,8 @@ class CrossEntropyProb(torch.autograd.Function):
             for need in ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
         )
         extra = need_t or need_w
-        grad = _grad_buffer(need_x, x)
-        loss, lse = _prob_forward(x, target, weight, opts, grad)
+        grad = grad_buffer(need_x, x)
+        loss, lse = prob_forward(x, target, weight, opts, grad)
         saved = (x, target, weight, lse) if extra else (None, None, None, None)
         ctx.save_for_backward(grad, *saved)  # type: ignore[arg-type]
         ctx.inputs = Inputs(x, target, weight)  # type: ignore[attr-defined]
@@ -364,9 +366,9 @@ class _WriteGrad(torch.autograd.Function):
     ) -> Tensor:  # fmt: skip
         ctx.mark_dirty(x)
         if prob:
-            out.append(_prob_forward(x, target, weight, opts, x)[0])
+            out.append(prob_forward(x, target, weight, opts, x)[0])
         else:
-            out.append(_index_forward(x, target, weight, opts, x))
+            out.append(index_forward(x, target, weight, opts, x))
         return x
 
     @staticmethod
@@ -471,8 +473,8 @@ def nll_forward(
     rows = opts.backend.nll_forward(x, target, weight, opts.rows.ignore_index)
     denom = None
     if opts.reduction == "mean":
-        denom = _denominator(target, weight, opts.rows.ignore_index)
-    return _reduce(rows, opts.reduction, denom).to(x.dtype), denom
+        denom = mean_denominator(target, weight, opts.rows.ignore_index)
+    return reduce_rows(rows, opts.reduction, denom).to(x.dtype), denom
 
 
 def nll_grad(
@@ -524,3 +526,25 @@ def softmax_graph_grad(out: Tensor, g: Tensor, log: bool) -> Tensor:
     else:
         gx = y * (gg - (gg * y).sum(-1, keepdim=True))
     return gx.to(out.dtype)
+
+
+def index_cross_entropy(
+    input: Tensor, target: Tensor, weight: Tensor | None, red: str, ii: int, ls: float,
+    extensions: tuple[float, float | None, float], inplace: bool, backend: str | Backend,
+    classes: int | None = None,
+) -> Tensor:  # fmt: skip
+    """Class-index cross entropy of checked arguments: flatten to rows (targets and weights
+    index ``classes`` classes, the input's class dim by default), then the autograd Function
+    on ``backend`` (a name, resolved for ``input``, or a backend object)."""
+    rows = index_rows(input, target, weight, ii, "nll_loss", classes)
+    if inplace:  # arguments checked, nothing written yet
+        check_inplace(input, target, weight)
+    zl, cap, temp = extensions
+    row_opts = RowOptions(
+        ignore_index=ii, label_smoothing=effective_smoothing(ls), z_loss=zl, softcap=cap,
+        temperature=temp,
+    )
+    be = resolve(backend, input) if isinstance(backend, str) else backend
+    opts = LossOptions(be, row_opts, red, torch.is_grad_enabled(), inplace)
+    loss = cross_entropy_loss(rows.x, rows.target, rows.weight, opts, prob=False)
+    return loss.view(rows.out_shape) if red == "none" else loss

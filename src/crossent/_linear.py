@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from . import _composite
-from ._autograd import Inputs, _denominator, _reduce, scale, scale_saved
+from ._autograd import Inputs, mean_denominator, reduce_rows, scale, scale_saved
 from ._transforms import batched
 from .backends.base import Backend, RowOptions, acc_dtype, prob_acc_dtype
 
@@ -105,7 +105,7 @@ def _take(t: Tensor, rows: slice | Tensor) -> Tensor:
     return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
 
 
-def _logits(buf: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+def logits_into(buf: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """``x @ w.T (+ b)``, ``(n, V)``, written into the contiguous ``buf`` (any shape)."""
     out = buf.view(-1)[: x.shape[0] * w.shape[0]].view(x.shape[0], w.shape[0])
     if b is None:
@@ -329,7 +329,7 @@ def _chunk(
         )
         logits = lt.t()
     else:
-        logits = _logits(buf, xc, w, b)
+        logits = logits_into(buf, xc, w, b)
         forward = be.cross_entropy_prob_forward if target.dim() == 2 else be.cross_entropy_forward
         grad_out = logits if grads is not None else None
         loss = forward(logits, tc, weight, opts.rows, grad_out, scale).loss
@@ -495,7 +495,7 @@ def linear_forward(
             denom = float(n) if n else float("nan")
             scale = torch.tensor(1.0 / n if n else float("inf"), dtype=torch.float64)
         else:
-            d = _denominator(target, weight, opts.rows.ignore_index)
+            d = mean_denominator(target, weight, opts.rows.ignore_index)
             scale = torch.where(d == 0, torch.nan, 1.0 / d).to(acc)
             denom = torch.where(d == 0, torch.nan, d)
     elif opts.reduction == "sum" and opts.divisor is not None:
@@ -506,7 +506,7 @@ def linear_forward(
         loss, _ = _run(x, w, b, target, weight, opts, None, None, (False,) * 3)
         return loss.to(out_dtype), (None, None, None)
     loss, grads = _run(x, w, b, target, weight, opts, scale, None, need)
-    total = _reduce(loss, opts.reduction, denom)
+    total = reduce_rows(loss, opts.reduction, denom)
     if opts.reduction == "sum" and opts.divisor is not None:
         total = total / div
     return total.to(out_dtype), grads

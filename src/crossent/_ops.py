@@ -28,14 +28,14 @@ from ._args import check_target_range
 from ._autograd import (
     LossOptions,
     SoftmaxOptions,
-    _grad_buffer,
-    _index_forward,
-    _prob_forward,
     ce_graph_grads,
+    grad_buffer,
+    index_forward,
     nll_forward,
     nll_grad,
     nll_graph_grad,
     prob_extra_grads,
+    prob_forward,
     scale,
     softmax_graph_grad,
 )
@@ -47,10 +47,10 @@ _EMPTY = (0,)
 
 def backend_name(opts: Any) -> str:
     """The registered name of a call's backend (compiled graphs name backends by string)."""
-    from .dispatch import _REGISTRY
+    from .dispatch import REGISTRY
 
     name = opts.backend.name
-    if name not in _REGISTRY:
+    if name not in REGISTRY:
         raise NotImplementedError(
             f"crossent: the {name!r} backend cannot run under torch.compile; call it outside "
             "the compiled region (torch.compiler.disable)"
@@ -83,13 +83,13 @@ def _cross_entropy(
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     rows = _rows(ignore_index, label_smoothing, z_loss, softcap, temperature)
     opts = LossOptions(resolve(backend, x), rows, reduction)
-    grad = _grad_buffer(need_grad, x)
+    grad = grad_buffer(need_grad, x)
     if prob:
-        loss, lse = _prob_forward(x, target, weight, opts, grad)
+        loss, lse = prob_forward(x, target, weight, opts, grad)
         lse = lse.clone() if lse._base is not None else lse
     else:
         check_target_range(target, x.shape[1], ignore_index)
-        loss = _index_forward(x, target, weight, opts, grad)
+        loss = index_forward(x, target, weight, opts, grad)
         lse = x.new_empty(_EMPTY, dtype=torch.float32)
     return loss, _or_empty(grad, x), lse
 

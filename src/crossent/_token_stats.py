@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from . import _composite
-from ._linear import _logits, add_chunk_grads, chunk_rows, final_grads, param_grads
+from ._linear import add_chunk_grads, chunk_rows, final_grads, logits_into, param_grads
 from ._transforms import compiling, composed, differentiable_backward
 from .backends import buffers
 from .backends.base import RowOptions, acc_dtype
@@ -268,7 +268,7 @@ def linear_stats_forward(
     """:func:`linear_token_stats` of ``(M, D)`` hidden states, in the accumulation dtype."""
     buf = _chunk_buffer(h, w, opts)
     return _stats(
-        h.shape[0], h.dtype, h.device, target, opts, lambda lo, hi: _logits(buf, h[lo:hi], w, b)
+        h.shape[0], h.dtype, h.device, target, opts, lambda lo, hi: logits_into(buf, h[lo:hi], w, b)
     )
 
 
@@ -284,7 +284,7 @@ def linear_stats_grads(
     buf = _chunk_buffer(h, w, opts)
     for lo in range(0, h.shape[0], opts.chunk_rows):
         hi = min(h.shape[0], lo + opts.chunk_rows)
-        logits = _logits(buf, h[lo:hi], w, b)
+        logits = logits_into(buf, h[lo:hi], w, b)
         g = _chunk_grad(logits, target[lo:hi], g_lp[lo:hi], g_h[lo:hi], opts, True)
         add_chunk_grads(grads, g, h[lo:hi], w, slice(lo, hi))
     del buf

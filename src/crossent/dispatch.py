@@ -21,7 +21,7 @@ from .backends.base import Backend, Unsupported
 BackendName = Literal["auto", "cpu", "torch", "triton", "reference"]
 
 # name -> (module, class). Modules are imported on first use only.
-_REGISTRY: dict[str, tuple[str, str]] = {
+REGISTRY: dict[str, tuple[str, str]] = {
     "cpu": ("crossent.backends.cpu", "CpuBackend"),
     "torch": ("crossent.backends.torch", "TorchBackend"),
     "triton": ("crossent.backends.triton", "TritonBackend"),
@@ -44,7 +44,7 @@ def triton_usable() -> bool:
 
 def available() -> tuple[str, ...]:
     """Names accepted by ``backend=`` (besides ``"auto"``) that can run here."""
-    return tuple(n for n in _REGISTRY if n != "triton" or triton_usable())
+    return tuple(n for n in REGISTRY if n != "triton" or triton_usable())
 
 
 def auto_name(tensor: Tensor) -> str:
@@ -117,7 +117,7 @@ def fallback_table() -> list[tuple[str, str, str]]:
     """``(backend, primitive, how)`` for every registered backend and primitive: ``native``,
     ``native; <inputs> -> torch`` where the backend declines some inputs, or ``torch``."""
     rows = []
-    for name, (module, cls) in _REGISTRY.items():
+    for name, (module, cls) in REGISTRY.items():
         try:
             klass = getattr(importlib.import_module(module), cls)
         except ImportError:  # triton not installed: nothing to list
@@ -139,10 +139,10 @@ def resolve(backend: str, tensor: Tensor) -> Backend:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, not {type(backend).__name__}")
     name = auto_name(tensor) if backend == "auto" else backend
-    if name not in _REGISTRY:
+    if name not in REGISTRY:
         raise ValueError(
             f"unknown backend {backend!r}; choose one of: "
-            + ", ".join(repr(n) for n in ("auto", *_REGISTRY))
+            + ", ".join(repr(n) for n in ("auto", *REGISTRY))
         )
     if name == "triton" and not triton_usable():
         raise RuntimeError(
@@ -157,6 +157,6 @@ def resolve(backend: str, tensor: Tensor) -> Backend:
 
 
 def _make(name: str) -> Backend:
-    module, cls = _REGISTRY[name]
+    module, cls = REGISTRY[name]
     backend: Backend = getattr(importlib.import_module(module), cls)()
     return backend

@@ -20,11 +20,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _args
-from ._autograd import LossOptions, cross_entropy_loss
+from ._autograd import LossOptions, cross_entropy_loss, index_cross_entropy
 from .backends.base import INDEX_PARTS, Merged, RowOptions, merge_index
 from .backends.vocab_parallel import VocabParallelBackend
 from .dispatch import BackendName, resolve
-from .functional import _check_index_input, _index_cross_entropy, _loss_arguments
 
 __all__ = [
     "shard_offsets",
@@ -98,7 +97,7 @@ def vocab_parallel_cross_entropy(
     same targets (class indices), weights and options.
     """
     fn = "vocab_parallel_cross_entropy"
-    red, ii, ls, (zl, cap, temp) = _loss_arguments(
+    red, ii, ls, (zl, cap, temp) = _args.loss_arguments(
         fn, input, target, weight, size_average, ignore_index, reduce, reduction,
         label_smoothing, z_loss, softcap, temperature,
     )  # fmt: skip
@@ -130,8 +129,8 @@ def vocab_parallel_cross_entropy(
         opts = LossOptions(be, row_opts, red, torch.is_grad_enabled(), inplace_backward)
         loss = cross_entropy_loss(prob.x, prob.target, weight, opts, prob=True)
         return loss.view(prob.out_shape) if red == "none" else loss
-    _check_index_input(input, ls)
-    return _index_cross_entropy(
+    _args.check_index_input(input, ls)
+    return index_cross_entropy(
         input, target, weight, red, ii, ls, (zl, cap, temp), inplace_backward,
         VocabParallelBackend(group, start, total, local), classes=total,
     )  # fmt: skip

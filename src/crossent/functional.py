@@ -22,10 +22,11 @@ from ._autograd import (
     Softmax,
     SoftmaxOptions,
     cross_entropy_loss,
+    index_cross_entropy,
 )
 from ._linear import LinearCrossEntropy, LinearOptions, chunk_rows
 from ._transforms import compiling, composed
-from .backends.base import Backend, RowOptions
+from .backends.base import RowOptions
 from .dispatch import BackendName, resolve
 
 __all__ = ["softmax", "log_softmax", "nll_loss", "cross_entropy", "linear_cross_entropy"]
@@ -213,7 +214,7 @@ def cross_entropy(
                 inplace_backward=inplace_backward, z_loss=z_loss, softcap=softcap,
                 temperature=temperature,
             )
-    red, ii, ls, (zl, cap, temp) = _loss_arguments(
+    red, ii, ls, (zl, cap, temp) = _args.loss_arguments(
         "cross_entropy_loss", input, target, weight, size_average, ignore_index, reduce,
         reduction, label_smoothing, z_loss, softcap, temperature,
     )  # fmt: skip
@@ -253,55 +254,10 @@ def cross_entropy(
             )
         loss = cross_entropy_loss(prob.x, prob.target, weight, opts, prob=True)
         return loss.view(prob.out_shape) if red == "none" else loss
-    _check_index_input(input, ls)
-    return _index_cross_entropy(
+    _args.check_index_input(input, ls)
+    return index_cross_entropy(
         input, target, weight, red, ii, ls, (zl, cap, temp), inplace_backward, backend
     )
-
-
-def _loss_arguments(
-    fn: str, input: Any, target: Any, weight: Any, size_average: Any, ignore_index: Any,
-    reduce: Any, reduction: Any, label_smoothing: Any, z_loss: Any, softcap: Any,
-    temperature: Any,
-) -> tuple[str, int, float, tuple[float, float | None, float]]:  # fmt: skip
-    """torch's checks of cross_entropy's arguments (``fn`` names the function in messages);
-    returns the reduction, ignore_index, label_smoothing and the extensions."""
-    red = _args.reduction_string(size_average, reduce, reduction)
-    _args.check_tensor(fn, "input", 1, input)
-    _args.check_tensor(fn, "target", 2, target)
-    _args.check_tensor(fn, "weight", 3, weight, optional=True)
-    ii = _args.as_int(fn, "ignore_index", 5, ignore_index)
-    ls = _args.as_float(fn, "label_smoothing", 6, label_smoothing)
-    return red, ii, ls, _args.check_extensions(z_loss, softcap, temperature)
-
-
-def _check_index_input(input: Tensor, label_smoothing: float) -> None:
-    """torch's checks of class-index cross entropy's input, before the targets'."""
-    _args.check_label_smoothing(label_smoothing)
-    _args.check_floating(input, _args.softmax_kernel_name("log_softmax", 1, input.dim()))
-    _args.wrap_dim(0 if input.dim() == 1 else 1, input.dim())
-
-
-def _index_cross_entropy(
-    input: Tensor, target: Tensor, weight: Tensor | None, red: str, ii: int, ls: float,
-    extensions: tuple[float, float | None, float], inplace: bool, backend: str | Backend,
-    classes: int | None = None,
-) -> Tensor:  # fmt: skip
-    """Class-index cross entropy of checked arguments: flatten to rows (targets and weights
-    index ``classes`` classes, the input's class dim by default), then the autograd Function
-    on ``backend`` (a name, resolved for ``input``, or a backend object)."""
-    rows = _args.index_rows(input, target, weight, ii, "nll_loss", classes)
-    if inplace:  # arguments checked, nothing written yet
-        _args.check_inplace(input, target, weight)
-    zl, cap, temp = extensions
-    row_opts = RowOptions(
-        ignore_index=ii, label_smoothing=_args.effective_smoothing(ls), z_loss=zl, softcap=cap,
-        temperature=temp,
-    )
-    be = resolve(backend, input) if isinstance(backend, str) else backend
-    opts = LossOptions(be, row_opts, red, torch.is_grad_enabled(), inplace)
-    loss = cross_entropy_loss(rows.x, rows.target, rows.weight, opts, prob=False)
-    return loss.view(rows.out_shape) if red == "none" else loss
 
 
 def _wants_prob_extras(input: Tensor, target: Tensor, weight: Tensor | None) -> bool:

@@ -31,7 +31,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic, overload
 from numba.np.arrayobj import populate_array
 
-from ._math import _bf16_bits_to_f32, _half_bits_to_f32, _key_of
+from ._math import bf16_bits_to_f32, half_bits_to_f32, key_of
 
 LANES = 64  # partial sums of a reduction: 4 vectors of float32 at 512 bits, 8 of float64
 
@@ -226,9 +226,9 @@ def _load_row(a, i):
     if dt in (types.float32, types.float64):
         return lambda a, i: _read(a, i)
     if dt == types.int16:  # bfloat16 bits
-        return lambda a, i: _bf16_bits_to_f32(_read(a, i))
+        return lambda a, i: bf16_bits_to_f32(_read(a, i))
     if dt == types.uint16:  # float16 bits
-        return lambda a, i: _half_bits_to_f32(_read(a, i))
+        return lambda a, i: half_bits_to_f32(_read(a, i))
     return None
 
 
@@ -239,4 +239,4 @@ def row_key(a, i):
 
 @overload(row_key, inline="always")
 def _row_key(a, i):
-    return lambda a, i: _key_of(_read(a, i))
+    return lambda a, i: key_of(_read(a, i))

@@ -31,7 +31,7 @@ from numba.core.extending import intrinsic, overload
 
 
 @intrinsic
-def _half_bits_to_f32(typingctx, v):
+def half_bits_to_f32(typingctx, v):
     def codegen(context, builder, sig, args):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
@@ -47,7 +47,7 @@ def _f32_to_half_bits(typingctx, v):
 
 
 @intrinsic
-def _bf16_bits_to_f32(typingctx, v):
+def bf16_bits_to_f32(typingctx, v):
     """bfloat16 bits (int16) to float32: the bits become the high half of a float32."""
 
     def codegen(context, builder, sig, args):
@@ -284,9 +284,9 @@ def _load(a, i):
     if dt in (types.float32, types.float64):
         return lambda a, i: a[i]
     if dt == types.int16:  # bfloat16 bits: the high half of a float32
-        return lambda a, i: _bf16_bits_to_f32(a[i])
+        return lambda a, i: bf16_bits_to_f32(a[i])
     if dt == types.uint16:  # float16 bits
-        return lambda a, i: _half_bits_to_f32(a[i])
+        return lambda a, i: half_bits_to_f32(a[i])
     return None
 
 
@@ -365,7 +365,7 @@ def _flip(builder, bits):
 
 
 @intrinsic
-def _key_of(typingctx, v):
+def key_of(typingctx, v):
     width = _KEY_BITS.get(v)
     if width is None:
         return None
@@ -412,7 +412,7 @@ def order_key(a, i):
 @overload(order_key, inline="always")
 def _order_key(a, i):
     if a.dtype in _KEY_BITS:
-        return lambda a, i: _key_of(a[i])
+        return lambda a, i: key_of(a[i])
     return None
 
 
@@ -427,9 +427,9 @@ def _from_key(a, k):
     if dt in (types.float32, types.float64):
         return lambda a, k: _bits_of_key(k)
     if dt == types.int16:
-        return lambda a, k: _bf16_bits_to_f32(_bits_of_key(k))
+        return lambda a, k: bf16_bits_to_f32(_bits_of_key(k))
     if dt == types.uint16:
-        return lambda a, k: _half_bits_to_f32(np.uint16(_bits_of_key(k)))
+        return lambda a, k: half_bits_to_f32(np.uint16(_bits_of_key(k)))
     return None
 
 
