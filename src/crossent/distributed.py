@@ -103,12 +103,7 @@ def vocab_parallel_cross_entropy(
     )  # fmt: skip
     _require_group(group)
     here = input.shape[0] if input.dim() == 1 else input.shape[1]
-    if (vocab_start is None) != (vocab_size is None):
-        raise ValueError(f"{fn}: pass both vocab_start and vocab_size, or neither")
-    if vocab_start is None or vocab_size is None:
-        start, total = shard_offsets(here, group, input.device)
-    else:
-        start, total = _check_slice(vocab_start, vocab_size, here)
+    start, total = _slice(fn, here, vocab_start, vocab_size, group, input.device)
     local = resolve(backend, input)
     if target.is_floating_point() and input.shape == target.shape:
         if torch.is_grad_enabled() and (
@@ -134,6 +129,18 @@ def vocab_parallel_cross_entropy(
         input, target, weight, red, ii, ls, (zl, cap, temp), inplace_backward,
         VocabParallelBackend(group, start, total, local), classes=total,
     )  # fmt: skip
+
+
+def _slice(
+    fn: str, here: int, vocab_start: int | None, vocab_size: int | None,
+    group: dist.ProcessGroup | None, device: torch.device,
+) -> tuple[int, int]:  # fmt: skip
+    """``(start, total)`` of this rank's ``here`` classes: as given, checked, or exchanged."""
+    if (vocab_start is None) != (vocab_size is None):
+        raise ValueError(f"{fn}: pass both vocab_start and vocab_size, or neither")
+    if vocab_start is None or vocab_size is None:
+        return shard_offsets(here, group, device)
+    return _check_slice(vocab_start, vocab_size, here)
 
 
 def _check_slice(vocab_start: int, vocab_size: int, here: int) -> tuple[int, int]:
@@ -294,12 +301,7 @@ def vocab_parallel_linear_cross_entropy(
     _args.check_label_smoothing(label_smoothing)
     zl, cap, temp = _args.check_extensions(z_loss, softcap, temperature)
     here = weight_shard.shape[0]
-    if (vocab_start is None) != (vocab_size is None):
-        raise ValueError(f"{fn}: pass both vocab_start and vocab_size, or neither")
-    if vocab_start is None or vocab_size is None:
-        start, total = shard_offsets(here, group, input.device)
-    else:
-        start, total = _check_slice(vocab_start, vocab_size, here)
+    start, total = _slice(fn, here, vocab_start, vocab_size, group, input.device)
     if weight is not None and (weight.dim() != 1 or weight.numel() != total):
         raise RuntimeError(
             f"{fn}: weight tensor should be defined either for all {total} classes or no "
