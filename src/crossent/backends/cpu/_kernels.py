@@ -214,32 +214,16 @@ def _cap_grad(e, xr, a, b, w, has_w, cap, inv_cap, inv_t):
         e[j] = (e[j] * a - (b * w[j] if has_w else b)) * (inv_t * (like(1, th) - th * th))
 
 
-@njit(cache=True)
-def _exp_sum(xr, m, e, nxt, keep):
-    """Exponentials of a row into ``e`` and their sum (NaN if the row holds NaN), and the max
-    of row ``nxt`` (as :func:`_row_max`, except that it may be a NaN where the row holds one),
-    read in the same loop: its loads from memory overlap the exponentials' arithmetic. Without
-    ``keep`` the exponentials are summed, not stored (log_softmax's streamed output)."""
-    v = xr.shape[0]
-    s = 0.0
-    k = order_key(nxt, 0)
-    for lo in range(0, v, BLOCK):
-        hi = min(lo + BLOCK, v)
-        if keep:
-            b, k = _exp_sum_block(xr[lo:hi], m, e[lo:hi], nxt[lo:hi], k)
-        else:
-            b, k = _exp_sum_only_block(xr[lo:hi], m, nxt[lo:hi], k)
-        s += b
-    return like(s, m), from_key(nxt, k)
-
-
 @functools.cache
 def _exp_sum_row(transform: int, keep: bool = True):
-    """``exp_sum(xr, m, e, nxt, cap, inv_cap, inv_t) -> (s, max of row nxt)``: as
-    :func:`_exp_sum` for the logits transformed by ``transform`` (as in :func:`ce_index_kernel`;
-    ``m`` is the max of the transformed row), compiled with only that transform's code. The
-    exponentials are kept in ``e`` unless ``keep`` is false for plain logits. Made once per
-    process for each set."""
+    """``exp_sum(xr, m, e, nxt, cap, inv_cap, inv_t) -> (s, max of row nxt)``: the
+    exponentials of a row's logits, transformed by ``transform`` (as in
+    :func:`ce_index_kernel`; ``m`` is the max of the transformed row), into ``e`` and their sum
+    (NaN if the row holds NaN), and the max of row ``nxt`` (as :func:`_row_max`, except that it
+    may be a NaN where the row holds one), read in the same loop: its loads from memory overlap
+    the exponentials' arithmetic. Without ``keep`` (plain logits only) the exponentials are
+    summed, not stored. Compiled with only that set's code; made once per process for each
+    set."""
     capped = transform == 2
     scaled = transform == 1
     only_sum = not keep and transform == 0
@@ -766,6 +750,7 @@ def softmax_fwd_kernel(log: bool):
         kernel(x, out, proto, nt)
     """
     keep_exp = _exp_sum_row(0)
+    sum_only = _exp_sum_row(0, keep=False)  # log_softmax's streamed output: from x itself
 
     @njit(parallel=True, cache=True)
     def kernel(x, out, proto, nt):
@@ -779,10 +764,10 @@ def softmax_fwd_kernel(log: bool):
                 xr = x[i]
                 nxt, ahead = _next_row(x, i, last)
                 m = m_next if known else _row_max(xr)
-                if log:  # streamed output comes from x itself: exponentials only summed
-                    s, m_next = _exp_sum(xr, m, e, nxt, not nt)
+                one = like(1, m)
+                if log and nt:
+                    s, m_next = sum_only(xr, m, e, nxt, one - one, one, one)
                 else:
-                    one = like(1, m)
                     s, m_next = keep_exp(xr, m, e, nxt, one - one, one, one)
                 known = ahead
                 if _bad(m, s):
