@@ -20,7 +20,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _args
-from ._autograd import LossOptions, cross_entropy_loss, index_cross_entropy
+from ._autograd import (
+    LossOptions,
+    cross_entropy_loss,
+    index_cross_entropy,
+    mean_denominator,
+    reduce_rows,
+)
 from .backends.base import INDEX_PARTS, Merged, RowOptions, merge_index
 from .backends.vocab_parallel import VocabParallelBackend
 from .dispatch import BackendName, resolve
@@ -180,19 +186,12 @@ class _VocabParallelLinear(torch.autograd.Function):
             parts[:, r0:r1] = vp.local.cross_entropy_partial(
                 logits, target[r0:r1], weight, opts, vp.start, vp.total
             )
-        merged = merge_index(vp._gather(parts), target, weight, opts, vp.total)
-        keep = target != opts.ignore_index
-        if weight is None:
-            denom = keep.sum().to(torch.float64)
-        else:
-            wt = weight.to(torch.float64)[torch.where(keep, target, 0)]
-            denom = wt.masked_fill(~keep, 0.0).sum()
+        merged = merge_index(vp.gather(parts), target, weight, opts, vp.total)
+        denom = None
+        if reduction == "mean":
+            denom = mean_denominator(target, weight, opts.ignore_index)
         out_dtype = torch.promote_types(x.dtype, w.dtype)
-        if reduction == "none":
-            loss = merged.loss.to(out_dtype)
-        else:
-            total = merged.loss.sum()
-            loss = (total if reduction == "sum" else total / denom).to(out_dtype)
+        loss = reduce_rows(merged.loss, reduction, denom).to(out_dtype)
         ctx.save_for_backward(x, w, b, target, weight, *merged)
         ctx.rest = (opts, reduction, vp, rows, denom)
         return loss
@@ -207,7 +206,7 @@ class _VocabParallelLinear(torch.autograd.Function):
             scale = g.to(torch.float64).reshape(n)
         else:
             s = g.to(torch.float64).reshape(())
-            scale = (s if reduction == "sum" else s / denom).expand(n)
+            scale = (s if denom is None else s / denom).expand(n)
         dx = torch.zeros(x.shape, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype,
                          device=x.device)  # fmt: skip
         dw = torch.zeros(w.shape, dtype=dx.dtype, device=w.device)

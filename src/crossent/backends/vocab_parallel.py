@@ -45,7 +45,7 @@ class VocabParallelBackend(Backend):
         self.total = total
         self.local = local
 
-    def _gather(self, parts: Tensor) -> Tensor:
+    def gather(self, parts: Tensor) -> Tensor:
         """Every rank's ``parts``, stacked in rank order: one collective."""
         world = dist.get_world_size(self.group)
         if world == 1:
@@ -94,7 +94,7 @@ class VocabParallelBackend(Backend):
     ) -> RowStats:  # fmt: skip
         """The local partial statistics, everyone's merged, then this slice's gradient."""
         lo, total = self.start, self.total
-        merged = merge(self._gather(partial(x, target, weight, opts, lo, total)))
+        merged = merge(self.gather(partial(x, target, weight, opts, lo, total)))
         if grad_out is not None:
             partial_grad(x, target, weight, opts, lo, total, merged, grad_out, grad_scale)
         return RowStats(merged.loss.to(acc), merged.lse.to(acc))
