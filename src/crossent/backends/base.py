@@ -113,6 +113,35 @@ INDEX_PARTS = 5  # max, Σ exp(u - ref), u_y (0 off the slice), Σ w·(u - ref),
 PROB_PARTS = 4  # max, Σ exp(u - ref), Σ w t'·(u - ref), Σ w t'
 
 
+class SliceTargets(NamedTuple):
+    """Where a slice ``[start, start + V)`` of the classes meets the rows' class-index targets,
+    all ``(M,)``: ``keep`` the rows not ignored, ``mine`` the kept rows whose target is in the
+    slice, ``col`` that target's column in the slice (-1 on other rows), ``term`` the factor
+    ``(1-ε)·w_y`` of the target's term in the gradient on ``mine`` rows (0 elsewhere)."""
+
+    keep: Tensor
+    mine: Tensor
+    col: Tensor
+    term: Tensor
+
+
+def slice_targets(
+    target: Tensor, weight: Tensor | None, opts: RowOptions, start: int, v: int,
+    dtype: torch.dtype,
+) -> SliceTargets:  # fmt: skip
+    """:class:`SliceTargets` of ``target`` (global indices) for the classes ``[start,
+    start + v)``; ``weight``: all the class weights, or ``None``; ``term`` in ``dtype``."""
+    keep = target != opts.ignore_index
+    mine = keep & (target >= start) & (target < start + v)
+    col = torch.where(mine, target - start, -1)
+    if weight is None:
+        wt = torch.ones(target.shape, dtype=dtype, device=target.device)
+    else:
+        wt = weight.to(dtype)[torch.where(keep, target, 0)]
+    term = torch.where(mine, (1.0 - opts.label_smoothing) * wt, 0.0)
+    return SliceTargets(keep, mine, col, term)
+
+
 class Merged(NamedTuple):
     """Merged per-row statistics, all ``(M,)`` float64: the loss (0 on ignored rows), lse, and
     ``coef``, the factor of ``p_j`` in the gradient (``a`` above; for probability targets

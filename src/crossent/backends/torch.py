@@ -25,6 +25,7 @@ from .base import (
     index_loss,
     prob_acc_dtype,
     reference_point,
+    slice_targets,
 )
 
 # Elements per chunk of upcast temporaries: on CPU 2**20 float32 = 4 MiB, about an L2 cache.
@@ -131,13 +132,14 @@ class TorchBackend(Backend):
             return parts
         w = None if weight is None else weight[start : start + v].to(acc)
         parts[4] = v if w is None else w.sum(dtype=torch.float64)
-        mine, tl = _local_target(target, opts.ignore_index, start, v)
+        st = slice_targets(target, None, opts, start, v, acc)
+        tl = st.col.clamp(min=0).unsqueeze(1)  # (M, 1): column 0 on rows not in the slice
         step = chunk_rows(m, v, chunk_elements(x.device))
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
             u, _ = transform(x[r0:r1].to(acc), opts)
             z = _slice_exp_sum(parts, u, r0, r1)
-            parts[2, r0:r1] = torch.where(mine[r0:r1], u.gather(1, tl[r0:r1]).squeeze(1), 0.0)
+            parts[2, r0:r1] = torch.where(st.mine[r0:r1], u.gather(1, tl[r0:r1]).squeeze(1), 0.0)
             if opts.label_smoothing > 0.0:
                 wz = z if w is None else z * w
                 parts[3, r0:r1] = wz.sum(1, dtype=torch.float64)
@@ -153,11 +155,10 @@ class TorchBackend(Backend):
         acc = acc_dtype(x.dtype)
         eps = opts.label_smoothing
         w = None if weight is None else weight[start : start + v].to(acc)
-        mine, tl = _local_target(target, opts.ignore_index, start, v)
-        keep = (target != opts.ignore_index).unsqueeze(1)
-        tc = torch.where(keep.squeeze(1), target, 0)
-        wt = torch.ones(m, dtype=acc, device=x.device) if weight is None else weight.to(acc)[tc]
-        t_all = torch.where(mine, -(1.0 - eps) * wt, 0.0).unsqueeze(1)  # off the slice: 0
+        st = slice_targets(target, weight, opts, start, v, acc)
+        tl = st.col.clamp(min=0).unsqueeze(1)  # column 0 on rows not in the slice, where
+        t_all = (-st.term).unsqueeze(1)  # the target's term is 0
+        keep = st.keep.unsqueeze(1)
         lse = merged.lse.to(acc).unsqueeze(1)
         coef = merged.coef.to(acc).unsqueeze(1)
         step = chunk_rows(m, v, chunk_elements(x.device))
@@ -391,13 +392,6 @@ def _slice_exp_sum(parts: Tensor, u: Tensor, r0: int, r1: int) -> Tensor:
     parts[0, r0:r1] = mx
     parts[1, r0:r1] = torch.exp(z).sum(1, dtype=torch.float64)
     return z
-
-
-def _local_target(target: Tensor, ignore_index: int, start: int, v: int) -> tuple[Tensor, Tensor]:
-    """``(mine, col)``: rows whose kept target is among the classes ``[start, start + v)``, and
-    its column there ``(M, 1)`` (0 on other rows)."""
-    mine = (target != ignore_index) & (target >= start) & (target < start + v)
-    return mine, torch.where(mine, target - start, 0).unsqueeze(1)
 
 
 def row_scale(grad_scale: Tensor, r0: int, r1: int, acc: torch.dtype) -> Tensor:

@@ -53,6 +53,7 @@ from ..base import (
     Unsupported,
     acc_dtype,
     prob_acc_dtype,
+    slice_targets,
 )
 from ..torch import no_classes
 from . import _runtime
@@ -244,16 +245,12 @@ class CpuBackend(Backend):
             return
         acc = acc_dtype(x.dtype)
         eps = opts.label_smoothing
-        keep = target != opts.ignore_index
-        tc = torch.where(keep, target, 0)
-        mine = keep & (target >= start) & (target < start + v)
-        col = torch.where(mine, target - start, -1)
+        st = slice_targets(target, weight, opts, start, v, acc)
         sc = torch.ones((), dtype=acc) if grad_scale is None else grad_scale.to(acc)
         sc = sc.expand(m)
-        wt = torch.ones(m, dtype=acc) if weight is None else weight.to(acc)[tc]
         a = (merged.coef.to(acc) * sc).contiguous()
         b = (sc * (eps / total)).contiguous()
-        c = torch.where(mine, (1.0 - eps) * wt * sc, 0.0).contiguous()
+        c = (st.term * sc).contiguous()
         w, _ = _weight(None if weight is None else weight[start : start + v], acc)
         grad, _ = _grad_target(grad_out, x)
         _set_threads()
@@ -261,7 +258,7 @@ class CpuBackend(Backend):
             _kernels.ce_partial_grad_kernel, eps > 0, _transform_kind(opts)
         )
         kernel(
-            as_numpy(_rows(x.detach())), col.numpy(), keep.numpy(),
+            as_numpy(_rows(x.detach())), st.col.numpy(), st.keep.numpy(),
             merged.lse.to(acc).contiguous().numpy(), a.numpy(), b.numpy(), c.numpy(), w,
             weight is not None, as_numpy(grad), _streams(grad, x), *_transform(opts, acc),
         )
