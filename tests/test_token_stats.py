@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import crossent
-from crossent import testing
+from crossent import dispatch, testing
 
 V = 29
 
@@ -122,13 +123,11 @@ def test_bad_targets_raise(target: torch.Tensor, error: type) -> None:
 @pytest.mark.parametrize("ext", [*EXT, pytest.param({"temperature": 0.8}, id="temp")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_kernels_match_the_chunked_torch_path_at_the_edges(
-    ext: dict[str, Any], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    ext: dict[str, Any], dtype: torch.dtype
 ) -> None:
-    # CPU logits go through the fused kernels; the chunked torch-op path (what other devices
-    # use) is the reference here for the special rows: NaN, +inf, an all -inf row, values that
+    # The cpu backend's fused kernels against the portable backend's chunked torch operations
+    # (what other devices use) on the special rows: NaN, +inf, an all -inf row, values that
     # saturate the cap (ties of u for argmax), rows longer than one kernel block, ignored rows.
-    from crossent import _token_stats
-
     x = testing.make_logits((7, 2300), dtype, scale=4.0)
     x[0, 5] = float("nan")
     x[1, 17] = float("inf")
@@ -140,15 +139,14 @@ def test_fused_kernels_match_the_chunked_torch_path_at_the_edges(
     g = torch.Generator().manual_seed(5)
     g_lp, g_h = torch.randn(7, generator=g).to(dtype), torch.randn(7, generator=g).to(dtype)
 
-    def run() -> tuple[torch.Tensor, ...]:
+    def run(backend: str) -> tuple[torch.Tensor, ...]:
         xs = x.clone().requires_grad_()
-        lp, ent, lse, am = crossent.token_stats(xs, t, **ext)
+        lp, ent, lse, am = crossent.token_stats(xs, t, **ext, backend=backend)
         (lp * g_lp + ent * g_h).sum().backward()
         return lp.detach(), ent.detach(), lse.detach(), am, xs.grad  # type: ignore[return-value]
 
-    fused = run()
-    monkeypatch.setattr(_token_stats, "_fused", lambda x: False)
-    chunked = run()
+    fused = run("cpu")
+    chunked = run("torch")
     for a, b in zip(fused, chunked, strict=True):
         assert torch.equal(a.isnan(), b.isnan())
         assert a.dtype == b.dtype
@@ -156,3 +154,68 @@ def test_fused_kernels_match_the_chunked_torch_path_at_the_edges(
     tol = {"rtol": 2e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
     for a, b in zip(fused[:3] + fused[4:], chunked[:3] + chunked[4:], strict=True):
         torch.testing.assert_close(a, b, equal_nan=True, **tol)
+
+
+TRITON = pytest.mark.skipif("triton" not in dispatch.available(), reason="triton not usable")
+BACKENDS = ["cpu", "torch", "reference", pytest.param("triton", marks=TRITON)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ext", EXT)
+def test_every_backend_matches_the_float64_oracle(backend: str, ext: dict[str, Any]) -> None:
+    # values and the gradient of Σ g_lp·logprob + g_h·entropy against crossent.reference's
+    # token statistics, for logits and for a linear head; chunks of 3 rows (several chunks)
+    from crossent import reference
+
+    x = testing.make_logits((11, 37), torch.float64, scale=3.0)
+    t = testing.make_targets((11,), 37)
+    t[4] = -100
+    g = torch.Generator().manual_seed(2)
+    g_lp, g_h = torch.randn(11, generator=g, dtype=torch.float64), torch.randn(
+        11, generator=g, dtype=torch.float64
+    )
+    cap, temp = ext.get("softcap"), ext.get("temperature", 1.0)
+    want = reference.token_stats(x.numpy(), t.numpy(), -100, cap, temp)
+    want_g = reference.token_stats_grad(x.numpy(), t.numpy(), g_lp.numpy(), g_h.numpy(), -100,
+                                        cap, temp)  # fmt: skip
+    xs = x.clone().requires_grad_()
+    got = crossent.token_stats(xs, t, **ext, backend=backend, chunk_bytes=3 * 37 * 4)
+    (got.logprob * g_lp + got.entropy * g_h).sum().backward()
+    for a, b in zip(got[:3], want[:3], strict=True):
+        torch.testing.assert_close(a, torch.from_numpy(b), rtol=1e-12, atol=1e-12)
+    assert torch.equal(got.argmax, torch.from_numpy(want[3]))
+    torch.testing.assert_close(xs.grad, torch.from_numpy(want_g), rtol=1e-12, atol=1e-12)
+
+    h = testing.make_logits((11, 6), torch.float64).requires_grad_()
+    w = testing.make_logits((37, 6), torch.float64).requires_grad_()
+    lin = crossent.linear_token_stats(h, w, t, **ext, backend=backend, chunk_bytes=4 * 37 * 8)
+    (lin.logprob * g_lp + lin.entropy * g_h).sum().backward()
+    logits = (h @ w.T).detach().numpy()
+    want = reference.token_stats(logits, t.numpy(), -100, cap, temp)
+    dl = torch.from_numpy(reference.token_stats_grad(
+        logits, t.numpy(), g_lp.numpy(), g_h.numpy(), -100, cap, temp))  # fmt: skip
+    for a, b in zip(lin[:3], want[:3], strict=True):
+        torch.testing.assert_close(a, torch.from_numpy(b), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h.grad, dl @ w.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w.grad, dl.T @ h.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_the_oracle_matches_torch() -> None:
+    # crossent.reference.token_stats(_grad) against torch's log_softmax in float64
+    from crossent import reference
+
+    x = testing.make_logits((5, 4, 9), torch.float64, scale=3.0).requires_grad_()
+    t = testing.make_targets((5, 4), 9)
+    t[1, 2] = -100
+    lp = torch.log_softmax(x, -1)
+    keep = t != -100
+    logprob = torch.where(keep, lp.gather(-1, t.clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0)
+    entropy = -(lp.exp() * lp).sum(-1)
+    g_lp, g_h = torch.rand(5, 4, dtype=torch.float64), torch.rand(5, 4, dtype=torch.float64)
+    (logprob * g_lp + entropy * g_h).sum().backward()
+    got = reference.token_stats(x.detach().numpy(), t.numpy())
+    np_g = reference.token_stats_grad(x.detach().numpy(), t.numpy(), g_lp.numpy(), g_h.numpy())
+    for a, b in zip(got, (logprob, entropy, torch.logsumexp(x, -1), x.argmax(-1)), strict=True):
+        a = torch.from_numpy(np.asarray(a))
+        torch.testing.assert_close(a, b.detach(), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(torch.from_numpy(np_g), x.grad, rtol=1e-13, atol=1e-13)

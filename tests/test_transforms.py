@@ -279,11 +279,13 @@ def _op_samples() -> dict[str, list[tuple[Any, ...]]]:
         ],
         "linear_cross_entropy_backward": [
             (h, lw, lb, t, None, g, "cpu", "none", *row, *lin, True, True, True)],
-        "token_stats": [(xg, t, -100, None, 1.0, 8), (xg, t, -100, 3.0, 0.5, M)],
-        "token_stats_backward": [(x, t, torch.rand(M), torch.rand(M), -100, None, 1.0, 8)],
-        "linear_token_stats": [(hg, lwg, lbg, t, -100, None, 0.9, 5)],
+        "token_stats": [(xg, t, "cpu", -100, None, 1.0, 8), (xg, t, "torch", -100, 3.0, 0.5, 0)],
+        "token_stats_backward": [
+            (x, t, torch.rand(M), torch.rand(M), "cpu", -100, None, 1.0, 8),
+            (x, t, torch.rand(M), torch.rand(M), "torch", -100, 2.0, 1.0, 3)],  # fmt: skip
+        "linear_token_stats": [(hg, lwg, lbg, t, "cpu", -100, None, 0.9, 5)],
         "linear_token_stats_backward": [
-            (h, lw, None, t, torch.rand(M), torch.rand(M), -100, None, 1.0, 5, True, True,
+            (h, lw, None, t, torch.rand(M), torch.rand(M), "cpu", -100, None, 1.0, 5, True, True,
              False)],  # fmt: skip
     }
 

@@ -3,9 +3,17 @@
 
 from __future__ import annotations
 
-from ._token_stats import TokenStats, linear_token_stats, token_stats
 from .backends.buffers import buffer_reuse, empty_cache, set_buffer_reuse
-from .functional import cross_entropy, linear_cross_entropy, log_softmax, nll_loss, softmax
+from .functional import (
+    TokenStats,
+    cross_entropy,
+    linear_cross_entropy,
+    linear_token_stats,
+    log_softmax,
+    nll_loss,
+    softmax,
+    token_stats,
+)
 from .nn import CrossEntropyLoss, LinearCrossEntropyLoss, LogSoftmax, NLLLoss, Softmax
 
 __version__ = "0.1.0"

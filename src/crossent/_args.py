@@ -512,3 +512,19 @@ def check_index_input(input: Tensor, label_smoothing: float) -> None:
     check_label_smoothing(label_smoothing)
     check_floating(input, softmax_kernel_name("log_softmax", 1, input.dim()))
     wrap_dim(0 if input.dim() == 1 else 1, input.dim())
+
+
+def token_target(
+    target: Tensor, data: Tensor, num_classes: int, ignore_index: int, what: str
+) -> Tensor:
+    """``target`` of the token statistics checked (shape ``data.shape[:-1]``, int64, in range)
+    and flattened."""
+    if tuple(target.shape) != tuple(data.shape[:-1]):
+        raise ValueError(
+            f"expected target of shape {tuple(data.shape[:-1])} ({what}), got {tuple(target.shape)}"
+        )
+    if target.dtype != torch.int64:
+        raise RuntimeError(f"expected target dtype to be Long, but got {dtype_name(target.dtype)}")
+    flat = target.reshape(-1)
+    check_target_range(flat, num_classes, ignore_index)
+    return flat

@@ -548,3 +548,63 @@ def index_cross_entropy(
     opts = LossOptions(be, row_opts, red, torch.is_grad_enabled(), inplace)
     loss = cross_entropy_loss(rows.x, rows.target, rows.weight, opts, prob=False)
     return loss.view(rows.out_shape) if red == "none" else loss
+
+
+# ---- token statistics ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatsOptions:
+    """What the token-statistics Functions need besides their tensors."""
+
+    backend: Backend
+    rows: RowOptions  # ignore_index, softcap and temperature
+    chunk_rows: int  # rows per chunk of a backend's (rows, V) temporaries, or of linear logits
+    grad_enabled: bool = True
+
+
+def stats_outputs(
+    ctx: Any, stats: tuple[Tensor, ...], dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The statistics in the input dtype; lse and argmax marked non-differentiable (``ctx``
+    of an autograd Function, or None)."""
+    lp, ent, lse = (t.to(dtype) for t in stats[:3])
+    if ctx is not None:
+        ctx.mark_non_differentiable(lse, stats[3])
+    return lp, ent, lse, stats[3]
+
+
+def stats_forward(x: Tensor, target: Tensor, opts: StatsOptions) -> tuple[Tensor, ...]:
+    """Token statistics of ``(M, V)`` logits, in the accumulation dtype."""
+    return opts.backend.token_stats_forward(x, target, opts.rows, opts.chunk_rows)
+
+
+def stats_grad(x: Tensor, target: Tensor, g_lp: Tensor, g_h: Tensor, opts: StatsOptions) -> Tensor:
+    """The gradient of :func:`stats_forward`'s logits for incoming gradients of logprob and
+    entropy, in a new buffer of ``x``'s dtype."""
+    acc = acc_dtype(x.dtype)
+    out = buffers.empty(x.shape, x.dtype, x.device)  # reused: no first-touch page faults
+    opts.backend.token_stats_backward(
+        x, target, opts.rows, g_lp.to(acc), g_h.to(acc), out, opts.chunk_rows
+    )
+    return out
+
+
+class TokenStatsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, x: Tensor, target: Tensor, opts: StatsOptions
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        stats = stats_forward(x, target, opts)
+        ctx.save_for_backward(x, target)
+        ctx.opts = opts  # type: ignore[attr-defined]
+        return stats_outputs(ctx, stats, x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g_lp: Tensor, g_h: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        x, target = ctx.saved_tensors
+        opts: StatsOptions = ctx.opts
+        if differentiable_backward(g_lp, g_h):
+            grads = _composite.token_stats_grads((x, target), (g_lp, g_h), opts.rows, (True, False))
+            return (*grads, None)
+        return stats_grad(x, target, g_lp, g_h, opts), None, None

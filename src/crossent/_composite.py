@@ -13,21 +13,18 @@ each kept row's loss, reduced as the cross entropy is.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends.base import RowOptions
+from .backends.base import RowOptions, logit_transform
 
 
 def transformed(x: Tensor, rows: RowOptions) -> Tensor:
     """The logits as the loss reads them."""
-    u = x
-    if rows.softcap is not None:
-        u = rows.softcap * torch.tanh(u / rows.softcap)
-    if rows.temperature != 1.0:
-        u = u / rows.temperature
-    return u
+    return logit_transform(x, rows, derivative=False)[0]
 
 
 def cross_entropy(
@@ -127,3 +124,20 @@ def replay(fn, inputs: tuple[Tensor | None, ...], wanted: tuple[bool, ...]):
     )  # fmt: skip
     with torch.enable_grad():
         return fn(*leaves), leaves
+
+
+def token_stats_grads(
+    inputs: tuple[Tensor | None, ...], grads: tuple[Tensor, Tensor], rows: RowOptions,
+    wanted: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """Gradients of the inputs of the token statistics, ``(x, target)`` of logits or
+    ``(h, w, b, target)`` of a linear head, by torch's own operations: differentiable
+    (create_graph) and batchable."""
+
+    def stats(*ts: Any) -> tuple[Tensor, Tensor]:
+        logits = ts[0] if len(ts) == 2 else F.linear(ts[0], ts[1], ts[2])
+        lp, ent, _, _ = token_stats(logits, ts[-1], rows.ignore_index, rows)
+        return lp, ent
+
+    outs, leaves = replay(stats, inputs, wanted)
+    return gradients(outs, leaves, grads, wanted)

@@ -239,3 +239,53 @@ LINEAR_MODULE_NOTE = r"""The module takes the same constructor arguments as its 
         chunk_bytes (int, keyword-only): see :func:`crossent.linear_cross_entropy`.
             Default: ``None``
     """
+
+_TRANSFORM_ARGS = r"""softcap (float, keyword-only): read the logits as
+            ``softcap·tanh(x / softcap)``. Default: ``None``
+        temperature (float, keyword-only): divide the (capped) logits by it. Default: ``1.0``"""
+
+TOKEN_STATS = rf"""Per-token log-probability of ``target``, entropy, log-sum-exp and argmax of a
+    softmax over the last dim of ``logits``, without a log-probability tensor: what
+    policy-gradient fine-tuning needs (log π(a|s) and an entropy bonus).
+
+    With u the logits as read and p = softmax(u): ``logprob = u_y - lse``,
+    ``entropy = lse - Σ_j p_j·u_j``; their gradients ``[j = y] - p_j`` and
+    ``-p_j·(u_j - Σ_k p_k·u_k)`` with respect to u are formed in backward from the saved
+    logits (the fused CPU kernels in one pass over each row).
+
+    Args:
+        logits (Tensor): ``(..., V)`` floating-point logits.
+        target (Tensor): ``(...)`` int64 class indices (the logits' shape without the class dim).
+        ignore_index (int, keyword-only): targets equal to it get ``logprob`` 0 (no
+            gradient); the other statistics are computed for every token. Default: ``-100``
+        {_TRANSFORM_ARGS}
+        chunk_bytes (int, keyword-only): where a backend holds ``(rows, V)`` float32
+            temporaries (the portable one), rows go in chunks whose copy fits this budget.
+            Default: ``None`` (4 MiB on CPU, 64 MiB on other devices)
+        {BACKEND}
+
+    Returns:
+        :class:`crossent.TokenStats` ``(logprob, entropy, lse, argmax)``; the first three in
+        the logits' dtype, ``argmax`` int64; ``logprob`` and ``entropy`` differentiable.
+    """
+
+LINEAR_TOKEN_STATS = rf""":func:`crossent.token_stats` of the logits
+    ``input @ linear_weight.T + linear_bias``, computed a chunk of rows at a time: the
+    ``(..., V)`` logits never exist. Backward forms each chunk's logits again and turns them
+    into their gradient in place before the two matmuls of its share of the gradients.
+
+    Args:
+        input (Tensor): ``(..., D)`` hidden states.
+        linear_weight (Tensor): ``(V, D)`` classifier weight, of the input's dtype.
+        target (Tensor): ``(...)`` int64 class indices.
+        linear_bias (Tensor, keyword-only): ``(V,)`` bias. Default: ``None``
+        ignore_index (int, keyword-only): as in :func:`crossent.token_stats`. Default: ``-100``
+        {_TRANSFORM_ARGS}
+        chunk_bytes (int, keyword-only): memory budget of one chunk's logits.
+            Default: ``None`` (60 MiB)
+        {BACKEND}
+
+    Returns:
+        :class:`crossent.TokenStats`; ``logprob`` and ``entropy`` differentiable in ``input``,
+        ``linear_weight`` and ``linear_bias``.
+    """

@@ -34,8 +34,16 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from . import _composite
-from ._autograd import Inputs, mean_denominator, reduce_rows, scale, scale_saved
-from ._transforms import batched
+from ._autograd import (
+    Inputs,
+    StatsOptions,
+    mean_denominator,
+    reduce_rows,
+    scale,
+    scale_saved,
+    stats_outputs,
+)
+from ._transforms import batched, differentiable_backward
 from .backends.base import Backend, RowOptions, acc_dtype, prob_acc_dtype
 
 # logits of one chunk of rows, at most: with fewer, larger chunks the matmuls re-read W and
@@ -549,3 +557,79 @@ def composite_grads(
         lambda x, w, b, t, cw: composite(x, w, b, t, cw, opts), inputs, wanted
     )
     return _composite.gradients(loss, leaves, g, wanted)
+
+
+# ---- token statistics of a linear head -------------------------------------------------------
+
+
+def _stats_buffer(h: Tensor, w: Tensor, opts: StatsOptions) -> Tensor:
+    rows = min(opts.chunk_rows, max(h.shape[0], 1))
+    return torch.empty((rows, w.shape[0]), dtype=h.dtype, device=h.device)
+
+
+def linear_stats_forward(
+    h: Tensor, w: Tensor, b: Tensor | None, target: Tensor, opts: StatsOptions
+) -> tuple[Tensor, ...]:
+    """Token statistics of the logits ``h @ w.T + b`` of ``(M, D)`` hidden states, in the
+    accumulation dtype, formed a chunk of rows at a time."""
+    m = h.shape[0]
+    acc = acc_dtype(h.dtype)
+    out = [torch.empty(m, dtype=acc, device=h.device) for _ in range(3)]
+    out.append(torch.empty(m, dtype=torch.int64, device=h.device))
+    buf = _stats_buffer(h, w, opts)
+    for lo in range(0, m, opts.chunk_rows):
+        hi = min(m, lo + opts.chunk_rows)
+        logits = logits_into(buf, h[lo:hi], w, b)
+        stats = opts.backend.token_stats_forward(logits, target[lo:hi], opts.rows, hi - lo)
+        for o, s in zip(out, stats, strict=True):
+            o[lo:hi] = s
+    return tuple(out)
+
+
+def linear_stats_grads(
+    h: Tensor, w: Tensor, b: Tensor | None, target: Tensor, g_lp: Tensor, g_h: Tensor,
+    opts: StatsOptions, need: tuple[bool, bool, bool],
+) -> Grads:  # fmt: skip
+    """Gradients of the hidden states, weight and bias (those in ``need``) for incoming
+    gradients of logprob and entropy; each chunk's logits computed again and turned into their
+    gradient in place."""
+    acc = acc_dtype(h.dtype)
+    g_lp, g_h = g_lp.to(acc), g_h.to(acc)
+    grads = param_grads(h, w, b, need)
+    buf = _stats_buffer(h, w, opts)
+    for lo in range(0, h.shape[0], opts.chunk_rows):
+        hi = min(h.shape[0], lo + opts.chunk_rows)
+        logits = logits_into(buf, h[lo:hi], w, b)
+        opts.backend.token_stats_backward(
+            logits, target[lo:hi], opts.rows, g_lp[lo:hi], g_h[lo:hi], logits, hi - lo
+        )
+        add_chunk_grads(grads, logits, h[lo:hi], w, slice(lo, hi))
+    del buf
+    return final_grads(grads, w, b)
+
+
+class LinearTokenStatsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        h: Tensor,
+        w: Tensor,
+        b: Tensor | None,
+        target: Tensor,
+        opts: StatsOptions,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        stats = linear_stats_forward(h, w, b, target, opts)
+        ctx.save_for_backward(h, w, b, target)  # type: ignore[arg-type]
+        ctx.opts = opts  # type: ignore[attr-defined]
+        return stats_outputs(ctx, stats, h.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g_lp: Tensor, g_h: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        h, w, b, target = ctx.saved_tensors
+        opts: StatsOptions = ctx.opts
+        need = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+        if differentiable_backward(g_lp, g_h):
+            inputs, wanted = (h, w, b, target), (*need, False)
+            grads = _composite.token_stats_grads(inputs, (g_lp, g_h), opts.rows, wanted)
+            return (*grads, None)
+        return (*linear_stats_grads(h, w, b, target, g_lp, g_h, opts, need), None, None)  # type: ignore[arg-type]

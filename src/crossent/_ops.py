@@ -28,6 +28,7 @@ from ._args import check_target_range
 from ._autograd import (
     LossOptions,
     SoftmaxOptions,
+    StatsOptions,
     ce_graph_grads,
     grad_buffer,
     index_forward,
@@ -38,6 +39,18 @@ from ._autograd import (
     prob_forward,
     scale,
     softmax_graph_grad,
+    stats_forward,
+    stats_grad,
+    stats_outputs,
+)
+from ._composite import token_stats_grads
+from ._linear import (
+    LinearOptions,
+    composite_grads,
+    linear_forward,
+    linear_none_grads,
+    linear_stats_forward,
+    linear_stats_grads,
 )
 from .backends.base import RowOptions, prob_acc_dtype
 from .dispatch import resolve
@@ -296,8 +309,6 @@ def _linear_options(
     backend: str, x: Tensor, reduction: str, rows: RowOptions, chunk_rows: int,
     out_dtype: torch.dtype, compute_dtype: torch.dtype | None, divisor: Tensor | None,
 ) -> Any:  # fmt: skip
-    from ._linear import LinearOptions
-
     return LinearOptions(
         backend=resolve(backend, x), rows=rows, reduction=reduction, chunk_rows=chunk_rows,
         out_dtype=out_dtype, compute_dtype=compute_dtype, divisor=divisor,
@@ -322,8 +333,6 @@ def _linear_ce(
     softcap: float | None, temperature: float, chunk_rows: int, out_dtype: torch.dtype,
     compute_dtype: torch.dtype | None, need_x: bool, need_w: bool, need_b: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    from ._linear import linear_forward
-
     if target.dim() == 1:
         check_target_range(target, w.shape[0], ignore_index)
     rows = _rows(ignore_index, label_smoothing, z_loss, softcap, temperature)
@@ -351,8 +360,6 @@ def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 
 def _linear_backward(ctx: Any, g: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
-    from ._linear import composite_grads
-
     x, w, b, target, weight, divisor, dx, dw, db = ctx.saved_tensors
     args = ctx.args
     backend, reduction = args[0], args[1]
@@ -393,8 +400,6 @@ def _linear_ce_backward(
     softcap: float | None, temperature: float, chunk_rows: int, out_dtype: torch.dtype,
     compute_dtype: torch.dtype | None, need_x: bool, need_w: bool, need_b: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    from ._linear import linear_none_grads
-
     rows = _rows(ignore_index, label_smoothing, z_loss, softcap, temperature)
     opts = _linear_options(
         backend, x, reduction, rows, chunk_rows, out_dtype, compute_dtype, None
@@ -428,10 +433,11 @@ def linear_cross_entropy(
 # ---- token statistics ------------------------------------------------------------------------
 
 
-def _stats_options(ii: int, cap: float | None, temp: float, chunk_rows: int) -> Any:
-    from ._token_stats import StatsOptions
-
-    return StatsOptions(ii, cap, temp, chunk_rows)
+def _stats_options(
+    like: Tensor, backend: str, ii: int, cap: float | None, temp: float, chunk_rows: int
+) -> StatsOptions:
+    rows = RowOptions(ignore_index=ii, softcap=cap, temperature=temp)
+    return StatsOptions(resolve(backend, like), rows, chunk_rows)
 
 
 def _fake_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -439,45 +445,36 @@ def _fake_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return x.new_empty(m), x.new_empty(m), x.new_empty(m), x.new_empty(m, dtype=torch.int64)
 
 
-def _stats_outputs(
-    stats: tuple[Tensor, ...], dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return stats[0].to(dtype), stats[1].to(dtype), stats[2].to(dtype), stats[3]
-
-
 @custom_op("crossent::token_stats", mutates_args=())
 def _token_stats(
-    x: Tensor, target: Tensor, ignore_index: int, softcap: float | None, temperature: float,
-    chunk_rows: int,
+    x: Tensor, target: Tensor, backend: str, ignore_index: int, softcap: float | None,
+    temperature: float, chunk_rows: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    from ._token_stats import stats_forward
-
     check_target_range(target, x.shape[1], ignore_index)
-    opts = _stats_options(ignore_index, softcap, temperature, chunk_rows)
-    return _stats_outputs(stats_forward(x, target, opts), x.dtype)
+    opts = _stats_options(x, backend, ignore_index, softcap, temperature, chunk_rows)
+    return stats_outputs(None, stats_forward(x, target, opts), x.dtype)
 
 
 @_token_stats.register_fake
-def _(x, target, ignore_index, softcap, temperature, chunk_rows):
+def _(x, target, backend, ignore_index, softcap, temperature, chunk_rows):
     return _fake_stats(x)
 
 
 def _stats_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.mark_non_differentiable(output[2], output[3])
-    n = 2 if len(inputs) == 6 else 4
+    n = 2 if len(inputs) == 7 else 4
     ctx.save_for_backward(*inputs[:n])
     ctx.args = inputs[n:]
 
 
 def _token_stats_backward(ctx: Any, g_lp: Tensor, g_h: Tensor, *_: Any) -> Any:
-    from ._token_stats import composite_grads
-
     x, target = ctx.saved_tensors
     if torch.is_grad_enabled():
-        gx = composite_grads((x, target), (g_lp, g_h), _stats_options(*ctx.args), (True, False))
-        return gx[0], *(None,) * 5
+        rows = _stats_options(x, *ctx.args).rows
+        gx = token_stats_grads((x, target), (g_lp, g_h), rows, (True, False))
+        return gx[0], *(None,) * 6
     gx = torch.ops.crossent.token_stats_backward(x, target, g_lp, g_h, *ctx.args)
-    return gx, *(None,) * 5
+    return gx, *(None,) * 6
 
 
 _token_stats.register_autograd(_token_stats_backward, setup_context=_stats_setup)
@@ -485,55 +482,51 @@ _token_stats.register_autograd(_token_stats_backward, setup_context=_stats_setup
 
 @custom_op("crossent::token_stats_backward", mutates_args=())
 def _token_stats_bwd(
-    x: Tensor, target: Tensor, g_lp: Tensor, g_h: Tensor, ignore_index: int,
+    x: Tensor, target: Tensor, g_lp: Tensor, g_h: Tensor, backend: str, ignore_index: int,
     softcap: float | None, temperature: float, chunk_rows: int,
 ) -> Tensor:  # fmt: skip
-    from ._token_stats import stats_grad
-
-    opts = _stats_options(ignore_index, softcap, temperature, chunk_rows)
+    opts = _stats_options(x, backend, ignore_index, softcap, temperature, chunk_rows)
     return stats_grad(x, target, g_lp, g_h, opts)
 
 
 @_token_stats_bwd.register_fake
-def _(x, target, g_lp, g_h, ignore_index, softcap, temperature, chunk_rows):
+def _(x, target, g_lp, g_h, backend, ignore_index, softcap, temperature, chunk_rows):
     return x.new_empty(x.shape)
 
 
-def token_stats(x: Tensor, target: Tensor, opts: Any) -> Any:
-    """The compiled form of :class:`crossent._token_stats.TokenStatsFunction`."""
-    return torch.ops.crossent.token_stats(
-        x, target, opts.ignore_index, opts.softcap, opts.temperature, opts.chunk_rows
-    )
+def _stats_args(opts: StatsOptions) -> tuple[Any, ...]:
+    rows = opts.rows
+    return backend_name(opts), rows.ignore_index, rows.softcap, rows.temperature, opts.chunk_rows
+
+
+def token_stats(x: Tensor, target: Tensor, opts: StatsOptions) -> Any:
+    """The compiled form of :class:`crossent._autograd.TokenStatsFunction`."""
+    return torch.ops.crossent.token_stats(x, target, *_stats_args(opts))
 
 
 @custom_op("crossent::linear_token_stats", mutates_args=())
 def _linear_token_stats(
-    h: Tensor, w: Tensor, b: Tensor | None, target: Tensor, ignore_index: int,
+    h: Tensor, w: Tensor, b: Tensor | None, target: Tensor, backend: str, ignore_index: int,
     softcap: float | None, temperature: float, chunk_rows: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    from ._token_stats import linear_stats_forward
-
     check_target_range(target, w.shape[0], ignore_index)
-    opts = _stats_options(ignore_index, softcap, temperature, chunk_rows)
-    stats = linear_stats_forward(h, w, b, target, opts)
-    return _stats_outputs(stats, h.dtype)
+    opts = _stats_options(h, backend, ignore_index, softcap, temperature, chunk_rows)
+    return stats_outputs(None, linear_stats_forward(h, w, b, target, opts), h.dtype)
 
 
 @_linear_token_stats.register_fake
-def _(h, w, b, target, ignore_index, softcap, temperature, chunk_rows):
+def _(h, w, b, target, backend, ignore_index, softcap, temperature, chunk_rows):
     return _fake_stats(h)
 
 
 def _linear_token_stats_backward(ctx: Any, g_lp: Tensor, g_h: Tensor, *_: Any) -> Any:
-    from ._token_stats import composite_grads
-
     h, w, b, target = ctx.saved_tensors
     need = tuple(bool(n) for n in ctx.needs_input_grad[:3])
-    nones = (None,) * 5
+    nones = (None,) * 6
     if torch.is_grad_enabled():
-        opts = _stats_options(*ctx.args)
-        grads = composite_grads((h, w, b, target), (g_lp, g_h), opts, (*need, False))
-        return (*grads, *nones[:4])
+        rows = _stats_options(h, *ctx.args).rows
+        grads = token_stats_grads((h, w, b, target), (g_lp, g_h), rows, (*need, False))
+        return (*grads, *nones[:5])
     dh, dw, db = torch.ops.crossent.linear_token_stats_backward(
         h, w, b, target, g_lp, g_h, *ctx.args, *need
     )
@@ -546,26 +539,22 @@ _linear_token_stats.register_autograd(_linear_token_stats_backward, setup_contex
 @custom_op("crossent::linear_token_stats_backward", mutates_args=())
 def _linear_token_stats_bwd(
     h: Tensor, w: Tensor, b: Tensor | None, target: Tensor, g_lp: Tensor, g_h: Tensor,
-    ignore_index: int, softcap: float | None, temperature: float, chunk_rows: int,
-    need_h: bool, need_w: bool, need_b: bool,
+    backend: str, ignore_index: int, softcap: float | None, temperature: float,
+    chunk_rows: int, need_h: bool, need_w: bool, need_b: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    from ._token_stats import linear_stats_grads
-
-    opts = _stats_options(ignore_index, softcap, temperature, chunk_rows)
+    opts = _stats_options(h, backend, ignore_index, softcap, temperature, chunk_rows)
     grads = linear_stats_grads(h, w, b, target, g_lp, g_h, opts, (need_h, need_w, need_b))
     return tuple(_or_empty(t, h) for t in grads)  # type: ignore[return-value]
 
 
 @_linear_token_stats_bwd.register_fake
-def _(h, w, b, target, g_lp, g_h, ignore_index, softcap, temperature, chunk_rows, need_h,
-      need_w, need_b):  # fmt: skip
+def _(h, w, b, target, g_lp, g_h, backend, ignore_index, softcap, temperature, chunk_rows,
+      need_h, need_w, need_b):  # fmt: skip
     return _fake_param_grads(h, w, b, None, (need_h, need_w, need_b))
 
 
 def linear_token_stats(
-    h: Tensor, w: Tensor, b: Tensor | None, target: Tensor, opts: Any
+    h: Tensor, w: Tensor, b: Tensor | None, target: Tensor, opts: StatsOptions
 ) -> Any:
-    """The compiled form of :class:`crossent._token_stats.LinearTokenStatsFunction`."""
-    return torch.ops.crossent.linear_token_stats(
-        h, w, b, target, opts.ignore_index, opts.softcap, opts.temperature, opts.chunk_rows
-    )
+    """The compiled form of :class:`crossent._linear.LinearTokenStatsFunction`."""
+    return torch.ops.crossent.linear_token_stats(h, w, b, target, *_stats_args(opts))

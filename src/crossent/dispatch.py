@@ -66,6 +66,8 @@ PRIMITIVES = (
     "cross_entropy_partial_grad",
     "cross_entropy_prob_partial",
     "cross_entropy_prob_partial_grad",
+    "token_stats_forward",
+    "token_stats_backward",
 )
 PORTABLE = "torch"  # the fallback: runs every primitive on any device
 

@@ -9,27 +9,44 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _args, _docs, _ops
+from . import _args, _composite, _docs, _ops
 from ._autograd import (
     LossOptions,
     NllLoss,
     Softmax,
     SoftmaxOptions,
+    StatsOptions,
+    TokenStatsFunction,
     cross_entropy_loss,
     index_cross_entropy,
 )
-from ._linear import LinearCrossEntropy, LinearOptions, chunk_rows
+from ._linear import (
+    DEFAULT_CHUNK_BYTES,
+    LinearCrossEntropy,
+    LinearOptions,
+    LinearTokenStatsFunction,
+    chunk_rows,
+)
 from ._transforms import compiling, composed
 from .backends.base import RowOptions
 from .dispatch import BackendName, resolve
 
-__all__ = ["softmax", "log_softmax", "nll_loss", "cross_entropy", "linear_cross_entropy"]
+__all__ = [
+    "softmax",
+    "log_softmax",
+    "nll_loss",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "token_stats",
+    "linear_token_stats",
+    "TokenStats",
+]
 
 
 # backend="auto" calls torch's own CPU function on problems below these sizes: there a call
@@ -517,8 +534,106 @@ def _check_linear_dtypes(x: Tensor, w: Tensor, b: Tensor | None) -> None:
         )
 
 
+class TokenStats(NamedTuple):
+    """Per-token results of :func:`token_stats` and :func:`linear_token_stats`, each of the
+    target's shape.
+
+    ``logprob``: log-probability of the target (0 where it is ``ignore_index``);
+    ``entropy``: entropy of the predicted distribution; ``lse``: log-sum-exp of the logits as
+    read; ``argmax``: the most likely class (int64). ``logprob`` and ``entropy`` are
+    differentiable.
+    """
+
+    logprob: Tensor
+    entropy: Tensor
+    lse: Tensor
+    argmax: Tensor
+
+
+def _stats_options(
+    num_classes: int, itemsize: int, ignore_index: int, softcap: Any, temperature: Any,
+    chunk_bytes: int | None, backend: str, like: Tensor,
+) -> StatsOptions:  # fmt: skip
+    _, cap, temp = _args.check_extensions(0.0, softcap, temperature)
+    # 0: the backend's own budget for its temporaries
+    rows = 0 if chunk_bytes is None else chunk_rows(num_classes, itemsize, chunk_bytes, None)
+    row_opts = RowOptions(ignore_index=int(ignore_index), softcap=cap, temperature=temp)
+    return StatsOptions(resolve(backend, like), row_opts, rows, torch.is_grad_enabled())
+
+
+def token_stats(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    chunk_bytes: int | None = None,
+    backend: BackendName = "auto",
+) -> TokenStats:
+    if logits.dim() < 1 or not logits.dtype.is_floating_point:
+        raise RuntimeError(
+            f"expected floating-point logits with at least 1 dimension, got {logits.dtype} "
+            f"of shape {tuple(logits.shape)}"
+        )
+    v = logits.shape[-1]
+    what = "the logits' shape without the class dim"
+    flat_t = _args.token_target(target, logits, v, ignore_index, what)
+    opts = _stats_options(v, 4, ignore_index, softcap, temperature, chunk_bytes, backend, logits)
+    x = logits.reshape(-1, v)
+    if composed(x):
+        outs = _composite.token_stats(x, flat_t, opts.rows.ignore_index, opts.rows)
+        return TokenStats(*(o.view(target.shape) for o in outs))
+    x = x if x.is_contiguous() else x.contiguous()
+    apply = _ops.token_stats if compiling() else TokenStatsFunction.apply
+    return TokenStats(*(o.view(target.shape) for o in apply(x, flat_t, opts)))
+
+
+def linear_token_stats(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    chunk_bytes: int | None = None,
+    backend: BackendName = "auto",
+) -> TokenStats:
+    if input.dim() < 1 or linear_weight.dim() != 2 or input.shape[-1] != linear_weight.shape[1]:
+        raise RuntimeError(
+            "expected input (..., D) and linear_weight (V, D), got "
+            f"{tuple(input.shape)} and {tuple(linear_weight.shape)}"
+        )
+    if input.dtype != linear_weight.dtype or (
+        linear_bias is not None and linear_bias.dtype != input.dtype
+    ):
+        raise RuntimeError("expected input, linear_weight and linear_bias of one dtype")
+    v, d = linear_weight.shape
+    if linear_bias is not None and tuple(linear_bias.shape) != (v,):
+        raise RuntimeError(f"expected linear_bias shape {(v,)}, got {tuple(linear_bias.shape)}")
+    what = "the input's shape without the feature dim"
+    flat_t = _args.token_target(target, input, v, ignore_index, what)
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    opts = _stats_options(
+        v, input.element_size(), ignore_index, softcap, temperature, budget, backend, input
+    )
+    h = input.reshape(-1, d)
+    if composed(h, linear_weight, linear_bias):
+        logits = F.linear(h, linear_weight, linear_bias)
+        outs = _composite.token_stats(logits, flat_t, opts.rows.ignore_index, opts.rows)
+        return TokenStats(*(o.view(target.shape) for o in outs))
+    h = h if h.is_contiguous() else h.contiguous()
+    apply = _ops.linear_token_stats if compiling() else LinearTokenStatsFunction.apply
+    outs = apply(h, linear_weight, linear_bias, flat_t, opts)
+    return TokenStats(*(o.view(target.shape) for o in outs))
+
+
 softmax.__doc__ = _docs.SOFTMAX
 log_softmax.__doc__ = _docs.LOG_SOFTMAX
 nll_loss.__doc__ = _docs.NLL_LOSS
 cross_entropy.__doc__ = _docs.CROSS_ENTROPY
 linear_cross_entropy.__doc__ = _docs.LINEAR_CROSS_ENTROPY
+token_stats.__doc__ = _docs.TOKEN_STATS
+linear_token_stats.__doc__ = _docs.LINEAR_TOKEN_STATS

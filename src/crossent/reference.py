@@ -366,7 +366,7 @@ def _ce_grad(
 # ('mean': divided by the same denominator).
 
 
-def _transform(x: np.ndarray, softcap, temperature) -> tuple[np.ndarray, np.ndarray]:
+def logit_transform(x: np.ndarray, softcap, temperature) -> tuple[np.ndarray, np.ndarray]:
     """The transformed logits u and du/dx, elementwise."""
     u, du = x, np.ones_like(x)
     if softcap is not None:
@@ -400,7 +400,7 @@ def cross_entropy(
     as described above (all off by default).
     """
     x = _f64(input)
-    u, _ = _transform(x, softcap, temperature)
+    u, _ = logit_transform(x, softcap, temperature)
     loss = _ce_value(u, target, weight, ignore_index, reduction, label_smoothing)
     if z_loss == 0.0:
         return loss
@@ -429,7 +429,7 @@ def cross_entropy_grad(
     d u / d x of the transform.
     """
     x = _f64(input)
-    u, du = _transform(x, softcap, temperature)
+    u, du = logit_transform(x, softcap, temperature)
     g = _ce_grad(u, target, grad_output, weight, ignore_index, reduction, label_smoothing)
     g_u = g.input
     if z_loss != 0.0:
@@ -440,3 +440,55 @@ def cross_entropy_grad(
         g_z = np.where(keep[:, None], 2.0 * z_loss * (s * lse)[:, None] * p, 0.0)
         g_u = g_u + _from_rows(g_z, x.shape)
     return CrossEntropyGrads(g_u * du, g.target, g.weight)
+
+
+# --------------------------------------------------------------------------------------------
+# token statistics (crossent.token_stats): per-token log-probability, entropy, lse, argmax
+# --------------------------------------------------------------------------------------------
+#
+# Over the last dim of the logits, read through the transform above: with lp = log_softmax(u)
+# and p = exp(lp), logprob = lp[y] (0 where y == ignore_index), entropy = -Σ p·lp,
+# lse = log Σ exp(u), argmax = argmax u.
+
+
+def token_stats(input, target, ignore_index=-100, softcap=None, temperature=1.0):
+    """Return ``(logprob, entropy, lse, argmax)``, each of the shape of ``target``
+    (``input.shape[:-1]``), of the softmax over the last dim of ``input``."""
+    u, _ = logit_transform(_f64(input), softcap, temperature)
+    y = np.asarray(target, dtype=np.int64)
+    assert u.shape[:-1] == y.shape, "target has the logits' shape without the class dim"
+    if u.shape[-1] == 0:  # no classes: every target is ignored; log 0 = -inf, entropy 0
+        zeros = np.zeros(y.shape)
+        return zeros, zeros, np.full(y.shape, -np.inf), np.zeros(y.shape, dtype=np.int64)
+    lp = _log_softmax(u, -1)
+    keep = y != ignore_index
+    picked = np.take_along_axis(lp, np.where(keep, y, 0)[..., None], -1)[..., 0]
+    with np.errstate(invalid="ignore"):
+        p = np.exp(lp)
+        entropy = -np.sum(np.where(p == 0.0, 0.0, p * lp), axis=-1)  # 0·log 0 = 0
+        mx = np.max(u, axis=-1)
+        lse = np.log(np.sum(np.exp(u - mx[..., None]), axis=-1)) + mx
+    return np.where(keep, picked, 0.0), entropy, lse, np.argmax(u, axis=-1)
+
+
+def token_stats_grad(
+    input, target, grad_logprob, grad_entropy, ignore_index=-100, softcap=None, temperature=1.0
+) -> np.ndarray:
+    """Return ``d(Σ grad_logprob·logprob + grad_entropy·entropy) / d input``.
+
+    The log_softmax VJP of ``g_lp = grad_logprob·onehot(y) - grad_entropy·(lp + 1)·p`` (the
+    derivative of -Σ p·lp through p = exp(lp)), then d u / d x."""
+    x = _f64(input)
+    u, du = logit_transform(x, softcap, temperature)
+    y = np.asarray(target, dtype=np.int64)
+    if u.shape[-1] == 0:
+        return np.zeros_like(x)
+    lp = _log_softmax(u, -1)
+    keep = y != ignore_index
+    with np.errstate(invalid="ignore"):
+        p = np.exp(lp)
+        g_lp = -_f64(grad_entropy)[..., None] * np.where(p == 0.0, 0.0, (lp + 1.0) * p)
+    onehot = np.zeros_like(lp)
+    np.put_along_axis(onehot, np.where(keep, y, 0)[..., None], 1.0, -1)
+    g_lp = g_lp + np.where(keep, _f64(grad_logprob), 0.0)[..., None] * onehot
+    return _log_softmax_vjp(lp, g_lp, -1) * du

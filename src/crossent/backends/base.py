@@ -65,6 +65,27 @@ class RowOptions:
         return self.transformed or self.z_loss != 0.0
 
 
+def logit_transform(
+    x: Tensor, opts: RowOptions, derivative: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """The logits as the loss reads them, ``u = softcap·tanh(x / softcap) / temperature``, and
+    ``d u / d x`` (when ``derivative``); ``(x, None)`` when neither option is set. Out-of-place
+    torch operations, so differentiable and batchable: the portable backend's chunks and the
+    composite (torch.func, second-derivative) forms both read the logits through it."""
+    if not opts.transformed:
+        return x, None
+    u, du = x, None
+    if opts.softcap is not None:
+        th = torch.tanh(x / opts.softcap)
+        u = th * opts.softcap
+        du = 1.0 - th * th if derivative else None
+    if opts.temperature != 1.0:
+        u = u / opts.temperature
+        if derivative:
+            du = torch.full_like(u, 1.0 / opts.temperature) if du is None else du / opts.temperature
+    return u, du
+
+
 # ---- the cross-entropy formula, once --------------------------------------------------------
 # With u the logits as read, lse = log Σ_c exp(u_c), ε the label smoothing, V the number of
 # classes of the whole row, W = Σ_c w_c and λ the z-loss, a row's class-index loss is
@@ -111,6 +132,29 @@ class RowStats(NamedTuple):
 
 INDEX_PARTS = 5  # max, Σ exp(u - ref), u_y (0 off the slice), Σ w·(u - ref), Σ w
 PROB_PARTS = 4  # max, Σ exp(u - ref), Σ w t'·(u - ref), Σ w t'
+
+
+def no_classes(m: int, acc: torch.dtype, device: torch.device) -> RowStats:
+    """Rows of a ``(M, 0)`` block: loss 0 (all rows are ignored) and lse = log 0 = -inf."""
+    zeros = torch.zeros(m, dtype=acc, device=device)
+    return RowStats(zeros, torch.full((m,), -torch.inf, dtype=acc, device=device))
+
+
+class TokenRows(NamedTuple):
+    """Per-row token statistics of ``(M, V)`` logits (see :meth:`Backend.token_stats_forward`):
+    the target's log-probability (0 where ignored), the entropy, the log-sum-exp (all three in
+    the accumulation dtype) and the argmax (int64), of the logits as read."""
+
+    logprob: Tensor
+    entropy: Tensor
+    lse: Tensor
+    argmax: Tensor
+
+    @staticmethod
+    def empty(m: int, acc: torch.dtype, device: torch.device) -> TokenRows:
+        """Uninitialised statistics of ``m`` rows."""
+        e = [torch.empty(m, dtype=acc, device=device) for _ in range(3)]
+        return TokenRows(e[0], e[1], e[2], torch.empty(m, dtype=torch.int64, device=device))
 
 
 class SliceTargets(NamedTuple):
@@ -349,6 +393,26 @@ class Backend:
         total: int, merged: Merged, grad_out: Tensor, grad_scale: Tensor | None = None,
     ) -> None:  # fmt: skip
         """As :meth:`cross_entropy_partial_grad` for probability targets."""
+        raise NotImplementedError
+
+    def token_stats_forward(
+        self, x: Tensor, target: Tensor, opts: RowOptions, chunk_rows: int
+    ) -> TokenRows:
+        """Token statistics of the rows of ``x`` (``target`` as for cross entropy; rows whose
+        target is ``opts.ignore_index`` get log-probability 0). With u the logits as read and
+        p = softmax(u): ``logprob = u_y - lse``, ``entropy = lse - Σ_j p_j·u_j``. A backend
+        that holds ``(rows, V)`` temporaries takes at most ``chunk_rows`` rows at a time
+        (0: as many as its own budget allows)."""
+        raise NotImplementedError
+
+    def token_stats_backward(
+        self, x: Tensor, target: Tensor, opts: RowOptions, g_lp: Tensor, g_h: Tensor,
+        out: Tensor, chunk_rows: int,
+    ) -> None:  # fmt: skip
+        """Writes ``d(Σ g_lp·logprob + g_h·entropy) / d x`` into ``out`` (``x``'s shape and
+        dtype; it may be ``x`` itself: each row is read before its gradient is written).
+        ``g_lp``, ``g_h``: ``(M,)`` in the accumulation dtype. With p, u as above:
+        ``d logprob / d u_j = [j = y] - p_j``, ``d entropy / d u_j = -p_j·(u_j - Σ_k p_k u_k)``."""
         raise NotImplementedError
 
     def cross_entropy_columns(

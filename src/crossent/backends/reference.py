@@ -20,10 +20,11 @@ from .base import (
     Merged,
     RowOptions,
     RowStats,
+    TokenRows,
     acc_dtype,
+    no_classes,
     prob_acc_dtype,
 )
-from .torch import no_classes
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -50,10 +51,8 @@ def _extensions(opts: RowOptions) -> dict[str, Any]:
 
 
 def _u(x: np.ndarray, opts: RowOptions) -> np.ndarray:
-    """The logits as the loss reads them (for the lse the primitives report)."""
-    if opts.softcap is not None:
-        x = opts.softcap * np.tanh(x / opts.softcap)
-    return x / opts.temperature if opts.temperature != 1.0 else x
+    """The logits as the loss reads them: the oracle's transform."""
+    return ref.logit_transform(x, opts.softcap, opts.temperature)[0]
 
 
 def _lse(x: np.ndarray) -> np.ndarray:
@@ -64,12 +63,9 @@ def _lse(x: np.ndarray) -> np.ndarray:
         return (x - ref.log_softmax(x, 1))[:, 0]
 
 
-def _du(x: np.ndarray, opts: RowOptions) -> np.ndarray | float:
+def _du(x: np.ndarray, opts: RowOptions) -> np.ndarray:
     """d u / d x of :func:`_u`."""
-    d: np.ndarray | float = 1.0
-    if opts.softcap is not None:
-        d = 1.0 - np.tanh(x / opts.softcap) ** 2
-    return d / opts.temperature
+    return ref.logit_transform(x, opts.softcap, opts.temperature)[1]
 
 
 def _slice(x: Tensor, opts: RowOptions, parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -187,6 +183,28 @@ class ReferenceBackend(Backend):
         if want_weight and weight is not None and grads.weight is not None:
             dw = _back(grads.weight, weight, weight.dtype)
         return dt, dw
+
+    # ---- token statistics ----------------------------------------------------------------
+
+    def token_stats_forward(
+        self, x: Tensor, target: Tensor, opts: RowOptions, chunk_rows: int
+    ) -> TokenRows:
+        acc = acc_dtype(x.dtype)
+        lp, ent, lse, am = ref.token_stats(
+            _np(x), _np(target), opts.ignore_index, opts.softcap, opts.temperature
+        )
+        am_t = torch.from_numpy(am).to(x.device)
+        return TokenRows(_back(lp, x, acc), _back(ent, x, acc), _back(lse, x, acc), am_t)
+
+    def token_stats_backward(
+        self, x: Tensor, target: Tensor, opts: RowOptions, g_lp: Tensor, g_h: Tensor,
+        out: Tensor, chunk_rows: int,
+    ) -> None:  # fmt: skip
+        g = ref.token_stats_grad(
+            _np(x), _np(target), _np(g_lp), _np(g_h), opts.ignore_index, opts.softcap,
+            opts.temperature,
+        )  # fmt: skip
+        out.copy_(_back(g, x, out.dtype))
 
     # ---- a slice of the classes (backends/base.py): in float64, term by term -----------------
 

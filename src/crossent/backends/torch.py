@@ -20,9 +20,12 @@ from .base import (
     Merged,
     RowOptions,
     RowStats,
+    TokenRows,
     acc_dtype,
     index_coef,
     index_loss,
+    logit_transform,
+    no_classes,
     prob_acc_dtype,
     reference_point,
     slice_targets,
@@ -90,7 +93,7 @@ class TorchBackend(Backend):
         step = chunk_rows(m, v, chunk_elements(x.device))
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
-            xs, du = transform(x[r0:r1].to(acc), opts)  # (m', V) upcast chunk
+            xs, du = logit_transform(x[r0:r1].to(acc), opts)  # (m', V) upcast chunk
             t = target[r0:r1]
             keep = (t != opts.ignore_index).unsqueeze(1)  # (m', 1)
             tc = torch.where(keep.squeeze(1), t, 0).unsqueeze(1)  # ignored rows read class 0
@@ -120,6 +123,43 @@ class TorchBackend(Backend):
 
     # ---- cross entropy over a slice of the classes ---------------------------------------------
 
+    # ---- token statistics: chunks of rows, the softmax formed once per chunk ----------------
+
+    def token_stats_forward(
+        self, x: Tensor, target: Tensor, opts: RowOptions, chunk_rows: int
+    ) -> TokenRows:
+        m, v = x.shape
+        step = chunk_rows or max(1, chunk_elements(x.device) // max(v, 1))
+        acc = acc_dtype(x.dtype)
+        out = TokenRows.empty(m, acc, x.device)
+        for r0 in range(0, m, step):
+            r1 = min(m, r0 + step)
+            z, p, log_s, keep, _, u, mx = _token_rows(x[r0:r1], target[r0:r1], opts)
+            picked = z.gather(1, torch.where(keep, target[r0:r1], 0).unsqueeze(1))
+            out.logprob[r0:r1] = torch.where(keep, (picked - log_s).squeeze(1), 0.0)
+            out.entropy[r0:r1] = (log_s - (p * z).sum(1, keepdim=True)).squeeze(1)
+            out.lse[r0:r1] = (mx + log_s).squeeze(1)
+            out.argmax[r0:r1] = u.argmax(1)
+        return out
+
+    def token_stats_backward(
+        self, x: Tensor, target: Tensor, opts: RowOptions, g_lp: Tensor, g_h: Tensor,
+        out: Tensor, chunk_rows: int,
+    ) -> None:  # fmt: skip
+        m, v = x.shape
+        step = chunk_rows or max(1, chunk_elements(x.device) // max(v, 1))
+        for r0 in range(0, m, step):
+            r1 = min(m, r0 + step)
+            t = target[r0:r1]
+            z, p, _, keep, du, _, _ = _token_rows(x[r0:r1], t, opts)
+            mean_z = (p * z).sum(1, keepdim=True)
+            glp = torch.where(keep, g_lp[r0:r1], 0.0)  # an ignored token's logprob is 0
+            g = p * (-(glp.unsqueeze(1)) - g_h[r0:r1].unsqueeze(1) * (z - mean_z))
+            g.scatter_add_(1, torch.where(keep, t, 0).unsqueeze(1), glp.unsqueeze(1))
+            if du is not None:
+                g.mul_(du)
+            out[r0:r1] = g
+
     def cross_entropy_partial(
         self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
         total: int,
@@ -137,7 +177,7 @@ class TorchBackend(Backend):
         step = chunk_rows(m, v, chunk_elements(x.device))
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
-            u, _ = transform(x[r0:r1].to(acc), opts)
+            u, _ = logit_transform(x[r0:r1].to(acc), opts, derivative=False)
             z = _slice_exp_sum(parts, u, r0, r1)
             parts[2, r0:r1] = torch.where(st.mine[r0:r1], u.gather(1, tl[r0:r1]).squeeze(1), 0.0)
             if opts.label_smoothing > 0.0:
@@ -165,7 +205,7 @@ class TorchBackend(Backend):
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
             c = 1.0 if grad_scale is None else row_scale(grad_scale, r0, r1, acc)
-            u, du = transform(x[r0:r1].to(acc), opts)
+            u, du = logit_transform(x[r0:r1].to(acc), opts)
             e = torch.exp(u - lse[r0:r1])  # p_j
             grad_out[r0:r1] = index_grad_(
                 e, coef[r0:r1] * c, c, eps, total, w, tl[r0:r1], t_all[r0:r1] * c, du,
@@ -186,7 +226,7 @@ class TorchBackend(Backend):
         step = chunk_rows(m, v, chunk_elements(x.device))
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
-            u, _ = transform(x[r0:r1].to(acc), opts)
+            u, _ = logit_transform(x[r0:r1].to(acc), opts, derivative=False)
             ts = smoothed(target[r0:r1].to(acc), opts.label_smoothing, total)
             if w is not None:
                 ts = ts * w
@@ -209,7 +249,7 @@ class TorchBackend(Backend):
         step = chunk_rows(m, v, chunk_elements(x.device))
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
-            u, du = transform(x[r0:r1].to(acc), opts)
+            u, du = logit_transform(x[r0:r1].to(acc), opts)
             ts = smoothed(target[r0:r1].to(acc), opts.label_smoothing, total)
             if w is not None:
                 ts = ts * w
@@ -242,7 +282,7 @@ class TorchBackend(Backend):
         step = chunk_rows(m, v, chunk_elements(x.device))
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
-            xs, du = transform(x[r0:r1].to(acc), opts)
+            xs, du = logit_transform(x[r0:r1].to(acc), opts)
             ts = smoothed(target[r0:r1].to(acc), eps, v)  # (m', V) t'
             if w is not None:
                 ts = ts * w  # w ⊙ t'
@@ -295,7 +335,7 @@ class TorchBackend(Backend):
             r1 = min(m, r0 + step)
             # (m', V) log-probabilities as (x - max) - log Σ exp(x - max): forming x - lse
             # instead would lose an ulp of the largest logit (this rare path pays one more exp)
-            z, _ = transform(x[r0:r1].to(acc), opts)
+            z, _ = logit_transform(x[r0:r1].to(acc), opts, derivative=False)
             z = z - z.amax(1, keepdim=True)
             lp = z - torch.log(torch.exp(z).sum(1, keepdim=True))
             if d_target is not None:
@@ -347,19 +387,16 @@ class TorchBackend(Backend):
         return grad
 
 
-def transform(xs: Tensor, opts: RowOptions) -> tuple[Tensor, Tensor | None]:
-    """The logits as the loss reads them (soft-capped, then divided by the temperature) and
-    their derivative d u / d x, or ``(xs, None)`` when neither is asked for."""
-    if not opts.transformed:
-        return xs, None
-    u, du = xs, None
-    if opts.softcap is not None:
-        th = torch.tanh(xs / opts.softcap)
-        u, du = th * opts.softcap, 1.0 - th * th
-    if opts.temperature != 1.0:
-        u = u / opts.temperature
-        du = torch.full_like(u, 1.0 / opts.temperature) if du is None else du / opts.temperature
-    return u, du
+def _token_rows(x: Tensor, target: Tensor, opts: RowOptions) -> tuple[Any, ...]:
+    """Of one chunk of rows: ``z = u - max``, ``p``, ``log Σ exp(z)``, the kept mask, d u / d x,
+    u itself and its max (the logits upcast to the accumulation dtype and read)."""
+    u, du = logit_transform(x.to(acc_dtype(x.dtype)), opts)
+    mx = u.amax(1, keepdim=True)
+    z = u - mx  # shifted: the sums below then cancel little
+    e = torch.exp(z)  # forward and backward alike: exp(z - log Σ) would round twice
+    s = e.sum(1, keepdim=True)
+    p = e.div_(s)
+    return z, p, torch.log(s), target != opts.ignore_index, du, u, mx
 
 
 def index_grad_(
@@ -399,12 +436,6 @@ def row_scale(grad_scale: Tensor, r0: int, r1: int, acc: torch.dtype) -> Tensor:
     if grad_scale.dim() == 0:
         return grad_scale.to(acc)
     return grad_scale[r0:r1].to(acc).unsqueeze(1)
-
-
-def no_classes(m: int, acc: torch.dtype, device: torch.device) -> RowStats:
-    """Rows of a ``(M, 0)`` block: loss 0 (all rows are ignored) and lse = log 0 = -inf."""
-    zeros = torch.zeros(m, dtype=acc, device=device)
-    return RowStats(zeros, torch.full((m,), -torch.inf, dtype=acc, device=device))
 
 
 def smoothed(t: Tensor, eps: float, v: int) -> Tensor:

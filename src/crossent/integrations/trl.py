@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._token_stats import linear_token_stats
+from ..functional import linear_token_stats
 
 _FIELDS = ("log_probs", "entropy", "is_top1")
 _MODULES = (

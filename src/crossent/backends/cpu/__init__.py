@@ -50,12 +50,13 @@ from ..base import (
     Merged,
     RowOptions,
     RowStats,
+    TokenRows,
     Unsupported,
     acc_dtype,
+    no_classes,
     prob_acc_dtype,
     slice_targets,
 )
-from ..torch import no_classes
 from . import _runtime
 
 # with a private cache directory where no location is writable (see _runtime.declare)
@@ -118,6 +119,8 @@ class CpuBackend(Backend):
     defers = {  # noqa: RUF012
         "cross_entropy_prob_forward": "logits, targets and weights of different precisions",
         "cross_entropy_partial": "no rows or no classes in the slice",
+        "token_stats_forward": "no rows or no classes",
+        "token_stats_backward": "no rows or no classes",
     }
 
     # ---- softmax / log_softmax ---------------------------------------------------------------
@@ -308,6 +311,45 @@ class CpuBackend(Backend):
         return loss
 
 
+    # ---- token statistics: every row in one call (the kernels keep no temporaries) -----------
+
+    def token_stats_forward(
+        self, x: Tensor, target: Tensor, opts: RowOptions, chunk_rows: int
+    ) -> TokenRows:
+        _check_cpu(x, target)
+        if x.numel() == 0:
+            raise Unsupported
+        x = _rows(x.detach())
+        m = x.shape[0]
+        acc = acc_dtype(x.dtype)
+        out = TokenRows.empty(m, acc, x.device)
+        _set_threads()
+        cap, inv_cap, inv_t = _transform(opts, acc)
+        kernel = _runtime.specialised(_kernels.stats_fwd_kernel, _transform_kind(opts))
+        kernel(
+            as_numpy(x), _rows(target).numpy(), opts.ignore_index, cap, inv_cap, inv_t,
+            as_numpy(out.logprob), as_numpy(out.entropy), as_numpy(out.lse), out.argmax.numpy(),
+        )
+        return out
+
+    def token_stats_backward(
+        self, x: Tensor, target: Tensor, opts: RowOptions, g_lp: Tensor, g_h: Tensor,
+        out: Tensor, chunk_rows: int,
+    ) -> None:  # fmt: skip
+        _check_cpu(x, target, out)
+        if x.numel() == 0:
+            raise Unsupported
+        x = _rows(x.detach())
+        acc = acc_dtype(x.dtype)
+        _set_threads()
+        cap, inv_cap, inv_t = _transform(opts, acc)
+        kernel = _runtime.specialised(_kernels.stats_bwd_kernel, _transform_kind(opts))
+        kernel(
+            as_numpy(x), _rows(target).numpy(), opts.ignore_index, _rows(g_lp).numpy(),
+            _rows(g_h).numpy(), cap, inv_cap, inv_t, as_numpy(out),
+            np.empty(0, dtype=_np_dtype(acc)), _streams(out, x),
+        )
+
 def _transform_kind(opts: RowOptions) -> int:
     """What a specialised kernel does to the logits: 0 nothing, 1 divides them by a
     temperature, 2 soft-caps them (and divides them by any temperature)."""
@@ -366,43 +408,3 @@ def _finish_grad(grad_out: Tensor | None, grad: Tensor) -> None:
 def _empty_stats(acc: torch.dtype) -> RowStats:
     return RowStats(torch.empty(0, dtype=acc), torch.empty(0, dtype=acc))
 
-
-# ---- token statistics ------------------------------------------------------------------------
-
-
-def token_stats_forward(
-    x: Tensor, target: Tensor, ignore_index: int, opts: RowOptions
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(logprob, entropy, lse, argmax)`` of the rows of ``x`` (CPU, any float dtype), the
-    first three in the accumulation dtype."""
-    x = _rows(x.detach())
-    m = x.shape[0]
-    acc = acc_dtype(x.dtype)
-    out = [torch.empty(m, dtype=acc) for _ in range(3)]
-    argmax = torch.empty(m, dtype=torch.int64)
-    _set_threads()
-    cap, inv_cap, inv_t = _transform(opts, acc)
-    kernel = _runtime.specialised(_kernels.stats_fwd_kernel, _transform_kind(opts))
-    kernel(
-        as_numpy(x), _rows(target).numpy(), ignore_index, cap, inv_cap, inv_t,
-        as_numpy(out[0]), as_numpy(out[1]), as_numpy(out[2]), argmax.numpy(),
-    )
-    return out[0], out[1], out[2], argmax
-
-
-def token_stats_backward(
-    x: Tensor, target: Tensor, ignore_index: int, opts: RowOptions, g_lp: Tensor, g_h: Tensor,
-    out: Tensor,
-) -> None:
-    """Writes d(Σ g_lp·logprob + g_h·entropy)/d x into ``out`` (x's shape and dtype, rows
-    contiguous); ``g_lp`` and ``g_h`` in the accumulation dtype."""
-    x = _rows(x.detach())
-    acc = acc_dtype(x.dtype)
-    _set_threads()
-    cap, inv_cap, inv_t = _transform(opts, acc)
-    kernel = _runtime.specialised(_kernels.stats_bwd_kernel, _transform_kind(opts))
-    kernel(
-        as_numpy(x), _rows(target).numpy(), ignore_index, _rows(g_lp).numpy(),
-        _rows(g_h).numpy(), cap, inv_cap, inv_t, as_numpy(out),
-        np.empty(0, dtype=_np_dtype(acc)), _streams(out, x),
-    )

@@ -12,8 +12,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..base import Backend, RowOptions, RowStats, Unsupported, acc_dtype
-from ..torch import no_classes
+from ..base import Backend, RowOptions, RowStats, Unsupported, acc_dtype, no_classes
 from ._ce import ce_index_kernel
 
 
