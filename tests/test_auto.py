@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import crossent
-import crossent.functional as cf
+import crossent.dispatch as cf
 from crossent.testing import make_logits, make_targets
 
 

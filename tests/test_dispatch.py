@@ -82,3 +82,17 @@ def test_triton_backend_subclasses_no_other() -> None:
 
     assert TritonBackend.__mro__ == (TritonBackend, Backend, object)
     assert TritonBackend.defers == {"cross_entropy_forward": "soft-capped logits"}
+
+
+def test_the_linear_heads_matmul_policy_is_the_backends() -> None:
+    # crossent._linear asks the backend (through dispatch) whether 16-bit products are widened
+    # to float32 and how large their slices are: the CPU backend answers from the CPU's
+    # instruction set, every other backend never widens and slices large
+    x = torch.zeros(2, 3)
+    cpu, portable = dispatch.resolve("cpu", x), dispatch.resolve("torch", x)
+    assert portable.product_slice_bytes == Backend.product_slice_bytes
+    assert not portable.widened_products(torch.bfloat16)
+    assert cpu.product_slice_bytes == CpuBackend.product_slice_bytes < Backend.product_slice_bytes
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert cpu.widened_products(torch.bfloat16) == (not native_bf16)
+    assert not cpu.widened_products(torch.float32)

@@ -413,7 +413,9 @@ def test_half_transposed_pass_both_ways(
     from crossent import _linear
 
     n, d, v = 16, 24, 41
-    monkeypatch.setattr(_linear, "_widened", lambda dt: widened)
+    from crossent.backends.cpu import CpuBackend
+
+    monkeypatch.setattr(CpuBackend, "widened_products", lambda self, dt: widened)
     monkeypatch.setattr(_linear, "DW_BLOCK_BYTES", 3 * d * 4)  # 3-row blocks and slices
     calls = []
     real = _linear._run_transposed
@@ -447,9 +449,10 @@ def test_half_column_chunks_both_ways(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from crossent import _linear
+    from crossent.backends.cpu import CpuBackend
 
-    monkeypatch.setattr(_linear, "_widened", lambda dtype: widened)
-    monkeypatch.setattr(_linear, "SLICE_BYTES", 7 * D * 4)  # 7-row slices of W
+    monkeypatch.setattr(CpuBackend, "widened_products", lambda self, dtype: widened)
+    monkeypatch.setattr(CpuBackend, "product_slice_bytes", 7 * D * 4)  # 7-row slices of W
     calls = []
     real = _linear._add_widened_chunk_grads
     monkeypatch.setattr(

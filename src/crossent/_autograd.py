@@ -31,11 +31,9 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from . import _composite
-from ._args import check_inplace, effective_smoothing, index_rows
-from ._transforms import batched, compiling, composed, differentiable_backward
+from ._transforms import batched, differentiable_backward
 from .backends import buffers
 from .backends.base import Backend, RowOptions, acc_dtype
-from .dispatch import resolve
 
 
 @dataclass(frozen=True)
@@ -349,10 +347,10 @@ def prob_extra_grads(
     )
 
 
-class _WriteGrad(torch.autograd.Function):
+class WriteGrad(torch.autograd.Function):
     """The in-place half of ``inplace_backward``: writes the gradient of the loss over ``x``
     (marked dirty) and returns ``x``; the loss goes to ``out``. Its backward is the identity:
-    :class:`_LossOfGrad` already gives the gradient with respect to ``x`` as it was.
+    :class:`LossOfGrad` already gives the gradient with respect to ``x`` as it was.
 
     Two Functions rather than one that returns both the loss and the dirty ``x``: autograd
     lets a Function that modifies a view in place return only that view, and the logits
@@ -376,8 +374,8 @@ class _WriteGrad(torch.autograd.Function):
         return g, None, None, None, None, None
 
 
-class _LossOfGrad(torch.autograd.Function):
-    """The loss computed by :class:`_WriteGrad`, as a function of the gradient it wrote:
+class LossOfGrad(torch.autograd.Function):
+    """The loss computed by :class:`WriteGrad`, as a function of the gradient it wrote:
     backward scales that gradient by the incoming one (:func:`scale_saved`)."""
 
     @staticmethod
@@ -393,33 +391,8 @@ class _LossOfGrad(torch.autograd.Function):
         return scale_saved(grad, g, ctx.rows), None, None
 
 
-def _in_place(x: Tensor, opts: LossOptions) -> bool:
+def in_place(x: Tensor, opts: LossOptions) -> bool:
     return opts.inplace and opts.grad_enabled and x.requires_grad
-
-
-def cross_entropy_loss(
-    x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions, prob: bool
-) -> Tensor:
-    """Cross entropy of ``(M, V)`` rows through autograd: class indices ``(M,)``, or
-    probabilities ``(M, V)`` when ``prob``. With ``opts.inplace`` (arguments checked by the
-    caller) the gradient is written over ``x``."""
-    if composed(x, target, weight):  # a torch.func transform, or forward-mode AD
-        if opts.backend.distributed:  # torch's operations would see this rank's slice only
-            raise NotImplementedError(
-                "crossent: vocabulary-parallel cross entropy cannot run under torch.func "
-                "transforms (vmap, grad, jacrev, jvp) or forward-mode AD"
-            )
-        return _composite.cross_entropy(x, target, weight, opts.rows, opts.reduction, prob)
-    if compiling():  # the same computation, as custom operators (in place or not)
-        from . import _ops
-
-        return _ops.cross_entropy(x, target, weight, opts, prob)
-    if _in_place(x, opts):
-        out: list[Tensor] = []
-        dirty = _WriteGrad.apply(x, target, weight, opts, prob, out)
-        return _LossOfGrad.apply(dirty, out, opts.reduction == "none")
-    function = CrossEntropyProb if prob else CrossEntropyIndex
-    return function.apply(x, target, weight, opts)
 
 
 class NllLoss(torch.autograd.Function):
@@ -526,28 +499,6 @@ def softmax_graph_grad(out: Tensor, g: Tensor, log: bool) -> Tensor:
     else:
         gx = y * (gg - (gg * y).sum(-1, keepdim=True))
     return gx.to(out.dtype)
-
-
-def index_cross_entropy(
-    input: Tensor, target: Tensor, weight: Tensor | None, red: str, ii: int, ls: float,
-    extensions: tuple[float, float | None, float], inplace: bool, backend: str | Backend,
-    classes: int | None = None,
-) -> Tensor:  # fmt: skip
-    """Class-index cross entropy of checked arguments: flatten to rows (targets and weights
-    index ``classes`` classes, the input's class dim by default), then the autograd Function
-    on ``backend`` (a name, resolved for ``input``, or a backend object)."""
-    rows = index_rows(input, target, weight, ii, "nll_loss", classes)
-    if inplace:  # arguments checked, nothing written yet
-        check_inplace(input, target, weight)
-    zl, cap, temp = extensions
-    row_opts = RowOptions(
-        ignore_index=ii, label_smoothing=effective_smoothing(ls), z_loss=zl, softcap=cap,
-        temperature=temp,
-    )
-    be = resolve(backend, input) if isinstance(backend, str) else backend
-    opts = LossOptions(be, row_opts, red, torch.is_grad_enabled(), inplace)
-    loss = cross_entropy_loss(rows.x, rows.target, rows.weight, opts, prob=False)
-    return loss.view(rows.out_shape) if red == "none" else loss
 
 
 # ---- token statistics ------------------------------------------------------------------------

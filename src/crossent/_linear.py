@@ -13,11 +13,12 @@ chunks' logits with the incoming gradient at hand. Rows whose target is ``ignore
 dropped before the projection. d(weight) and d(bias) of float16/bfloat16 parameters accumulate
 in float32 and are rounded once at the end.
 
-float16/bfloat16 class-index chunks on the CPU backend hold their logits transposed, ``(V,
-rows)``, and the backend's column-wise cross entropy turns them into their gradient in place
-(see :func:`_by_columns` for why the layout matters); on CPUs without native 16-bit matmul
-instructions every product of such a chunk runs in float32, slice by slice of W's rows
-(:func:`_widened`).
+float16/bfloat16 class-index chunks on a backend whose column-wise cross entropy works in place
+(the CPU's) hold their logits transposed, ``(V, rows)``, and that pass turns them into their
+gradient in place (see :func:`_by_columns` for why the layout matters); where the backend says
+so (:meth:`~crossent.backends.base.Backend.widened_products`: CPUs without native 16-bit
+matmul instructions) every product of such a chunk runs in float32, slice by slice of W's rows
+of at most its ``product_slice_bytes``.
 
 With at most D kept rows and d(weight) wanted, there is a single chunk, held in d(weight)'s
 own storage (:func:`_run_transposed`): each matmul then runs once at full size.
@@ -50,9 +51,6 @@ from .backends.base import Backend, RowOptions, acc_dtype, prob_acc_dtype
 # re-write d(weight) fewer times (float32 4096×1024×32000 on 2 AVX2 cores: the whole step took
 # 1.05–1.15× the time of three full-size matmuls in 393-row chunks, 0.99–1.04× in 491-row ones)
 DEFAULT_CHUNK_BYTES = 60 * 2**20
-SLICE_BYTES = 2 * 2**20  # float32 copy of one slice of a 16-bit chunk gradient
-# on other devices than the CPU each slice costs kernel launches, so slices are large there
-DEVICE_SLICE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -124,11 +122,10 @@ def logits_into(buf: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 def _logits_t(
-    buf: Tensor, x: Tensor, w: Tensor, b: Tensor | None, wide: bool, slice_bytes: int = 0
+    buf: Tensor, x: Tensor, w: Tensor, b: Tensor | None, wide: bool, slice_bytes: int
 ) -> Tensor:
     """``(x @ w.T + b).T``, ``(V, n)``, written into the contiguous ``buf``; when ``wide``, slice by
-    slice of W's rows in float32 (see :func:`_slices`), each product rounded once (see
-    :func:`_widened`)."""
+    slice of W's rows in float32 (see :func:`_slices`), each product rounded once."""
     out = buf.view(-1)[: x.shape[0] * w.shape[0]].view(w.shape[0], x.shape[0])
     if not wide:
         if b is None:
@@ -146,29 +143,16 @@ def _logits_t(
     return out
 
 
-def _slices(v: int, width: int, slice_bytes: int = 0) -> Iterator[tuple[int, int]]:
+def _slices(v: int, width: int, slice_bytes: int) -> Iterator[tuple[int, int]]:
     """Row ranges of a ``(v, ·)`` operand such that a float32 slice ``width`` wide holds at
-    most ``slice_bytes`` (:data:`SLICE_BYTES` when 0)."""
-    step = max(1, (slice_bytes or SLICE_BYTES) // max(1, width * 4))
+    most ``slice_bytes``."""
+    step = max(1, slice_bytes // max(1, width * 4))
     for lo in range(0, v, step):
         yield lo, min(lo + step, v)
 
 
-def _widened(dtype: torch.dtype) -> bool:
-    """Whether float16/bfloat16 products run in float32, slice by slice: on CPUs without
-    native instructions for the format (AVX512-BF16 or AMX for bfloat16, AMX-FP16 for
-    float16), where torch's 16-bit matmuls reach 14 GFLOP/s at best and float32 ones about 90
-    (2-core AVX2 machine). Decided by the CPU's features alone, so results never depend on a
-    timing. The products are the same — exact products summed in float32, rounded once."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        return False
-    native = "_is_avx512_bf16_supported" if dtype == torch.bfloat16 else "_is_amx_fp16_supported"
-    probes = (native, "_is_amx_tile_supported")
-    return not any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
 def _add_widened_chunk_grads(
-    grads: Grads, gt: Tensor, xc: Tensor, w: Tensor, rows: slice | Tensor
+    grads: Grads, gt: Tensor, xc: Tensor, w: Tensor, rows: slice | Tensor, slice_bytes: int
 ) -> None:
     """As :func:`add_chunk_grads` from ``gt``, the chunk's logit gradient transposed
     ``(V, n)``, with every product in float32 slice by slice of W's rows: d(input) sums its
@@ -177,7 +161,7 @@ def _add_widened_chunk_grads(
     n = gt.shape[1]
     dxf = None if dx is None else torch.zeros((n, w.shape[1]), dtype=torch.float32, device=w.device)
     xf = None if dw is None else xc.float()
-    for lo, hi in _slices(w.shape[0], max(n, w.shape[1])):
+    for lo, hi in _slices(w.shape[0], max(n, w.shape[1]), slice_bytes):
         gs = gt[lo:hi].float()
         if dxf is not None:
             dxf.addmm_(gs.t(), w[lo:hi].float())
@@ -202,7 +186,7 @@ def _by_columns(x: Tensor, target: Tensor, be: Backend) -> bool:
     return be.columns_in_place and target.dim() == 1 and x.dtype in (torch.float16, torch.bfloat16)
 
 
-def _add_weight_grad(acc: Tensor, g: Tensor, x: Tensor) -> None:
+def _add_weight_grad(acc: Tensor, g: Tensor, x: Tensor, slice_bytes: int) -> None:
     """``acc += g.T @ x``.
 
     For float16/bfloat16 g and x the product is formed in float32 (torch's CPU matmuls
@@ -213,8 +197,7 @@ def _add_weight_grad(acc: Tensor, g: Tensor, x: Tensor) -> None:
         acc.addmm_(g.t(), x)
         return
     xf = x.to(acc.dtype)
-    budget = SLICE_BYTES if acc.device.type == "cpu" else DEVICE_SLICE_BYTES
-    step = max(1, budget // max(1, g.shape[0] * acc.element_size()))
+    step = max(1, slice_bytes // max(1, g.shape[0] * acc.element_size()))
     for lo in range(0, acc.shape[0], step):
         acc[lo : lo + step].addmm_(g[:, lo : lo + step].t().to(acc.dtype), xf)
 
@@ -233,9 +216,12 @@ def param_grads(x: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool, bool, 
     return dx, dw, db
 
 
-def add_chunk_grads(grads: Grads, g: Tensor, xc: Tensor, w: Tensor, rows: slice | Tensor) -> None:
+def add_chunk_grads(
+    grads: Grads, g: Tensor, xc: Tensor, w: Tensor, rows: slice | Tensor, be: Backend
+) -> None:
     """Add one chunk's share, from ``g`` the gradient of its logits and ``xc`` its inputs
-    (``rows``: where those rows sit in the input)."""
+    (``rows``: where those rows sit in the input; ``be``: the backend, whose slice size the
+    float32 products of 16-bit operands take)."""
     dx, dw, db = grads
     if dx is not None:
         if isinstance(rows, slice):
@@ -243,7 +229,7 @@ def add_chunk_grads(grads: Grads, g: Tensor, xc: Tensor, w: Tensor, rows: slice 
         else:
             dx.index_copy_(0, rows, torch.mm(g, w))
     if dw is not None:
-        _add_weight_grad(dw, g, xc)
+        _add_weight_grad(dw, g, xc, be.product_slice_bytes)
     if db is not None:
         db.add_(g.sum(0, dtype=db.dtype))
 
@@ -297,7 +283,7 @@ def _run(
     # _chunk) before the gradients are converted to their final dtype, so it never adds to
     # the peak
     buf = torch.empty(chunks.size * v, dtype=x.dtype, device=x.device)
-    wide = columns and _widened(x.dtype)
+    wide = columns and opts.backend.widened_products(x.dtype)
     for rows in chunks:
         # per-row incoming gradients go into the kernel: the gradient is rounded only once
         sc = scale if row_grad is None else _take(row_grad, rows)
@@ -331,7 +317,7 @@ def _chunk(
     be = opts.backend
     xc, tc = _take(x, rows), _take(target, rows)
     if columns:  # logits (V, rows): their gradient (rows, V) as a transposed view
-        lt = _logits_t(buf, xc, w, b, wide)
+        lt = _logits_t(buf, xc, w, b, wide, be.product_slice_bytes)
         loss = be.cross_entropy_columns(
             lt, tc, weight, opts.rows, scale, buf.numel() // w.shape[0], grads is not None
         )
@@ -342,9 +328,9 @@ def _chunk(
         grad_out = logits if grads is not None else None
         loss = forward(logits, tc, weight, opts.rows, grad_out, scale).loss
     if grads is not None and wide:
-        _add_widened_chunk_grads(grads, lt, xc, w, rows)
+        _add_widened_chunk_grads(grads, lt, xc, w, rows, be.product_slice_bytes)
     elif grads is not None:
-        add_chunk_grads(grads, logits, xc, w, rows)  # logits: now their gradient
+        add_chunk_grads(grads, logits, xc, w, rows, be)  # logits: now their gradient
     return loss
 
 
@@ -387,13 +373,13 @@ def _run_transposed(
     block's product written over the logits it was computed from, never over ones still to be
     read (those sit before it, and ``n <= D``). Every matmul runs once at full size, and W and
     d(weight) are read and written once instead of once per chunk. 16-bit gradients are
-    rounded once from float32 sums (every product in float32 where :func:`_widened`), so no
+    rounded once from float32 sums (every product in float32 where the backend widens them), so no
     float32 d(weight) accumulator is needed."""
     n, d = x.shape
     v = w.shape[0]
     acc = acc_dtype(x.dtype)
     kept = chunks.kept
-    wide = _widened(x.dtype)
+    wide = opts.backend.widened_products(x.dtype)
     xk = x if kept is None else x.index_select(0, kept)
     tk = target if kept is None else target.index_select(0, kept)
     dw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
@@ -603,7 +589,7 @@ def linear_stats_grads(
         opts.backend.token_stats_backward(
             logits, target[lo:hi], opts.rows, g_lp[lo:hi], g_h[lo:hi], logits, hi - lo
         )
-        add_chunk_grads(grads, logits, h[lo:hi], w, slice(lo, hi))
+        add_chunk_grads(grads, logits, h[lo:hi], w, slice(lo, hi), opts.backend)
     del buf
     return final_grads(grads, w, b)
 

@@ -179,7 +179,7 @@ def _(x, target, weight, lse, g, backend, reduction, label_smoothing, z_loss, so
 def cross_entropy(
     x: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions, prob: bool
 ) -> Tensor:
-    """The compiled form of :func:`crossent._autograd.cross_entropy_loss`."""
+    """The compiled form of :func:`crossent._calls.cross_entropy_loss`."""
     need = opts.grad_enabled and x.requires_grad
     loss, _, _ = torch.ops.crossent.cross_entropy(
         x, target, weight, backend_name(opts), opts.reduction, *_row_args(opts.rows), prob, need

@@ -1,8 +1,9 @@
 """Backend resolution: ``resolve(backend, tensor) -> Backend``.
 
-``backend="auto"`` picks per call from the tensor's device (:mod:`crossent.functional` hands
-small CPU problems to torch's own functions before getting here). Nothing is chosen, imported
-or queried at import time, and a backend that cannot run raises instead of falling back.
+``backend="auto"`` picks per call from the tensor's device, and hands small CPU problems to
+torch's own functions (:func:`hands_off`, asked by :mod:`crossent.functional`). Nothing is
+chosen, imported or queried at import time, and a backend that cannot run raises instead of
+falling back.
 A backend's missing primitives, and the inputs it declines, go to the portable torch backend
 here and nowhere else (:class:`Composed`; ``crossent check`` prints :func:`fallback_table`).
 """
@@ -45,6 +46,30 @@ def triton_usable() -> bool:
 def available() -> tuple[str, ...]:
     """Names accepted by ``backend=`` (besides ``"auto"``) that can run here."""
     return tuple(n for n in REGISTRY if n != "triton" or triton_usable())
+
+
+# backend="auto" calls torch's own CPU function on problems below these sizes: there a call
+# into the fused kernels costs more in fixed overhead (argument handling, the autograd
+# Function, the threads' start: a few hundred microseconds) than it saves, and torch's
+# softmax runs from cache on inputs that fit in it. Crossovers measured on a 2-core AVX-512
+# machine (fwd+bwd, float32): cross entropy between 256K and 512K logits (nll_loss uses the
+# same bound); softmax and log_softmax between 32 and 64 MiB of input.
+NATIVE_CE_ELEMENTS = 1 << 19
+NATIVE_SOFTMAX_BYTES = 48 << 20
+
+
+def hands_off(function: str, input: Tensor) -> bool:
+    """Whether ``backend="auto"`` hands a call of ``function`` (``"cross_entropy"``,
+    ``"nll_loss"``, ``"softmax"``, ``"log_softmax"``) on ``input`` to torch's own function.
+    The rule sees sizes only; the caller hands off only calls torch's function can compute
+    (crossent's extensions at their defaults)."""
+    if function in ("softmax", "log_softmax"):
+        small = input.numel() * input.element_size() < NATIVE_SOFTMAX_BYTES
+    elif function in ("cross_entropy", "nll_loss"):
+        small = input.numel() < NATIVE_CE_ELEMENTS
+    else:
+        return False
+    return small and input.device.type == "cpu"
 
 
 def auto_name(tensor: Tensor) -> str:
@@ -113,6 +138,14 @@ class Composed(Backend):
 
     def cross_entropy_columns(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.own.cross_entropy_columns(*args, **kwargs)
+
+    # the linear head's matmul policy: the backend's own
+    @property
+    def product_slice_bytes(self) -> int:  # type: ignore[override]
+        return self.own.product_slice_bytes
+
+    def widened_products(self, dtype: Any) -> bool:
+        return self.own.widened_products(dtype)
 
 
 def fallback_table() -> list[tuple[str, str, str]]:

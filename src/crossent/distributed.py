@@ -13,6 +13,7 @@ all-gather), whatever the vocabulary size: the method is in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,11 +23,10 @@ from torch import Tensor
 from . import _args
 from ._autograd import (
     LossOptions,
-    cross_entropy_loss,
-    index_cross_entropy,
     mean_denominator,
     reduce_rows,
 )
+from ._calls import cross_entropy_loss, index_cross_entropy
 from .backends.base import INDEX_PARTS, Merged, RowOptions, merge_index
 from .backends.vocab_parallel import VocabParallelBackend
 from .dispatch import BackendName, resolve
@@ -334,10 +334,12 @@ def is_dtensor(t: Any) -> bool:
 
 def dtensor_cross_entropy(
     input: Any, target: Any, weight: Any, size_average: bool | None, ignore_index: int,
-    reduce: bool | None, reduction: str, label_smoothing: float, **extensions: Any,
+    reduce: bool | None, reduction: str, label_smoothing: float, *,
+    whole: Callable[..., Tensor], **extensions: Any,
 ) -> Tensor:  # fmt: skip
     """:func:`crossent.cross_entropy` of DTensor logits: sharded on the class dim of a 1-D
-    device mesh (the layout of torch's ``loss_parallel()``), or replicated. The classes of each
+    device mesh (the layout of torch's ``loss_parallel()``), or replicated (computed by
+    ``whole``, the cross entropy of plain tensors, on each rank's copy). The classes of each
     rank and the group come from the DTensor's metadata; the targets are replicated (a tensor
     or a replicated DTensor), or, for probabilities, sharded as the logits are or whole; the
     class weights replicated. Returns the loss as a replicated DTensor on the same mesh."""
@@ -358,9 +360,7 @@ def dtensor_cross_entropy(
         reduction=reduction, label_smoothing=label_smoothing,
     )  # fmt: skip
     if placement.is_replicate():
-        from .functional import cross_entropy
-
-        loss = cross_entropy(input.to_local(), local_target, **kw, **extensions)
+        loss = whole(input.to_local(), local_target, **kw, **extensions)
     elif placement == Shard(class_dim):
         local = input.to_local()
         total = input.shape[class_dim]

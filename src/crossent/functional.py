@@ -23,9 +23,8 @@ from ._autograd import (
     SoftmaxOptions,
     StatsOptions,
     TokenStatsFunction,
-    cross_entropy_loss,
-    index_cross_entropy,
 )
+from ._calls import cross_entropy_loss, index_cross_entropy
 from ._linear import (
     DEFAULT_CHUNK_BYTES,
     LinearCrossEntropy,
@@ -35,7 +34,7 @@ from ._linear import (
 )
 from ._transforms import compiling, composed
 from .backends.base import RowOptions
-from .dispatch import BackendName, resolve
+from .dispatch import BackendName, hands_off, resolve
 
 __all__ = [
     "softmax",
@@ -47,29 +46,6 @@ __all__ = [
     "linear_token_stats",
     "TokenStats",
 ]
-
-
-# backend="auto" calls torch's own CPU function on problems below these sizes: there a call
-# into the fused kernels costs more in fixed overhead (argument handling, the autograd
-# Function, the threads' start: a few hundred microseconds) than it saves, and torch's
-# softmax runs from cache on inputs that fit in it. Crossovers measured on a 2-core AVX-512
-# machine (fwd+bwd, float32): cross entropy between 256K and 512K logits (nll_loss uses the
-# same bound); softmax and log_softmax between 32 and 64 MiB of input.
-NATIVE_CE_ELEMENTS = 1 << 19
-NATIVE_SOFTMAX_BYTES = 48 << 20
-
-
-def hands_off(function: str, input: Tensor) -> bool:
-    """Whether ``backend="auto"`` computes a call of ``function`` (``"cross_entropy"``,
-    ``"nll_loss"``, ``"softmax"``, ``"log_softmax"``) on ``input`` with torch's own function,
-    crossent's extensions left at their defaults."""
-    if function in ("softmax", "log_softmax"):
-        small = input.numel() * input.element_size() < NATIVE_SOFTMAX_BYTES
-    elif function in ("cross_entropy", "nll_loss"):
-        small = input.numel() < NATIVE_CE_ELEMENTS
-    else:
-        return False
-    return small and input.device.type == "cpu"
 
 
 def _autocast_dtype(t: Any) -> torch.dtype | None:
@@ -219,8 +195,9 @@ def cross_entropy(
         if is_dtensor(input):
             return dtensor_cross_entropy(
                 input, target, weight, size_average, ignore_index, reduce, reduction,
-                label_smoothing, backend=backend, inplace_backward=inplace_backward,
-                z_loss=z_loss, softcap=softcap, temperature=temperature,
+                label_smoothing, whole=cross_entropy, backend=backend,
+                inplace_backward=inplace_backward, z_loss=z_loss, softcap=softcap,
+                temperature=temperature,
             )  # fmt: skip
     if _autocast_dtype(input) is not None:  # autocast: cross entropy runs in float32
         with torch.autocast(input.device.type, enabled=False):

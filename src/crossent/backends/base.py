@@ -278,6 +278,16 @@ class Backend:
     distributed: bool = False
     # whether cross_entropy_columns works in place, with no buffer and no transposition
     columns_in_place: bool = False
+    # the linear head's matmul policy (crossent._linear): float32 copies of slices of a 16-bit
+    # chunk gradient or weight hold at most this many bytes; every slice costs a few kernel
+    # launches, so only a backend whose device runs them cheaply (the CPU) makes them small
+    product_slice_bytes: int = 64 * 2**20
+
+    def widened_products(self, dtype: torch.dtype) -> bool:
+        """Whether the linear head forms float16/bfloat16 products in float32, slice by slice
+        of the weight's rows (the same values: exact products summed in float32, rounded once)
+        because this device's 16-bit matmuls are slow. Decided without timing anything."""
+        return False
 
     def softmax_forward(self, x: Tensor, log: bool) -> Tensor:
         """Return ``softmax(x, -1)`` (or ``log_softmax``), ``(M, V)`` in ``x``'s dtype."""

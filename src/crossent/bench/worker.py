@@ -57,14 +57,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     fam: Family = family(case.family)
     inputs = fam.make_inputs(case, int(spec.get("seed", 0)))
     if provider.kind == "crossent":
-        from crossent import dispatch, functional, set_buffer_reuse
+        from crossent import dispatch, set_buffer_reuse
 
         set_buffer_reuse(provider.reuse)  # each task runs in a process of its own
 
         try:
             res["backend"] = dispatch.resolve(provider.backend, inputs.args[0]).name
             function = {"ce": "cross_entropy"}.get(case.family, case.family)
-            if provider.backend == "auto" and functional.hands_off(function, inputs.args[0]):
+            if provider.backend == "auto" and dispatch.hands_off(function, inputs.args[0]):
                 res["backend"] = "torch's own"  # a problem too small for the kernels
         except Exception as exc:
             res["error"] = _describe(exc)
