@@ -96,7 +96,7 @@ def test_index_partials_merge_to_the_whole_row(
 
 @pytest.mark.parametrize("split", list(SPLITS), ids=list(SPLITS))
 @pytest.mark.parametrize("name", list(OPTIONS), ids=list(OPTIONS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
 def test_prob_partials_merge_to_the_whole_row(
     backend: str, dtype: torch.dtype, name: str, split: str
@@ -154,3 +154,37 @@ def test_bad_rows_and_determinism(backend: str, split: str) -> None:
     again = merge_index(parts.clone(), t, None, opts, 29)
     for a, b in zip(merged, again, strict=True):
         assert torch.equal(a.view(torch.int64), b.view(torch.int64))
+
+
+# The same rows with probability targets: the CPU kernels' partial statistics and gradient
+# give NaN exactly where the portable backend's do, and values within the tolerance elsewhere.
+@pytest.mark.parametrize("softcap", [None, 5.0])  # capped, ±inf logits are ±5: finite rows
+@pytest.mark.parametrize("split", ["two", "three uneven, one empty"])
+def test_prob_bad_rows_cpu_as_torch(split: str, softcap: float | None) -> None:
+    x, _, w = _inputs(torch.float32)
+    x[0, 4] = float("nan")
+    x[1, 25] = float("inf")
+    x[3] = float("-inf")
+    p = make_probs((11, 29), torch.float32, seed=4)
+    opts = RowOptions(label_smoothing=0.1, softcap=softcap)
+    out = []
+    for name in ("cpu", "torch"):
+        be = dispatch.resolve(name, x)
+        slices = _split(x, SPLITS[split])
+        parts = torch.stack([
+            be.cross_entropy_prob_partial(xs, p[:, s0 : s0 + xs.shape[1]], w, opts, s0, 29)
+            for s0, xs in slices
+        ])  # fmt: skip
+        merged = merge_prob(parts, opts)
+        grad = torch.empty_like(x)
+        for s0, xs in slices:
+            g = torch.empty_like(xs)
+            ps = p[:, s0 : s0 + xs.shape[1]]
+            be.cross_entropy_prob_partial_grad(xs, ps, w, opts, s0, 29, merged, g, None)
+            grad[:, s0 : s0 + xs.shape[1]] = g
+        out.append((merged.loss, merged.lse, grad))
+    for a, b in zip(*out, strict=True):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-6)
+    assert out[0][0][[0, 1, 3] if softcap is None else [0]].isnan().all()
+    assert out[0][0][[2, 4, 5]].isfinite().all()

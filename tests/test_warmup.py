@@ -68,6 +68,12 @@ parts = be.cross_entropy_partial(x.detach()[:, :700], t, None, o, 0, 2000)
 m = merge_index(parts.unsqueeze(0), t, None, o, 2000)
 be.cross_entropy_partial_grad(x.detach()[:, :700].contiguous(), t, None, o, 0, 2000, m,
                               torch.empty(300, 700))
+from crossent.backends.base import merge_prob
+pp = torch.softmax(torch.randn(300, 700), 1)
+o = RowOptions(label_smoothing=0.1, temperature=0.7)
+mp = merge_prob(be.cross_entropy_prob_partial(x.detach()[:, :700], pp, None, o, 0, 2000)[None], o)
+be.cross_entropy_prob_partial_grad(x.detach()[:, :700].contiguous(), pp, None, o, 0, 2000, mp,
+                                   torch.empty(300, 700))
 from crossent.backends.cpu import _runtime
 kernels = [*vars(_kernels).items(), *enumerate(_runtime._specialised.values())]
 misses = {k: v.stats.cache_misses for k, v in kernels

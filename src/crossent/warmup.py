@@ -83,6 +83,17 @@ def _calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
         merged = merge_index(parts.unsqueeze(0), t, None, opts, v)
         be.cross_entropy_partial_grad(xs, t, None, opts, 0, v, merged, torch.empty_like(xs))
 
+    def prob_slice(softcap: float | None, temperature: float) -> None:
+        # a slice of the classes with probability targets sliced like the logits
+        from crossent.backends.base import RowOptions, merge_prob
+        from crossent.dispatch import resolve
+
+        xs = x(n, v).detach()
+        opts = RowOptions(label_smoothing=0.1, softcap=softcap, temperature=temperature)
+        be = resolve("cpu", xs)
+        merged = merge_prob(be.cross_entropy_prob_partial(xs, p, None, opts, 0, v)[None], opts)
+        be.cross_entropy_prob_partial_grad(xs, p, None, opts, 0, v, merged, torch.empty_like(xs))
+
     def nll(weight: torch.Tensor | None) -> None:
         backward(crossent.nll_loss(x(n, v), t, weight, backend="cpu"))
 
@@ -124,6 +135,9 @@ def _calls(dtype: torch.dtype) -> list[tuple[str, Callable[[], object]]]:
     for label, cap, temp in transforms[1:]:
         for kind in ("probabilities", "token_stats"):
             calls.append((f"{kind}{label}", functools.partial(transformed, kind, cap, temp)))
+    for label, cap, temp in transforms:
+        calls.append((f"vocab-parallel slice probabilities{label}",
+                      functools.partial(prob_slice, cap, temp)))  # fmt: skip
     calls += [("softmax", functools.partial(softmax, False)),
               ("log_softmax", functools.partial(softmax, True)),
               ("token_stats", functools.partial(stats, False)),

@@ -46,6 +46,7 @@ from torch import Tensor
 from .. import buffers
 from ..base import (
     INDEX_PARTS,
+    PROB_PARTS,
     Backend,
     Merged,
     RowOptions,
@@ -119,6 +120,8 @@ class CpuBackend(Backend):
     defers = {  # noqa: RUF012
         "cross_entropy_prob_forward": "logits, targets and weights of different precisions",
         "cross_entropy_partial": "no rows or no classes in the slice",
+        "cross_entropy_prob_partial": "no rows or no classes in the slice; mixed precisions",
+        "cross_entropy_prob_partial_grad": "logits and targets of different precisions",
         "token_stats_forward": "no rows or no classes",
         "token_stats_backward": "no rows or no classes",
     }
@@ -280,6 +283,54 @@ class CpuBackend(Backend):
             merged.lse.to(acc).contiguous().numpy(), a.numpy(), b.numpy(), c.numpy(), w,
             weight is not None, as_numpy(grad), _streams(grad, x), *_transform(opts, acc),
         )
+        _finish_grad(grad_out, grad)
+
+    def cross_entropy_prob_partial(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int,
+    ) -> Tensor:  # fmt: skip
+        _check_cpu(x, target, weight)
+        m, v = x.shape
+        acc = prob_acc_dtype(x, target, weight)
+        if v == 0 or m == 0 or acc != acc_dtype(x.dtype) or acc != acc_dtype(target.dtype):
+            raise Unsupported
+        w, _ = _weight(None if weight is None else weight[start : start + v], acc)
+        parts = torch.empty(PROB_PARTS, m, dtype=torch.float64)
+        eps = opts.label_smoothing
+        _set_threads()
+        kernel = _runtime.specialised(_kernels.ce_prob_partial_kernel, _transform_kind(opts))
+        kernel(
+            as_numpy(_rows(x.detach())), as_numpy(_rows(target.detach())), w, weight is not None,
+            _scalar(1.0 - eps, acc), _scalar(eps / total, acc), np.empty(0, dtype=_np_dtype(acc)),
+            *_transform(opts, acc), parts.numpy(),
+        )  # fmt: skip
+        return parts
+
+    def cross_entropy_prob_partial_grad(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int, merged: Merged, grad_out: Tensor, grad_scale: Tensor | None = None,
+    ) -> None:  # fmt: skip
+        _check_cpu(x, target, weight, grad_out)
+        m, v = x.shape
+        acc = prob_acc_dtype(x, target, weight)
+        if acc != acc_dtype(x.dtype) or acc != acc_dtype(target.dtype):
+            raise Unsupported
+        if v == 0 or m == 0:
+            return
+        sc = torch.ones((), dtype=acc) if grad_scale is None else grad_scale.to(acc)
+        sc = sc.expand(m)
+        a = (merged.coef.to(acc) * sc).contiguous()
+        w, _ = _weight(None if weight is None else weight[start : start + v], acc)
+        grad, _ = _grad_target(grad_out, x)
+        eps = opts.label_smoothing
+        _set_threads()
+        kernel = _runtime.specialised(_kernels.ce_prob_partial_grad_kernel, _transform_kind(opts))
+        kernel(
+            as_numpy(_rows(x.detach())), as_numpy(_rows(target.detach())), w, weight is not None,
+            _scalar(1.0 - eps, acc), _scalar(eps / total, acc),
+            merged.lse.to(acc).contiguous().numpy(), a.numpy(), sc.contiguous().numpy(),
+            as_numpy(grad), _streams(grad, x), *_transform(opts, acc),
+        )  # fmt: skip
         _finish_grad(grad_out, grad)
 
     def cross_entropy_columns(

@@ -733,6 +733,91 @@ def ce_prob_kernel(transform: int):
     return kernel
 
 
+def ce_prob_partial_kernel(transform: int):
+    """This slice's partial statistics of every row for probability targets sliced like the
+    logits, for one ``transform`` (as in :func:`ce_index_kernel`)::
+
+        kernel(x, t, w, has_w, c_t, c_s, proto, cap, inv_cap, inv_t, parts)
+
+    ``parts`` ``(4, M)`` float64 receives per row: the max of u, Σ exp(u - ref) (ref: the max
+    where finite, else 0), Σ w t'·(u - ref) and Σ w t' (``t' = c_t·t + c_s``), the last two
+    summed in float64 as :func:`_prob_dots` sums (each term torch's product). One read of the
+    row for the max (shared with the previous row's pass), one for the rest.
+    """
+    capped = transform == 2
+    transformed = transform != 0
+    exp_sum = _exp_sum_row(transform, keep=False)  # the exponentials only summed
+
+    @njit(parallel=True, cache=True)
+    def kernel(x, t, w, has_w, c_t, c_s, proto, cap, inv_cap, inv_t, parts):
+        m_rows, v = x.shape
+        nb = _nblocks(m_rows, 8)
+        zero = np.float64(0.0)
+        for b in prange(nb):
+            e = np.empty(v, dtype=proto.dtype)
+            last = (b + 1) * m_rows // nb - 1
+            mx, known = compute_zero(x), False  # row i's max when known (found with row i - 1)
+            for i in range(b * m_rows // nb, last + 1):
+                xr = x[i]
+                nxt, ahead = _next_row(x, i, last)
+                m = mx if known else _row_max(xr)
+                if transformed:
+                    m = _u(m, cap, inv_cap, inv_t)
+                ref = m if math.isfinite(m) else like(0, m)
+                s, mx = exp_sum(xr, ref, e, nxt, cap, inv_cap, inv_t)
+                known = ahead
+                r64 = np.float64(ref)  # the dots in float64, rounded to nothing
+                if capped:
+                    total, dot = _prob_dots_cap(
+                        xr, t[i], r64, zero, w, has_w, c_t, c_s, cap, inv_cap, inv_t
+                    )
+                else:
+                    total, dot = _prob_dots(xr, t[i], r64, zero, w, has_w, c_t, c_s, inv_t)
+                parts[0, i] = m
+                parts[1, i] = s
+                parts[2, i] = -dot  # Σ w t'·(0 - (u - ref)) negated
+                parts[3, i] = total
+
+    return kernel
+
+
+def ce_prob_partial_grad_kernel(transform: int):
+    """The gradient of this slice's columns for probability targets given the merged
+    statistics, for one ``transform``::
+
+        kernel(x, t, w, has_w, c_t, c_s, lse, a, b, grad, nt, cap, inv_cap, inv_t)
+
+    Per row ``i``: ``grad = (p_j·a_i - b_i·w_j t'_j)·(d u_j/d x_j)`` with
+    ``p_j = exp(u_j - lse_i)``; ``a`` (the merged coefficient) and ``b`` already hold the row's
+    gradient scale. One pass over each row, the gradient streamed.
+    """
+    capped = transform == 2
+    transformed = transform != 0
+    exp_sum = _exp_sum_row(transform)
+
+    @njit(parallel=True, cache=True)
+    def kernel(x, t, w, has_w, c_t, c_s, lse, a, b, grad, nt, cap, inv_cap, inv_t):
+        m_rows, v = x.shape
+        nb = _nblocks(m_rows, 8)
+        for blk in prange(nb):
+            e = np.empty(v, dtype=lse.dtype)
+            last = (blk + 1) * m_rows // nb - 1
+            for i in range(blk * m_rows // nb, last + 1):
+                xr = x[i]
+                if transformed:
+                    exp_sum(xr, lse[i], e, xr, cap, inv_cap, inv_t)
+                else:
+                    _exps(xr, lse[i], e)
+                if capped:
+                    _prob_grad_cap(e, t[i], xr, w, has_w, c_t, c_s, a[i], b[i], inv_cap, inv_t)
+                else:
+                    _prob_grad(e, t[i], w, has_w, c_t, c_s, a[i] * inv_t, b[i] * inv_t)
+                stream_row(e, grad[i], nt)
+            fence()
+
+    return kernel
+
+
 # ---- softmax / log_softmax --------------------------------------------------------------
 
 
