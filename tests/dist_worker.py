@@ -167,6 +167,8 @@ LINEAR_CASES = [
                kw=dict(z_loss=1e-2, softcap=4.0, temperature=0.8, label_smoothing=0.1)),
     LinearCase("lin-2r-float64-offsets", (6, 5), dtype=torch.float64, kw=dict(ignore_index=2)),
     LinearCase("lin-2r-bf16", (5, 8), rows=12, dim=8, dtype=torch.bfloat16),
+    LinearCase("lin-3r-bf16-bias-ls-chunked", (6, 0, 9), rows=12, dim=8, bias=True,
+               dtype=torch.bfloat16, kw=dict(label_smoothing=0.1), chunk_bytes=40),
 ]  # fmt: skip
 
 

@@ -17,7 +17,11 @@ import torch.nn.functional as F
 from dist_worker import CASES, LINEAR_CASES, Case, LinearCase, build, build_linear, grad_for
 
 from crossent import reference
-from crossent.distributed import shard_offsets, vocab_parallel_cross_entropy
+from crossent.distributed import (
+    shard_offsets,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy,
+)
 from crossent.testing import assert_close_to_oracle
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -194,6 +198,17 @@ def test_probability_target_gradients_are_refused(one_rank_group: None) -> None:
 def test_slice_offsets_checked(one_rank_group: None, kw: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         vocab_parallel_cross_entropy(torch.zeros(2, 7), torch.tensor([0, 1]), **kw)
+
+
+def test_linear_head_dtypes_as_torchs_linear(one_rank_group: None) -> None:
+    # input, weight shard and bias of one dtype, with the errors of torch's linear layer
+    x, w, t = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4])
+    with pytest.raises(RuntimeError, match="same dtype"):
+        F.linear(x, w.double())
+    with pytest.raises(RuntimeError, match="same dtype"):
+        vocab_parallel_linear_cross_entropy(x, w.double(), t)
+    with pytest.raises(RuntimeError, match="bias"):
+        vocab_parallel_linear_cross_entropy(x, w, t, bias_shard=torch.zeros(5, dtype=torch.half))
 
 
 def test_weight_must_cover_the_whole_vocabulary(one_rank_group: None) -> None:

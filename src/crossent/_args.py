@@ -528,3 +528,17 @@ def token_target(
     flat = target.reshape(-1)
     check_target_range(flat, num_classes, ignore_index)
     return flat
+
+
+def check_linear_dtypes(x: Tensor, w: Tensor, b: Tensor | None) -> None:
+    """torch's errors for a linear layer whose input, weight and bias differ in dtype."""
+    if x.dtype != w.dtype:
+        raise RuntimeError(
+            f"expected m1 and m2 to have the same dtype, but got: {dtype_name(x.dtype)} "
+            f"!= {dtype_name(w.dtype)}"
+        )
+    if b is not None and b.dtype != x.dtype:
+        raise RuntimeError(
+            f"expected bias to have the dtype of the input, {dtype_name(x.dtype)}, "
+            f"got {dtype_name(b.dtype)}"
+        )

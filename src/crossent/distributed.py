@@ -27,7 +27,8 @@ from ._autograd import (
     reduce_rows,
 )
 from ._calls import cross_entropy_loss, index_cross_entropy
-from .backends.base import INDEX_PARTS, Merged, RowOptions, merge_index
+from ._linear import add_chunk_grads, final_grads, logits_into, param_grads
+from .backends.base import INDEX_PARTS, Merged, RowOptions, acc_dtype, merge_index
 from .backends.vocab_parallel import VocabParallelBackend
 from .dispatch import BackendName, resolve
 
@@ -163,15 +164,17 @@ def _check_slice(vocab_start: int, vocab_size: int, here: int) -> tuple[int, int
 
 # ---- the language-model head split over the vocabulary --------------------------------------
 
-LINEAR_CHUNK_BYTES = 32 * 2**20  # float32 logits of one chunk of rows, at most
+LINEAR_CHUNK_BYTES = 32 * 2**20  # logits of one chunk of rows, at most
 
 
 class _VocabParallelLinear(torch.autograd.Function):
-    """Cross entropy of ``x @ w.T + b`` over a slice of the classes, a chunk of rows at a time:
-    the forward pass takes each chunk's partial statistics (one all-gather of all of them,
-    merged in rank order on every rank); the backward pass computes each chunk's logits again
-    and from the merged statistics their gradient, accumulating d x (summed over the group)
-    and d w, d b (in float32)."""
+    """Cross entropy of ``x @ w.T + b`` over a slice of the classes, on the chunked path of
+    :func:`crossent.linear_cross_entropy`: each chunk's logits, in the input's dtype, go into
+    one reused buffer. The forward pass takes each chunk's partial statistics (one all-gather of
+    all of them, merged in rank order on every rank); the backward pass computes each chunk's
+    logits again, turns them in place into their gradient from the merged statistics, and adds
+    the chunk's share of d x (in float32 for 16-bit inputs, summed over the group, rounded
+    once) and of d w, d b (float32 accumulators for 16-bit parameters)."""
 
     @staticmethod
     def forward(
@@ -180,18 +183,19 @@ class _VocabParallelLinear(torch.autograd.Function):
     ) -> Tensor:  # fmt: skip
         n = x.shape[0]
         parts = torch.empty(INDEX_PARTS, n, dtype=torch.float64, device=x.device)
+        buf = torch.empty(min(rows, max(n, 1)) * w.shape[0], dtype=x.dtype, device=x.device)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
-            logits = _chunk_logits(x[r0:r1], w, b)
+            logits = logits_into(buf, x[r0:r1], w, b)
             parts[:, r0:r1] = vp.local.cross_entropy_partial(
                 logits, target[r0:r1], weight, opts, vp.start, vp.total
             )
+        del buf
         merged = merge_index(vp.gather(parts), target, weight, opts, vp.total)
         denom = None
         if reduction == "mean":
             denom = mean_denominator(target, weight, opts.ignore_index)
-        out_dtype = torch.promote_types(x.dtype, w.dtype)
-        loss = reduce_rows(merged.loss, reduction, denom).to(out_dtype)
+        loss = reduce_rows(merged.loss, reduction, denom).to(x.dtype)
         ctx.save_for_backward(x, w, b, target, weight, *merged)
         ctx.rest = (opts, reduction, vp, rows, denom)
         return loss
@@ -207,38 +211,28 @@ class _VocabParallelLinear(torch.autograd.Function):
         else:
             s = g.to(torch.float64).reshape(())
             scale = (s if denom is None else s / denom).expand(n)
-        dx = torch.zeros(x.shape, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype,
-                         device=x.device)  # fmt: skip
-        dw = torch.zeros(w.shape, dtype=dx.dtype, device=w.device)
-        db = None if b is None else torch.zeros(b.shape, dtype=dx.dtype, device=b.device)
+        need = tuple(bool(k) for k in ctx.needs_input_grad[:3])
+        _, dw, db = param_grads(x, w, b, (False, need[1], need[2]))
+        dx = torch.zeros(x.shape, dtype=acc_dtype(x.dtype), device=x.device)
+        buf = torch.empty(min(rows, max(n, 1)) * w.shape[0], dtype=x.dtype, device=x.device)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
-            logits = _chunk_logits(x[r0:r1], w, b)
+            logits = logits_into(buf, x[r0:r1], w, b)
             part = Merged(loss[r0:r1], lse[r0:r1], coef[r0:r1])
             vp.local.cross_entropy_partial_grad(
                 logits, target[r0:r1], weight, opts, vp.start, vp.total, part, logits,
                 scale[r0:r1],
-            )
-            gl = logits.to(dx.dtype)
-            dx[r0:r1] = gl @ w.to(dx.dtype)
-            dw.addmm_(gl.t(), x[r0:r1].to(dx.dtype))
-            if db is not None:
-                db += gl.sum(0)
+            )  # logits: now their gradient
+            add_chunk_grads((None, dw, db), logits, x[r0:r1], w, slice(r0, r1), vp.local)
+            if dx.dtype == x.dtype:
+                torch.mm(logits, w, out=dx[r0:r1])
+            else:
+                dx[r0:r1] = torch.mm(logits, w)
+        del buf
         if dist.get_world_size(vp.group) > 1:
             dist.all_reduce(dx, group=vp.group)
-        return (
-            dx.to(x.dtype), dw.to(w.dtype), None if db is None else db.to(b.dtype),
-            None, None, None, None, None, None,
-        )  # fmt: skip
-
-
-def _chunk_logits(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """The logits of a chunk of rows, float32 (float64 for float64 operands), contiguous."""
-    dt = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
-    out = x.to(dt) @ w.to(dt).t()
-    if b is not None:
-        out += b.to(dt)
-    return out
+        _, dw, db = final_grads((None, dw, db), w, b)
+        return (dx.to(x.dtype), dw, db, None, None, None, None, None, None)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -268,11 +262,14 @@ def vocab_parallel_linear_cross_entropy(
     every rank (replicated); ``weight_shard``: this rank's ``(V_r, D)`` rows of the head (may
     be empty), ``bias_shard`` its ``(V_r,)`` bias; ``target``: class indices into the whole
     vocabulary, the same on every rank; ``weight``: all ``V`` class weights, the same on every
-    rank. The logits are computed a chunk of rows at a time (at most ``chunk_bytes`` of float32
-    logits, 32 MiB by default), so not even this rank's ``N × V_r`` logits exist at once; the
+    rank. The logits are computed a chunk of rows at a time in the input's dtype, as in
+    :func:`crossent.linear_cross_entropy` (at most ``chunk_bytes`` of them, 32 MiB by
+    default), so not even this rank's ``N × V_r`` logits exist at once; the
     forward pass exchanges one all-gather of ``5 × N`` float64 statistics, the backward pass
     computes each chunk's logits again and sums d(input) over the group (one all-reduce of
-    ``N × D``). d(weight_shard) and d(bias_shard) are this rank's, accumulated in float32.
+    ``N × D``, float32 for 16-bit inputs). d(weight_shard) and d(bias_shard) are this
+    rank's, accumulated in float32 for 16-bit parameters. ``input``, ``weight_shard`` and
+    ``bias_shard`` have one dtype (torch's linear layer's errors otherwise).
     ``vocab_start``/``vocab_size`` as in :func:`vocab_parallel_cross_entropy`; the other
     options are those of :func:`crossent.linear_cross_entropy`.
     """
@@ -290,6 +287,7 @@ def vocab_parallel_linear_cross_entropy(
         )
     if bias_shard is not None and tuple(bias_shard.shape) != (weight_shard.shape[0],):
         raise ValueError(f"{fn}: bias_shard must be ({weight_shard.shape[0]},)")
+    _args.check_linear_dtypes(input, weight_shard, bias_shard)
     if target.shape != input.shape[:-1]:
         raise ValueError(
             f"{fn}: target must have shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}"
@@ -316,7 +314,7 @@ def vocab_parallel_linear_cross_entropy(
         z_loss=zl, softcap=cap, temperature=temp,
     )
     budget = LINEAR_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
-    rows = max(1, budget // (4 * max(here, 1)))
+    rows = max(1, budget // (input.element_size() * max(here, 1)))
     vp = VocabParallelBackend(group, start, total, resolve(backend, x))
     loss = _VocabParallelLinear.apply(
         x, weight_shard, bias_shard, t, weight, opts, red, vp, rows

@@ -401,7 +401,7 @@ def _linear_cross_entropy(
     ii = -100 if ignore_index is None else ignore_index
     _options_warning(options, out_features, reduction, label_smoothing, target, linear_bias)
     if compute_dtype is None:
-        _check_linear_dtypes(input, linear_weight, linear_bias)
+        _args.check_linear_dtypes(input, linear_weight, linear_bias)
     fused = (
         not out_features
         and not target.requires_grad
@@ -496,19 +496,6 @@ def _options_warning(
         f"{tuple(bias.shape) if bias is not None else None}.",
         stacklevel=3,
     )
-
-
-def _check_linear_dtypes(x: Tensor, w: Tensor, b: Tensor | None) -> None:
-    if x.dtype != w.dtype:
-        raise RuntimeError(
-            f"expected m1 and m2 to have the same dtype, but got: {_args.dtype_name(x.dtype)} "
-            f"!= {_args.dtype_name(w.dtype)}"
-        )
-    if b is not None and b.dtype != x.dtype:
-        raise RuntimeError(
-            f"expected bias to have the dtype of the input, {_args.dtype_name(x.dtype)}, "
-            f"got {_args.dtype_name(b.dtype)}"
-        )
 
 
 class TokenStats(NamedTuple):
