@@ -308,3 +308,82 @@ def test_read_only_prebuilt_cache_is_used(cold: Cold, tmp_path: Path) -> None:
     assert counts["misses"] == 0 and counts["hits"] > 0
     assert in_tmp, "no temporary directory for the float16 kernel"
     assert not os.listdir(tmp), "the temporary directory outlived the process"
+
+
+# ---- processes compiling at once ---------------------------------------------------------------
+
+# Numba numbers a new cache entry's data file from the index it has just read. Two processes
+# saving different kernels of one factory (here the class-index kernel without and with label
+# smoothing) at once would both take data file 1; the patches below make every such save read
+# the index before either process writes it, and make the first to write its index the last to
+# write its data, so that without crossent's lock on the entries the index would point the
+# second process's kernel at the first's code, which a later process would load and run.
+RACE = """
+    from numba.core.caching import IndexDataCacheFile as F
+    orig_save, orig_index, orig_save_index, orig_data = (
+        F.save, F._load_index, F._save_index, F._save_data)
+    state = {"saving": False, "first": False}
+
+    def save(self, key, data):
+        state["saving"] = "ce_index_kernel" in self._index_path
+        try:
+            return orig_save(self, key, data)
+        finally:
+            state["saving"] = False
+
+    def load_index(self):
+        out = orig_index(self)
+        if state["saving"]:
+            time.sleep(4.0)  # the other process reads the index meanwhile (without a lock)
+        return out
+
+    def save_index(self, overloads):
+        if state["saving"]:
+            try:
+                os.close(os.open(os.environ["FIRST"], os.O_CREAT | os.O_EXCL))
+                state["first"] = True
+            except FileExistsError:
+                pass
+        return orig_save_index(self, overloads)
+
+    def save_data(self, name, data):
+        if state["saving"] and state["first"]:
+            time.sleep(3.0)  # the first index written: its data written last
+        return orig_data(self, name, data)
+
+    F.save, F._load_index, F._save_index, F._save_data = save, load_index, save_index, save_data
+    open(os.environ["READY"], "w").close()
+    while not all(os.path.exists(p) for p in os.environ["ALL"].split(",")):
+        time.sleep(0.01)
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(64, 3000, generator=gen), torch.randint(0, 3000, (64,), generator=gen)
+    crossent.cross_entropy(x, t, backend="cpu", label_smoothing=float(os.environ["LS"]))
+    print(stats())
+"""
+
+CHECK_BOTH = """
+    import torch.nn.functional as F
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(64, 3000, generator=gen), torch.randint(0, 3000, (64,), generator=gen)
+    for ls in (0.0, 0.3):
+        ours = crossent.cross_entropy(x, t, backend="cpu", label_smoothing=ls)
+        theirs = F.cross_entropy(x.double(), t, label_smoothing=ls).float()
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6), (ls, ours, theirs)
+    print(stats())
+"""
+
+
+def test_processes_compiling_kernels_of_one_factory_at_once(cold: Cold, tmp_path: Path) -> None:
+    cache = _copies(cold, tmp_path)["ce"]
+    index, data = _entry_files(cache, "ce_index_kernel.locals.kernel")
+    for f in [index, *data]:  # the class-index kernels compiled anew, the helpers loaded
+        f.unlink()
+    ready = [tmp_path / "ready-a", tmp_path / "ready-b"]
+    env = {"FIRST": str(tmp_path / "first"), "ALL": ",".join(map(str, ready))}
+    children = [Child(RACE, cache, env={**env, "READY": str(r), "LS": ls})
+                for r, ls in zip(ready, ("0.0", "0.3"), strict=True)]  # fmt: skip
+    for child in children:
+        assert _last_json(child.wait())["misses"] > 0
+    assert (tmp_path / "first").exists()  # the patched saves ran
+    counts = _last_json(Child(CHECK_BOTH, cache).wait())
+    assert counts["misses"] == 0 and counts["hits"] > 0  # both kernels came from the cache

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import dispatch, functional
+from . import _composite, dispatch, functional
 from . import reference as ref
+from .backends.base import RowOptions
 from .testing import compare, make_logits, make_probs, make_targets, make_weight
 
 
@@ -40,24 +41,12 @@ def composed_cross_entropy(
 ) -> torch.Tensor:
     """crossent's extended cross entropy (2-D logits; class indices, or probabilities when
     ``t`` has the logits' shape) from torch ops in the input dtype: torch's own error for
-    options torch does not have."""
-    u = x if softcap is None else softcap * torch.tanh(x / softcap)
-    u = u / temperature
-    prob = t.shape == x.shape
-    kw: dict[str, Any] = {"weight": weight, "label_smoothing": label_smoothing}
-    if not prob:
-        kw["ignore_index"] = ignore_index
-    rows = F.cross_entropy(u, t, reduction="none", **kw)
-    keep = torch.ones_like(rows, dtype=torch.bool) if prob else t != ignore_index
-    rows = rows + z_loss * torch.logsumexp(u, 1) ** 2 * keep
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    if prob:
-        return rows.sum() / x.shape[0]
-    w_t = torch.ones_like(rows) if weight is None else weight[torch.where(keep, t, 0)]
-    return rows.sum() / (w_t * keep).sum()
+    options torch does not have (the composite form crossent uses under torch.func)."""
+    rows = RowOptions(
+        ignore_index=ignore_index, label_smoothing=max(label_smoothing, 0.0), z_loss=z_loss,
+        softcap=softcap, temperature=temperature,
+    )  # fmt: skip
+    return _composite.cross_entropy(x, t, weight, rows, reduction, t.shape == x.shape)
 
 
 def _np(t: Any) -> Any:

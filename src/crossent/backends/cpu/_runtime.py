@@ -11,6 +11,11 @@
   (a truncated or overwritten file, another format) is compiled again and written anew instead
   of failing every call, and a cache that cannot be written (a read-only installation, a
   prebuilt read-only ``NUMBA_CACHE_DIR``) is still read.
+  Entries are read and written under a lock on their index file shared by every process
+  (:func:`entry_lock`): Numba's own cache numbers a new entry's data file from the index it
+  read, so two processes compiling different kernels of one factory at once (ranks, DataLoader
+  workers, test workers starting on an empty cache) could each write data file 1 and leave the
+  index pointing one kernel at the other's code, which then runs silently on the next load.
 - :func:`private_cache_dir` is where kernels are cached when no location is writable: a
   temporary directory, removed when the process that made it exits.
 """
@@ -127,6 +132,34 @@ def _describe_cells(func: Any) -> str:
     return ",".join(parts)
 
 
+@contextlib.contextmanager
+def entry_lock(source: IndexDataCacheFile, exclusive: bool) -> Any:
+    """An advisory lock (``flock``) on the cache entries of one index, held by readers
+    (shared) and writers (exclusive) across processes and threads. Where the lock file cannot
+    be opened (a read-only prebuilt cache, which nobody writes) or there is no ``flock``, no
+    lock is taken."""
+    path = source._index_path + ".lock"
+    with _thread_locks_guard:
+        thread_lock = _thread_locks.setdefault(path, threading.RLock())
+    with thread_lock:  # flock is per open file: threads of one process take this one first
+        try:
+            import fcntl
+
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except (ImportError, OSError):
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+
+_thread_locks: dict[str, threading.RLock] = {}
+_thread_locks_guard = threading.Lock()
+
+
 class KernelCache(FunctionCache):
     """Numba's per-function cache, made robust.
 
@@ -172,7 +205,8 @@ class KernelCache(FunctionCache):
         key = self._index_key(sig, target_context.codegen())
         for source in self._sources():
             try:
-                data = source.load(key)
+                with entry_lock(source, exclusive=False):
+                    data = source.load(key)
                 if data is not None:
                     return self._impl.rebuild(target_context, data)
             except Exception as exc:  # anything a damaged file makes pickle or LLVM raise
@@ -181,7 +215,9 @@ class KernelCache(FunctionCache):
 
     def save_overload(self, sig: Any, data: Any) -> None:
         try:
-            super().save_overload(sig, data)
+            self._impl.locator.ensure_cache_path()
+            with entry_lock(self._cache_file, exclusive=True):
+                super().save_overload(sig, data)
         except Exception as exc:  # the kernel is compiled all the same; it is not kept
             self._discard(self._cache_file, exc)
 
@@ -194,7 +230,7 @@ class KernelCache(FunctionCache):
             stacklevel=2,
         )
         if source is self._cache_file:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError), entry_lock(source, exclusive=True):
                 os.remove(index)  # its data files are numbered anew by the next save
         elif self._readers is not None:
             self._readers.remove(source)
