@@ -213,19 +213,25 @@ def _differentiable(t: Any) -> bool:
 
 def _gradient_checks(fn: Any, torch_fn: Any, tensors: list[torch.Tensor]) -> None:
     """crossent passes the checks; or, on the rare sample where torch's own function fails
-    them (a 0/0 loss: all targets ignored under 'mean'), fails them too."""
+    them (a 0/0 loss: all targets ignored under 'mean'), fails them too. torch's own checks
+    run only where its output is not finite (where they can fail): elsewhere they would only
+    double the time."""
     kw = {"check_batched_grad": True}
 
     def checks(f: Any) -> None:
         assert torch.autograd.gradcheck(f, tensors, check_forward_ad=True, **kw)
         assert torch.autograd.gradgradcheck(f, tensors, **kw)
 
-    try:
-        checks(torch_fn)
-    except GradcheckError:
-        with pytest.raises(GradcheckError):
-            checks(fn)
-        return
+    with torch.no_grad():
+        out = torch_fn(*tensors)
+    finite = all(o.isfinite().all() for o in (out if isinstance(out, tuple) else (out,)))
+    if not finite:
+        try:
+            checks(torch_fn)
+        except GradcheckError:
+            with pytest.raises(GradcheckError):
+                checks(fn)
+            return
     checks(fn)
 
 
