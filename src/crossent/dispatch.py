@@ -191,6 +191,16 @@ def resolve(backend: str, tensor: Tensor) -> Backend:
     return inst
 
 
+def vocab_parallel(backend: str, tensor: Tensor, group: Any, start: int, total: int) -> Backend:
+    """The backend of one rank of a vocabulary split: ``backend`` (resolved for ``tensor``)
+    computes the partial statistics of this rank's classes ``[start, start + V_r)`` of
+    ``total``, merged with the other ranks' over ``group``
+    (:class:`~crossent.backends.vocab_parallel.VocabParallelBackend`)."""
+    from .backends.vocab_parallel import VocabParallelBackend  # imports torch.distributed
+
+    return VocabParallelBackend(group, start, total, resolve(backend, tensor))
+
+
 def _make(name: str) -> Backend:
     module, cls = REGISTRY[name]
     backend: Backend = getattr(importlib.import_module(module), cls)()

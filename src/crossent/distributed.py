@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _args
+from . import _args, dispatch
 from ._autograd import (
     LossOptions,
     mean_denominator,
@@ -30,7 +30,7 @@ from ._calls import cross_entropy_loss, index_cross_entropy
 from ._linear import add_chunk_grads, final_grads, logits_into, param_grads
 from .backends.base import INDEX_PARTS, Merged, RowOptions, acc_dtype, merge_index
 from .backends.vocab_parallel import VocabParallelBackend
-from .dispatch import BackendName, resolve
+from .dispatch import BackendName
 
 __all__ = [
     "shard_offsets",
@@ -111,7 +111,7 @@ def vocab_parallel_cross_entropy(
     _require_group(group)
     here = input.shape[0] if input.dim() == 1 else input.shape[1]
     start, total = _slice(fn, here, vocab_start, vocab_size, group, input.device)
-    local = resolve(backend, input)
+    vp = dispatch.vocab_parallel(backend, input, group, start, total)
     if target.is_floating_point() and input.shape == target.shape:
         if torch.is_grad_enabled() and (
             target.requires_grad or (weight is not None and weight.requires_grad)
@@ -127,14 +127,13 @@ def vocab_parallel_cross_entropy(
             label_smoothing=_args.effective_smoothing(ls), z_loss=zl, softcap=cap,
             temperature=temp,
         )
-        be = VocabParallelBackend(group, start, total, local)
-        opts = LossOptions(be, row_opts, red, torch.is_grad_enabled(), inplace_backward)
+        opts = LossOptions(vp, row_opts, red, torch.is_grad_enabled(), inplace_backward)
         loss = cross_entropy_loss(prob.x, prob.target, weight, opts, prob=True)
         return loss.view(prob.out_shape) if red == "none" else loss
     _args.check_index_input(input, ls)
     return index_cross_entropy(
         input, target, weight, red, ii, ls, (zl, cap, temp), inplace_backward,
-        VocabParallelBackend(group, start, total, local), classes=total,
+        vp, classes=total,
     )  # fmt: skip
 
 
@@ -315,7 +314,7 @@ def vocab_parallel_linear_cross_entropy(
     )
     budget = LINEAR_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
     rows = max(1, budget // (input.element_size() * max(here, 1)))
-    vp = VocabParallelBackend(group, start, total, resolve(backend, x))
+    vp = dispatch.vocab_parallel(backend, x, group, start, total)
     loss = _VocabParallelLinear.apply(
         x, weight_shard, bias_shard, t, weight, opts, red, vp, rows
     )
