@@ -111,8 +111,9 @@ def test_quick_run_succeeds_and_writes_files(quick: tuple[int, str, str, Path]) 
     rc, out, err, d = quick
     assert rc == 0, err
     assert sorted(p.name for p in d.iterdir()) == ["bench-quick.csv", "bench-quick.md"]
-    header = (d / "bench-quick.csv").read_text().splitlines()[:6]
-    for key in ("# machine: cpu-", "# versions: torch ", "# date: ", "# command: crossent bench"):
+    header = (d / "bench-quick.csv").read_text().splitlines()[:7]
+    for key in ("# machine: cpu-", "# instruction set: ", "# versions: torch ", "# date: ",
+                "# command: crossent bench"):  # fmt: skip
         assert any(line.startswith(key) for line in header), (key, header)
     assert "] ce 32x32000 bfloat16 torch-eager ..." in err  # progress lines on stderr
 
@@ -266,3 +267,9 @@ def test_machine_slug_names_the_hardware_not_the_host() -> None:
     assert report.machine_slug("AMD EPYC 9R14 96-Core Processor", 2) == (
         "cpu-amd-epyc-9r14-96-core-2c"
     )
+    # the vector width joins the name: results of AVX2 and AVX-512 machines sit apart
+    assert report.machine_slug("AMD EPYC", 2, "avx512") == "cpu-amd-epyc-avx512-2c"
+    assert report.isa_tag({"avx2", "avx512f", "fma"}) == "avx512"
+    assert report.isa_tag({"avx2", "fma"}) == "avx2" and report.isa_tag(set()) == ""
+    described = report.isa_description({"avx2", "avx512f", "avx512_bf16"})
+    assert described.startswith("avx512f avx512_bf16 avx2;") and "torch's CPU kernels" in described

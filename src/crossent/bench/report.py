@@ -63,6 +63,7 @@ class RunInfo:
     machine: str
     cpu: str
     cpus: int
+    isa: str
     threads: str
     torch: str
     crossent: str
@@ -98,13 +99,50 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def machine_slug(model: str, cpus: int) -> str:
-    """``"Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"``, 2 -> ``"cpu-intel-xeon-platinum-
-    8481c-2c"``: the hardware, not the host name."""
+# the x86 vector extensions that decide the kernels' speed and torch's, widest first
+ISA_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "avx512_vnni",
+             "amx_tile", "amx_bf16", "amx_fp16", "avx2", "fma", "f16c")  # fmt: skip
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isa_tag(flags: set[str]) -> str:
+    """The vector width class of a CPU: ``"avx512"``, ``"avx2"`` or ``""`` (unknown/other)."""
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else ""
+
+
+def isa_description(flags: set[str]) -> str:
+    """The flags of :data:`ISA_FLAGS` the CPU has, and the vector code torch's CPU kernels
+    dispatch to (``torch.backends.cpu.get_cpu_capability``)."""
+    import torch
+
+    have = " ".join(f for f in ISA_FLAGS if f in flags) or "no AVX2/AVX-512 flags read"
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # an older torch
+        capability = "unknown"
+    return f"{have}; torch's CPU kernels: {capability}; Numba compiles for this CPU"
+
+
+def machine_slug(model: str, cpus: int, isa: str = "") -> str:
+    """``"Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"``, 2, ``"avx512"`` ->
+    ``"cpu-intel-xeon-platinum-8481c-avx512-2c"``: the hardware, not the host name."""
     s = model.lower()
     s = re.sub(r"\((r|tm)\)|@.*$|\bcpu\b|\bprocessor\b", " ", s)
     s = re.sub(r"[^a-z0-9]+", "-", s).strip("-")
-    return f"cpu-{s or 'unknown'}-{cpus}c"
+    return f"cpu-{s or 'unknown'}{'-' + isa if isa else ''}-{cpus}c"
 
 
 def _version(module: str) -> str:
@@ -154,13 +192,14 @@ def run_info(
 
     import crossent
 
-    model, cpus = cpu_model(), cpu_count()
+    model, cpus, flags = cpu_model(), cpu_count(), cpu_flags()
     threads = sorted({int(r["threads"]) for r in results if "threads" in r})
     args = list(sys.argv[1:] if argv is None else argv)
     return RunInfo(
-        machine=machine_slug(model, cpus),
+        machine=machine_slug(model, cpus, isa_tag(flags)),
         cpu=model,
         cpus=cpus,
+        isa=isa_description(flags),
         threads=",".join(map(str, threads)) or str(torch.get_num_threads()),
         torch=torch.__version__,
         crossent=crossent.__version__,
@@ -320,6 +359,7 @@ def _cell(key: str, r: Row) -> str:
 def header_lines(info: RunInfo) -> list[str]:
     return [
         f"machine: {info.machine} ({info.cpu}, {info.cpus} CPUs, torch threads {info.threads})",
+        f"instruction set: {info.isa}",
         f"versions: torch {info.torch}, crossent {info.crossent}, numba {info.numba}, "
         f"python {info.python}; commit {info.commit}",
         f"date: {info.date}; run took {info.elapsed_s:.0f} s",
