@@ -548,9 +548,10 @@ def composite_grads(
 # ---- token statistics of a linear head -------------------------------------------------------
 
 
-def _stats_buffer(h: Tensor, w: Tensor, opts: StatsOptions) -> Tensor:
-    rows = min(opts.chunk_rows, max(h.shape[0], 1))
-    return torch.empty((rows, w.shape[0]), dtype=h.dtype, device=h.device)
+def chunk_buffer(x: Tensor, w: Tensor, rows: int) -> Tensor:
+    """Storage for the logits of one chunk of at most ``rows`` rows of ``x`` (x's dtype), for
+    :func:`logits_into`."""
+    return torch.empty((min(rows, max(x.shape[0], 1)), w.shape[0]), dtype=x.dtype, device=x.device)
 
 
 def linear_stats_forward(
@@ -562,7 +563,7 @@ def linear_stats_forward(
     acc = acc_dtype(h.dtype)
     out = [torch.empty(m, dtype=acc, device=h.device) for _ in range(3)]
     out.append(torch.empty(m, dtype=torch.int64, device=h.device))
-    buf = _stats_buffer(h, w, opts)
+    buf = chunk_buffer(h, w, opts.chunk_rows)
     for lo in range(0, m, opts.chunk_rows):
         hi = min(m, lo + opts.chunk_rows)
         logits = logits_into(buf, h[lo:hi], w, b)
@@ -582,7 +583,7 @@ def linear_stats_grads(
     acc = acc_dtype(h.dtype)
     g_lp, g_h = g_lp.to(acc), g_h.to(acc)
     grads = param_grads(h, w, b, need)
-    buf = _stats_buffer(h, w, opts)
+    buf = chunk_buffer(h, w, opts.chunk_rows)
     for lo in range(0, h.shape[0], opts.chunk_rows):
         hi = min(h.shape[0], lo + opts.chunk_rows)
         logits = logits_into(buf, h[lo:hi], w, b)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _composite, dispatch, functional
+from . import _args, _composite, dispatch, functional
 from . import reference as ref
 from .backends.base import RowOptions
 from .testing import compare, make_logits, make_probs, make_targets, make_weight
@@ -43,8 +43,8 @@ def composed_cross_entropy(
     ``t`` has the logits' shape) from torch ops in the input dtype: torch's own error for
     options torch does not have (the composite form crossent uses under torch.func)."""
     rows = RowOptions(
-        ignore_index=ignore_index, label_smoothing=max(label_smoothing, 0.0), z_loss=z_loss,
-        softcap=softcap, temperature=temperature,
+        ignore_index=ignore_index, label_smoothing=_args.effective_smoothing(label_smoothing),
+        z_loss=z_loss, softcap=softcap, temperature=temperature,
     )  # fmt: skip
     return _composite.cross_entropy(x, t, weight, rows, reduction, t.shape == x.shape)
 

@@ -27,7 +27,7 @@ from ._autograd import (
     reduce_rows,
 )
 from ._calls import cross_entropy_loss, index_cross_entropy
-from ._linear import add_chunk_grads, final_grads, logits_into, param_grads
+from ._linear import add_chunk_grads, chunk_buffer, final_grads, logits_into, param_grads
 from .backends.base import INDEX_PARTS, Merged, RowOptions, acc_dtype, merge_index
 from .backends.vocab_parallel import VocabParallelBackend
 from .dispatch import BackendName
@@ -182,7 +182,7 @@ class _VocabParallelLinear(torch.autograd.Function):
     ) -> Tensor:  # fmt: skip
         n = x.shape[0]
         parts = torch.empty(INDEX_PARTS, n, dtype=torch.float64, device=x.device)
-        buf = torch.empty(min(rows, max(n, 1)) * w.shape[0], dtype=x.dtype, device=x.device)
+        buf = chunk_buffer(x, w, rows)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             logits = logits_into(buf, x[r0:r1], w, b)
@@ -213,7 +213,7 @@ class _VocabParallelLinear(torch.autograd.Function):
         need = tuple(bool(k) for k in ctx.needs_input_grad[:3])
         _, dw, db = param_grads(x, w, b, (False, need[1], need[2]))
         dx = torch.zeros(x.shape, dtype=acc_dtype(x.dtype), device=x.device)
-        buf = torch.empty(min(rows, max(n, 1)) * w.shape[0], dtype=x.dtype, device=x.device)
+        buf = chunk_buffer(x, w, rows)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             logits = logits_into(buf, x[r0:r1], w, b)

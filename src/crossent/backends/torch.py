@@ -48,6 +48,11 @@ def chunk_rows(m: int, v: int, budget: int = CHUNK_ELEMENTS) -> int:
     return max(1, budget // max(v, 1))
 
 
+def budget_rows(x: Tensor) -> int:
+    """:func:`chunk_rows` of the ``(M, V)`` block ``x`` with its device's budget."""
+    return chunk_rows(x.shape[0], x.shape[1], chunk_elements(x.device))
+
+
 class TorchBackend(Backend):
     """Plain-torch primitives; the portable fallback and the baseline of the fused kernels."""
 
@@ -129,7 +134,7 @@ class TorchBackend(Backend):
         self, x: Tensor, target: Tensor, opts: RowOptions, chunk_rows: int
     ) -> TokenRows:
         m, v = x.shape
-        step = chunk_rows or max(1, chunk_elements(x.device) // max(v, 1))
+        step = chunk_rows or budget_rows(x)
         acc = acc_dtype(x.dtype)
         out = TokenRows.empty(m, acc, x.device)
         for r0 in range(0, m, step):
@@ -147,7 +152,7 @@ class TorchBackend(Backend):
         out: Tensor, chunk_rows: int,
     ) -> None:  # fmt: skip
         m, v = x.shape
-        step = chunk_rows or max(1, chunk_elements(x.device) // max(v, 1))
+        step = chunk_rows or budget_rows(x)
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
             t = target[r0:r1]

@@ -209,10 +209,7 @@ class CpuBackend(Backend):
     ) -> RowStats:
         _check_cpu(x, target, weight)
         m, v = x.shape
-        acc = prob_acc_dtype(x, target, weight)
-        if acc != acc_dtype(x.dtype) or acc != acc_dtype(target.dtype):
-            # mixed precisions (e.g. float32 logits, float64 targets): the portable path
-            raise Unsupported
+        acc = _prob_acc(x, target, weight)
         if v == 0 or m == 0:
             return no_classes(m, acc, x.device) if v == 0 else _empty_stats(acc)
         x, target = _rows(x.detach()), _rows(target.detach())
@@ -291,8 +288,8 @@ class CpuBackend(Backend):
     ) -> Tensor:  # fmt: skip
         _check_cpu(x, target, weight)
         m, v = x.shape
-        acc = prob_acc_dtype(x, target, weight)
-        if v == 0 or m == 0 or acc != acc_dtype(x.dtype) or acc != acc_dtype(target.dtype):
+        acc = _prob_acc(x, target, weight)
+        if v == 0 or m == 0:
             raise Unsupported
         w, _ = _weight(None if weight is None else weight[start : start + v], acc)
         parts = torch.empty(PROB_PARTS, m, dtype=torch.float64)
@@ -312,9 +309,7 @@ class CpuBackend(Backend):
     ) -> None:  # fmt: skip
         _check_cpu(x, target, weight, grad_out)
         m, v = x.shape
-        acc = prob_acc_dtype(x, target, weight)
-        if acc != acc_dtype(x.dtype) or acc != acc_dtype(target.dtype):
-            raise Unsupported
+        acc = _prob_acc(x, target, weight)
         if v == 0 or m == 0:
             return
         sc = torch.ones((), dtype=acc) if grad_scale is None else grad_scale.to(acc)
@@ -415,6 +410,15 @@ class CpuBackend(Backend):
             _rows(g_h).numpy(), cap, inv_cap, inv_t, as_numpy(out),
             np.empty(0, dtype=_np_dtype(acc)), _streams(out, x),
         )
+
+def _prob_acc(x: Tensor, target: Tensor, weight: Tensor | None) -> torch.dtype:
+    """The accumulation dtype of probability targets; :class:`Unsupported` for mixed
+    precisions (e.g. float32 logits, float64 targets), which take the portable path."""
+    acc = prob_acc_dtype(x, target, weight)
+    if acc != acc_dtype(x.dtype) or acc != acc_dtype(target.dtype):
+        raise Unsupported
+    return acc
+
 
 def _transform_kind(opts: RowOptions) -> int:
     """What a specialised kernel does to the logits: 0 nothing, 1 divides them by a
