@@ -97,3 +97,10 @@ def test_hands_off_names_the_rule() -> None:
     assert not cf.hands_off("cross_entropy", big) and cf.hands_off("softmax", big)
     assert not cf.hands_off("linear_cross_entropy", small)
     assert not cf.hands_off("softmax", torch.zeros(cf.NATIVE_SOFTMAX_BYTES // 4))
+    # off the CPU (a meta tensor stands in for a GPU one) torch's own kernels at every size,
+    # until the Triton kernels are picked: never the slower portable backend
+    gpu = torch.empty(4096, 32000, device="meta")
+    for name in ("cross_entropy", "nll_loss", "softmax", "log_softmax"):
+        assert cf.hands_off(name, gpu)
+    assert not cf.hands_off("linear_cross_entropy", gpu)
+    assert cf.auto_name(gpu) == "torch"

@@ -81,7 +81,11 @@ def test_triton_backend_subclasses_no_other() -> None:
     from crossent.backends.triton import TritonBackend
 
     assert TritonBackend.__mro__ == (TritonBackend, Backend, object)
-    assert TritonBackend.defers == {"cross_entropy_forward": "soft-capped logits"}
+    assert TritonBackend.defers == {}  # every input of the primitives it has
+    native = dispatch.native(TritonBackend())
+    assert {"softmax_forward", "softmax_backward", "cross_entropy_forward",
+            "cross_entropy_prob_forward", "cross_entropy_partial", "cross_entropy_partial_grad",
+            "cross_entropy_prob_partial", "cross_entropy_prob_partial_grad"} <= native  # fmt: skip
 
 
 def test_the_linear_heads_matmul_policy_is_the_backends() -> None:

@@ -74,6 +74,23 @@ def test_special_weight_every_backend(backend: str, special: float, smoothing: f
                    check_warnings=backend != "triton")  # fmt: skip
 
 
+# A zero class weight beside a -inf logit, with label smoothing: torch's smoothing term is
+# Σ_c w_c·(-log p_c) formed term by term, 0·inf is NaN there, and the loss is NaN (a kernel
+# that skips zero weights would give a finite number).
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_zero_weight_beside_a_minus_inf_logit(backend: str, reduction: str) -> None:
+    x = testing.make_logits((4, 6), seed=1)
+    x[1, 2] = -math.inf
+    t = torch.tensor([0, 1, 3, 5])
+    w = torch.rand(6, generator=torch.Generator().manual_seed(3)) + 0.5
+    w[2] = 0.0
+    ours = crossent.cross_entropy(x, t, w, label_smoothing=0.1, reduction=reduction,
+                                  backend=backend)  # fmt: skip
+    theirs = F.cross_entropy(x, t, w, label_smoothing=0.1, reduction=reduction)
+    assert theirs.isnan().any()
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
 # The fused linear head takes three CPU paths: the transposed single pass (N <= D), row
 # chunks (N > D, float32) and column chunks (N > D, bfloat16).
 @pytest.mark.parametrize(

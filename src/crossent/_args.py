@@ -353,14 +353,37 @@ def unchecked() -> bool:
     return compiling() or functorch_active()
 
 
+def host_readable(t: Tensor) -> bool:
+    """Whether ``t``'s values may be read on the host without waiting for a device: on the CPU
+    (Triton's interpreter included). Elsewhere (CUDA) a read would stall the host until the
+    device catches up and break CUDA-graph capture, so nothing on the path of a call reads a
+    value there: the target range is checked by a device-side assertion, the backward's
+    incoming gradient is compared with 1 on the device."""
+    return t.device.type == "cpu"
+
+
 def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise ``IndexError`` naming the first target outside ``[0, C)`` that is not ignored.
 
     Runs before any kernel: the fused kernels index with targets unchecked. Not while Dynamo
     traces (the custom operators check their targets when they run) nor under a torch.func
     transform (torch's own operations compute the call, and check).
+
+    Off the CPU (:func:`host_readable`) the check is a device-side assertion queued before the
+    kernels, as torch's own CUDA kernels do: no host synchronisation, and a bad target stops
+    the stream with ``RuntimeError: ... device-side assert triggered`` at the next
+    synchronisation, naming the valid range but not the value (the CUDA context is unusable
+    after it, as after torch's own assertion).
     """
     if target.numel() == 0 or unchecked():
+        return
+    if not host_readable(target):
+        ok = ((target >= 0) & (target < num_classes)) | (target == ignore_index)
+        torch._assert_async(
+            ok.all(),
+            f"Target out of bounds: targets must lie in [0, {num_classes}) or equal "
+            f"ignore_index={ignore_index}",
+        )
         return
     lo, hi = torch.aminmax(target)
     if bool((lo >= 0) & (hi < num_classes)):  # all in range: no per-target masks

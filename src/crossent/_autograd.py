@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from . import _composite
+from . import _args, _composite
 from ._transforms import batched, differentiable_backward
 from .backends import buffers
 from .backends.base import Backend, RowOptions, acc_dtype
@@ -147,8 +147,9 @@ class Inputs:
 
 
 def _is_one(g: Tensor) -> bool:
-    # Only on CPU, where reading a scalar costs no device synchronisation.
-    return g.device.type == "cpu" and g.dim() == 0 and bool(g == 1)
+    # Only where reading a scalar costs no device synchronisation (elsewhere the backend's
+    # scale_ compares with 1 on the device).
+    return _args.host_readable(g) and g.dim() == 0 and bool(g == 1)
 
 
 _keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
@@ -168,13 +169,17 @@ def graph_freed() -> bool:
         return False
 
 
-def scale_saved(t: Tensor, g: Tensor, rows: bool = False) -> Tensor:
+def scale_saved(
+    t: Tensor, g: Tensor, rows: bool = False, backend: Backend | None = None
+) -> Tensor:
     """A saved gradient ``t`` times the incoming gradient ``g`` (per row of ``t`` when
     ``rows``). When the graph is freed after this backward, ``t`` itself is returned (``g = 1``)
     or scaled in place, so no second buffer of its size exists; when the graph is kept
     (``retain_graph=True``) a new tensor, so that the gradient autograd accumulates into
     ``.grad`` never shares memory with the graph: zeroing or clipping ``.grad``, or an
-    in-place accumulation into it, cannot change what a later backward reads."""
+    in-place accumulation into it, cannot change what a later backward reads. The in-place
+    scale by one factor is ``backend``'s :meth:`~crossent.backends.base.Backend.scale_` (on a
+    GPU, one that skips the pass when ``g`` is 1 without reading ``g`` on the host)."""
     if rows:
         gg = g.to(t.dtype).reshape(-1, *([1] * (t.dim() - 1)))
     elif _is_one(g):
@@ -182,6 +187,8 @@ def scale_saved(t: Tensor, g: Tensor, rows: bool = False) -> Tensor:
     else:
         # a 0-d factor keeps t's dtype and is not rounded to it first (16-bit t: one rounding)
         gg = g.reshape(()) if g.dtype.is_floating_point else g.to(t.dtype).reshape(())
+        if backend is not None and graph_freed():
+            return backend.scale_(t, gg)
     return t.mul_(gg) if graph_freed() else t * gg
 
 
@@ -229,7 +236,7 @@ class CrossEntropyIndex(torch.autograd.Function):
         Inputs.release(ctx)
         if batched(g):
             return scale(grad, g, rows), None, None, None
-        return scale_saved(grad, g, rows), None, None, None
+        return scale_saved(grad, g, rows, opts.backend), None, None, None
 
 
 def _composite_grads(ctx: Any, g: Tensor, prob: bool) -> tuple[Tensor | None, ...]:
@@ -322,7 +329,7 @@ class CrossEntropyProb(torch.autograd.Function):
             _, dt, dw = _composite_grads(ctx, g, True)
             return gx, dt, dw, None
         Inputs.release(ctx)
-        gx = None if grad is None else scale_saved(grad, g, rows)
+        gx = None if grad is None else scale_saved(grad, g, rows, opts.backend)
         if not (need_t or need_w):
             return gx, None, None, None
         dt, dw = prob_extra_grads(x, target, weight, lse, g, opts, need_t, need_w)

@@ -469,7 +469,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         else:
             # the saved gradients scaled in place when the graph is freed (no second
             # d(weight)-sized buffer), copies when it is kept
-            dx, dw, db = (None if t is None else scale_saved(t, g) for t in ctx.saved_tensors)
+            dx, dw, db = (
+                None if t is None else scale_saved(t, g, backend=opts.backend)
+                for t in ctx.saved_tensors
+            )
         return dx, dw, db, None, None, None
 
 

@@ -61,15 +61,23 @@ NATIVE_SOFTMAX_BYTES = 48 << 20
 def hands_off(function: str, input: Tensor) -> bool:
     """Whether ``backend="auto"`` hands a call of ``function`` (``"cross_entropy"``,
     ``"nll_loss"``, ``"softmax"``, ``"log_softmax"``) on ``input`` to torch's own function.
-    The rule sees sizes only; the caller hands off only calls torch's function can compute
-    (crossent's extensions at their defaults)."""
+    The rule sees sizes and the device only; the caller hands off only calls torch's function
+    can compute (crossent's extensions at their defaults).
+
+    Off the CPU every such call goes to torch: there ``"auto"`` would run the portable torch
+    backend (the Triton kernels are not picked before they have been measured on a GPU), and
+    torch's own CUDA kernels are faster than it (4096×32000 float32 forward+backward on an
+    H200: 1.1 ms against 3.7 ms). Calls with crossent's options, and the linear head, still
+    run the portable backend there, which keeps its memory advantage."""
+    if input.device.type != "cpu":
+        return function in ("softmax", "log_softmax", "cross_entropy", "nll_loss")
     if function in ("softmax", "log_softmax"):
         small = input.numel() * input.element_size() < NATIVE_SOFTMAX_BYTES
     elif function in ("cross_entropy", "nll_loss"):
         small = input.numel() < NATIVE_CE_ELEMENTS
     else:
         return False
-    return small and input.device.type == "cpu"
+    return small
 
 
 def auto_name(tensor: Tensor) -> str:
@@ -138,6 +146,9 @@ class Composed(Backend):
 
     def cross_entropy_columns(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.own.cross_entropy_columns(*args, **kwargs)
+
+    def scale_(self, t: Any, g: Any) -> Any:
+        return self.own.scale_(t, g)
 
     # the linear head's matmul policy: the backend's own
     @property

@@ -289,6 +289,13 @@ class Backend:
         because this device's 16-bit matmuls are slow. Decided without timing anything."""
         return False
 
+    def scale_(self, t: Tensor, g: Tensor) -> Tensor:
+        """``t`` times the one-element factor ``g``, in place: the backward of a loss whose
+        gradient the forward wrote. A backend on a device whose values the host cannot read
+        without waiting overrides it to skip the pass when ``g`` is 1, deciding on the
+        device."""
+        return t.mul_(g.reshape(()))
+
     def softmax_forward(self, x: Tensor, log: bool) -> Tensor:
         """Return ``softmax(x, -1)`` (or ``log_softmax``), ``(M, V)`` in ``x``'s dtype."""
         raise NotImplementedError

@@ -1,19 +1,47 @@
 """Triton kernels for CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``).
 
-Cross entropy with class-index targets runs :func:`._ce.ce_index_kernel`, one program per row:
-weights, ``ignore_index``, label smoothing, ``z_loss``, temperature and per-row or global
-gradient scales, the gradient written in the forward pass. The other primitives, and soft-capped
-logits, are the portable torch backend's (composed by :mod:`crossent.dispatch`).
+Cross entropy with class-index (:func:`._ce.ce_index_kernel`) and probability targets
+(:func:`._ce.ce_prob_kernel`), every option (weights, ``ignore_index``, label smoothing,
+``z_loss``, soft-capping, temperature, per-row or global gradient scales), the gradient
+written in the forward pass from one read of each row where the row fits in one tile, several
+rows per program when rows are short; softmax and log_softmax forward and backward
+(:mod:`._softmax`); the slice primitives of vocabulary-parallel cross entropy
+(:mod:`._partial`). Nothing here reads a device value on the host: scalars travel as kernel
+arguments, the sum of the class weights stays on the device. The other primitives (nll, the
+probability targets' extra gradients, token statistics) are the portable torch backend's
+(composed by :mod:`crossent.dispatch`).
 """
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
-from ..base import Backend, RowOptions, RowStats, Unsupported, acc_dtype, no_classes
-from ._ce import ce_index_kernel
+from ..base import (
+    INDEX_PARTS,
+    PROB_PARTS,
+    Backend,
+    Merged,
+    RowOptions,
+    RowStats,
+    acc_dtype,
+    no_classes,
+    prob_acc_dtype,
+)
+from ._ce import ce_index_kernel, ce_prob_kernel
+from ._common import tile
+from ._partial import (
+    ce_partial_grad_kernel,
+    ce_partial_kernel,
+    ce_prob_partial_grad_kernel,
+    ce_prob_partial_kernel,
+)
+from ._scale import scale_unless_one_kernel
+from ._softmax import softmax_backward_kernel, softmax_kernel
 
 
 def interpreting() -> bool:
@@ -32,10 +60,41 @@ def _check_device(*tensors: Tensor | None) -> None:
             )
 
 
-def _block(v: int, itemsize: int) -> tuple[int, int]:
-    """Columns per step of a row's loop, and warps per program."""
-    block = min(triton.next_power_of_2(max(v, 1)), 16384 // itemsize)
-    return block, 4 if block <= 1024 else 8 if block <= 2048 else 16
+def _bits(value: float) -> int:
+    """``value``'s float64 bit pattern, as the kernels take float scalars (``_common.f64``)."""
+    return int(struct.unpack("<q", struct.pack("<d", float(value)))[0])
+
+
+def _tl(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` with contiguous columns (rows may be strided)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _options(opts: RowOptions, acc: torch.dtype) -> dict[str, object]:
+    """The scalar arguments and switches every cross-entropy kernel takes."""
+    return dict(
+        cap_b=_bits(opts.softcap if opts.softcap is not None else 1.0),
+        temp_b=_bits(opts.temperature), SOFTCAP=opts.softcap is not None,
+        TEMP=opts.temperature != 1.0, ACC=_tl(acc), DEPTH=7 if acc == torch.float64 else 4,
+    )  # fmt: skip
+
+
+def _scale(grad_scale: Tensor | None, acc: torch.dtype, like: Tensor) -> tuple[Tensor, dict]:
+    scale = None if grad_scale is None else grad_scale.to(acc).contiguous()
+    flags = {"HAS_SCALE": scale is not None, "ROW_SCALE": scale is not None and scale.dim() > 0}
+    return like if scale is None else scale, flags
+
+
+def _grad_target(grad_out: Tensor | None, m: int, v: int, like: Tensor) -> Tensor | None:
+    """Where a kernel writes the gradient: ``grad_out`` itself when its columns are
+    contiguous, else a buffer copied into it afterwards."""
+    if grad_out is None or grad_out.stride(1) == 1:
+        return grad_out
+    return torch.empty(m, v, dtype=grad_out.dtype, device=like.device)
 
 
 class TritonBackend(Backend):
@@ -43,7 +102,35 @@ class TritonBackend(Backend):
     portable torch ones."""
 
     name = "triton"
-    defers = {"cross_entropy_forward": "soft-capped logits"}  # noqa: RUF012
+
+    def softmax_forward(self, x: Tensor, log: bool) -> Tensor:
+        _check_device(x)
+        m, v = x.shape
+        out = torch.empty(m, v, dtype=x.dtype, device=x.device)
+        if m == 0 or v == 0:
+            return out
+        x = _rows(x)
+        rows, block, one, warps = tile(v, x.element_size())
+        softmax_kernel[(triton.cdiv(m, rows),)](
+            x, x.stride(0), out, out.stride(0), m, v, LOG=log, ACC=_tl(acc_dtype(x.dtype)),
+            ROWS=rows, BLOCK=block, ONE_TILE=one, num_warps=warps,
+        )  # fmt: skip
+        return out
+
+    def softmax_backward(self, grad: Tensor, out: Tensor, log: bool) -> Tensor:
+        _check_device(grad, out)
+        m, v = out.shape
+        dx = torch.empty(m, v, dtype=out.dtype, device=out.device)
+        if m == 0 or v == 0:
+            return dx
+        grad, out = _rows(grad), _rows(out)
+        rows, block, one, warps = tile(v, 4)
+        softmax_backward_kernel[(triton.cdiv(m, rows),)](
+            grad, grad.stride(0), out, out.stride(0), dx, dx.stride(0), m, v, LOG=log,
+            ACC=_tl(acc_dtype(out.dtype)), ROWS=rows, BLOCK=block, ONE_TILE=one,
+            num_warps=warps,
+        )  # fmt: skip
+        return dx
 
     def cross_entropy_forward(
         self,
@@ -56,8 +143,6 @@ class TritonBackend(Backend):
     ) -> RowStats:
         _check_device(x, target, weight, grad_out, grad_scale)
         m, v = x.shape
-        if opts.softcap is not None:  # tanh has no interpreter-checked Triton form here
-            raise Unsupported
         acc = acc_dtype(x.dtype)
         if v == 0:
             return no_classes(m, acc, x.device)
@@ -65,32 +150,172 @@ class TritonBackend(Backend):
         lse = torch.empty(m, dtype=acc, device=x.device)
         if m == 0:
             return RowStats(loss, lse)
-        x = x if x.stride(1) == 1 else x.contiguous()
+        x = _rows(x)
         target = target.contiguous()
         w = None if weight is None else weight.to(acc).contiguous()
-        # ε, λ, 1/T, Σ w: a tensor in the accumulation dtype (no host synchronisation for Σ w)
-        params = torch.tensor(
-            [opts.label_smoothing, opts.z_loss, 1.0 / opts.temperature, float(v)],
-            dtype=acc, device=x.device,
-        )
-        if w is not None:
-            params[3] = w.sum(dtype=acc)
-        out = grad_out
-        if grad_out is not None and grad_out.stride(1) != 1:
-            out = torch.empty(m, v, dtype=grad_out.dtype, device=x.device)
-        scale = grad_scale.to(acc).contiguous() if grad_scale is not None else None
-        block, warps = _block(v, x.element_size())
-        ce_index_kernel[(m,)](
-            x, x.stride(0), target, params if w is None else w,
-            x if out is None else out, 0 if out is None else out.stride(0),
-            loss if scale is None else scale, loss, lse, v, opts.ignore_index, params,
+        w_sum = loss if w is None else w.sum(dtype=acc).reshape(1)  # stays on the device
+        out = _grad_target(grad_out, m, v, x)
+        scale, flags = _scale(grad_scale, acc, loss)
+        rows, block, one, warps = tile(v, x.element_size())
+        ce_index_kernel[(triton.cdiv(m, rows),)](
+            x, x.stride(0), target, loss if w is None else w, w_sum,
+            x if out is None else out, 0 if out is None else out.stride(0), scale, loss, lse,
+            m, v, opts.ignore_index, _bits(opts.label_smoothing), _bits(opts.z_loss),
             HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0, ZLOSS=opts.z_loss != 0.0,
-            TEMP=opts.temperature != 1.0, WANT_GRAD=out is not None,
-            HAS_SCALE=scale is not None, ROW_SCALE=scale is not None and scale.dim() > 0,
-            ACC=triton.language.float64 if acc == torch.float64 else triton.language.float32,
-            BLOCK=block, num_warps=warps,
+            WANT_GRAD=out is not None, ROWS=rows, BLOCK=block, ONE_TILE=one,
+            num_warps=warps, **flags, **_options(opts, acc),
         )  # fmt: skip
         if out is not None and out is not grad_out:
             assert grad_out is not None
             grad_out.copy_(out)
         return RowStats(loss, lse)
+
+    def cross_entropy_prob_forward(
+        self,
+        x: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        opts: RowOptions,
+        grad_out: Tensor | None = None,
+        grad_scale: Tensor | None = None,
+    ) -> RowStats:
+        _check_device(x, target, weight, grad_out, grad_scale)
+        m, v = x.shape
+        acc = prob_acc_dtype(x, target, weight)
+        if v == 0:
+            return no_classes(m, acc, x.device)
+        loss = torch.empty(m, dtype=acc, device=x.device)
+        lse = torch.empty(m, dtype=acc, device=x.device)
+        if m == 0:
+            return RowStats(loss, lse)
+        x, target = _rows(x), _rows(target)
+        w = None if weight is None else weight.to(acc).contiguous()
+        out = _grad_target(grad_out, m, v, x)
+        scale, flags = _scale(grad_scale, acc, loss)
+        rows, block, one, warps = tile(v, max(x.element_size(), target.element_size()))
+        ce_prob_kernel[(triton.cdiv(m, rows),)](
+            x, x.stride(0), target, target.stride(0), loss if w is None else w,
+            x if out is None else out, 0 if out is None else out.stride(0), scale, loss, lse,
+            m, v, _bits(opts.label_smoothing), _bits(opts.z_loss),
+            HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0, ZLOSS=opts.z_loss != 0.0,
+            WANT_GRAD=out is not None, ROWS=rows, BLOCK=block, ONE_TILE=one,
+            num_warps=warps, **flags, **_options(opts, acc),
+        )  # fmt: skip
+        if out is not None and out is not grad_out:
+            assert grad_out is not None
+            grad_out.copy_(out)
+        return RowStats(loss, lse)
+
+    # ---- slices of the classes ---------------------------------------------------------------
+
+    def cross_entropy_partial(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int,
+    ) -> Tensor:  # fmt: skip
+        _check_device(x, target, weight)
+        m, v = x.shape
+        parts = torch.zeros(INDEX_PARTS, m, dtype=torch.float64, device=x.device)
+        parts[0] = -torch.inf
+        if v == 0 or m == 0:
+            return parts
+        acc = acc_dtype(x.dtype)
+        x, target = _rows(x), target.contiguous()
+        w = None if weight is None else weight.contiguous()
+        rows, block, _, warps = tile(v, x.element_size())
+        ce_partial_kernel[(triton.cdiv(m, rows),)](
+            x, x.stride(0), target, parts if w is None else w, parts, m, v, start,
+            opts.ignore_index, HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0,
+            ROWS=rows, BLOCK=block, num_warps=warps, **_options(opts, acc),
+        )  # fmt: skip
+        return parts
+
+    def cross_entropy_partial_grad(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int, merged: Merged, grad_out: Tensor, grad_scale: Tensor | None = None,
+    ) -> None:  # fmt: skip
+        _check_device(x, target, weight, grad_out, grad_scale)
+        m, v = x.shape
+        if v == 0 or m == 0:
+            return
+        acc = acc_dtype(x.dtype)
+        x, target = _rows(x), target.contiguous()
+        w = None if weight is None else weight.contiguous()
+        out = _grad_target(grad_out, m, v, x)
+        assert out is not None
+        lse, coef = merged.lse.contiguous(), merged.coef.contiguous()
+        scale, flags = _scale(grad_scale, acc, lse)
+        rows, block, _, warps = tile(v, x.element_size())
+        ce_partial_grad_kernel[(triton.cdiv(m, rows),)](
+            x, x.stride(0), target, lse if w is None else w, lse, coef, scale, out,
+            out.stride(0), m, v, start, total, opts.ignore_index, _bits(opts.label_smoothing),
+            HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0, ROWS=rows, BLOCK=block,
+            num_warps=warps, **flags, **_options(opts, acc),
+        )  # fmt: skip
+        if out is not grad_out:
+            grad_out.copy_(out)
+
+    def cross_entropy_prob_partial(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int,
+    ) -> Tensor:  # fmt: skip
+        _check_device(x, target, weight)
+        m, v = x.shape
+        parts = torch.zeros(PROB_PARTS, m, dtype=torch.float64, device=x.device)
+        parts[0] = -torch.inf
+        if v == 0 or m == 0:
+            return parts
+        acc = prob_acc_dtype(x, target, weight)
+        x, target = _rows(x), _rows(target)
+        w = None if weight is None else weight.contiguous()
+        rows, block, _, warps = tile(v, max(x.element_size(), target.element_size()))
+        ce_prob_partial_kernel[(triton.cdiv(m, rows),)](
+            x, x.stride(0), target, target.stride(0), parts if w is None else w, parts, m, v,
+            start, total, _bits(opts.label_smoothing), HAS_W=w is not None,
+            SMOOTH=opts.label_smoothing > 0.0, ROWS=rows, BLOCK=block, num_warps=warps,
+            **_options(opts, acc),
+        )  # fmt: skip
+        return parts
+
+    def cross_entropy_prob_partial_grad(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
+        total: int, merged: Merged, grad_out: Tensor, grad_scale: Tensor | None = None,
+    ) -> None:  # fmt: skip
+        _check_device(x, target, weight, grad_out, grad_scale)
+        m, v = x.shape
+        if v == 0 or m == 0:
+            return
+        acc = prob_acc_dtype(x, target, weight)
+        x, target = _rows(x), _rows(target)
+        w = None if weight is None else weight.contiguous()
+        out = _grad_target(grad_out, m, v, x)
+        assert out is not None
+        lse, coef = merged.lse.contiguous(), merged.coef.contiguous()
+        scale, flags = _scale(grad_scale, acc, lse)
+        rows, block, _, warps = tile(v, max(x.element_size(), target.element_size()))
+        ce_prob_partial_grad_kernel[(triton.cdiv(m, rows),)](
+            x, x.stride(0), target, target.stride(0), lse if w is None else w, lse, coef,
+            scale, out, out.stride(0), m, v, start, total, _bits(opts.label_smoothing),
+            HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0, ROWS=rows, BLOCK=block,
+            num_warps=warps, **flags, **_options(opts, acc),
+        )  # fmt: skip
+        if out is not grad_out:
+            grad_out.copy_(out)
+
+    # ---- the backward's scale ------------------------------------------------------------------
+
+    def scale_(self, t: Tensor, g: Tensor) -> Tensor:
+        """``t *= g`` in place for a one-element ``g`` of ``t``'s dtype, decided on the device:
+        every program reads ``g`` and returns at once when it is 1 (no pass over ``t``)."""
+        if g.numel() != 1 or g.dtype != t.dtype or not t.is_contiguous() or t.numel() == 0:
+            return super().scale_(t, g)
+        if t.dtype == torch.bfloat16 and interpreting():
+            # the interpreter rounds float32 to bfloat16 towards zero (a GPU to nearest), and
+            # the interpreter's tensors are on the CPU, where g is read without waiting
+            return super().scale_(t, g)
+        _check_device(t, g)
+        n = t.numel()
+        block = 4096
+        scale_unless_one_kernel[(triton.cdiv(n, block),)](
+            t, g, n, ACC=_tl(acc_dtype(t.dtype)), BLOCK=block, num_warps=8
+        )
+        return t

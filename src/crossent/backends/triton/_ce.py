@@ -1,14 +1,18 @@
-"""Triton kernel: cross entropy with class-index targets, one program per row.
+"""Triton kernels: cross entropy with class-index and with probability targets, the gradient
+written in the forward pass.
 
-Pass 1 reads the row once for its max and ``s = Σ exp(u - m)`` together (the running sum
-rescaled whenever the max grows), the target's logit, and for label smoothing
-``Σ w_j·(u_j - m)`` (rescaled with the max as well, so no large sum of logits is ever
-formed); pass 2 reads the row again and writes the gradient of the row's loss in the logits'
-dtype. ``u`` is the logit divided by the temperature. Per row:
+Class-index rows: the max, ``s = Σ exp(u - m)`` (rescaled whenever the max grows), the
+target's logit and for label smoothing ``Σ w_j·(u_j - m)`` (re-shifted with the max as well,
+so no large sum of logits is ever formed); then the gradient of the row's loss in the
+gradient buffer's dtype. ``u`` is the logit as read (:func:`._common.read`). Per row:
 ``loss = (1-ε)·w_y·(log s - (u_y - m)) + (ε/V)·(W·log s - Σ w_j (u_j - m)) + λ·lse²`` with
-``lse = m + log s``, and ``d loss/d x_j = c·(p_j·a - (ε/V)·w_j - (1-ε)·w_y·[j = y]) / T`` with
-``a = (1-ε)·w_y + (ε/V)·W + 2λ·lse``, ``c`` the row's gradient scale. Ignored rows: loss 0,
-gradient 0, lse NaN (not computed).
+``lse = m + log s``, and ``d loss/d x_j = c·(p_j·a - (ε/V)·w_j - (1-ε)·w_y·[j = y])·du_j``
+with ``a = (1-ε)·w_y + (ε/V)·W + 2λ·lse``, ``c`` the row's gradient scale. Ignored rows are
+not read: loss 0, gradient 0, lse NaN (not computed).
+
+Probability rows, with ``q = w ⊙ t'`` and ``t' = (1-ε)·t + ε/V``: ``loss = -Σ q_j·(u_j - m -
+log s) + λ·lse²`` (each product formed first, as torch forms them: ``0·(-inf)`` is NaN there
+too) and ``d loss/d x_j = c·(p_j·(Σ q + 2λ·lse) - q_j)·du_j``.
 """
 
 from __future__ import annotations
@@ -16,119 +20,244 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import f64, online, read
+
 
 @triton.jit
-def ce_index_kernel(
-    X, stride_x, T, W, GRAD, stride_g, SCALE, LOSS, LSE,
-    V, ignore_index, P,
-    HAS_W: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr, TEMP: tl.constexpr,
-    WANT_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, ROW_SCALE: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    # ε, λ, 1/T and W = Σ w in the accumulation dtype (float arguments would be float32)
-    eps = tl.load(P).to(ACC)
-    z_loss = tl.load(P + 1).to(ACC)
-    inv_t = tl.load(P + 2).to(ACC)
-    x_row = X + row * stride_x
-    g_row = GRAD + row * stride_g
-    y = tl.load(T + row)
-    if y == ignore_index:
-        tl.store(LOSS + row, tl.zeros((), ACC))
-        tl.store(LSE + row, tl.full((), float("nan"), ACC))
-        if WANT_GRAD:
-            for off in range(0, V, BLOCK):
-                cols = off + tl.arange(0, BLOCK)
-                tl.store(g_row + cols, tl.zeros((BLOCK,), ACC), mask=cols < V)
-        return
+def _index_stats(u, cols, valid, yc, W, V, m, s, sz, w_seen, uy, HAS_W: tl.constexpr,
+                 SMOOTH: tl.constexpr):  # fmt: skip
+    m, s, ref, shift = online(u, m, s)
+    uy = uy + tl.sum(tl.where(cols[None, :] == yc[:, None], u, 0.0), 1)
+    if SMOOTH:
+        if HAS_W:
+            w = tl.load(W + cols, mask=cols < V, other=0.0).to(u.dtype)
+        else:
+            w = tl.where(cols < V, 1.0, 0.0).to(u.dtype)
+        # what came before, re-shifted to the new reference; w·(u - ref) formed term by term
+        # as torch does (a zero weight beside a -inf logit is NaN there too)
+        d = tl.where(valid, u - ref[:, None], 0.0)
+        sz = sz + shift * w_seen + tl.sum(w[None, :] * d, 1)
+        w_seen = w_seen + tl.sum(w, 0)
+    return m, s, sz, w_seen, uy
 
-    # pass 1: max, Σ exp(u - m), Σ w·(u - m), the running max rescaling what came before
-    m = tl.full((), float("-inf"), ACC)
-    s = tl.zeros((), ACC)
-    sz = tl.zeros((), ACC)  # Σ w_j (u_j - m) over the columns read so far
-    w_seen = tl.zeros((), ACC)  # Σ w_j over the columns read so far
-    for off in range(0, V, BLOCK):
-        cols = off + tl.arange(0, BLOCK)
-        mask = cols < V
-        u = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(ACC)
-        if TEMP:
-            u = u * inv_t
-        m_new = tl.maximum(m, tl.max(u, 0))
-        # shifts by a finite max: while every logit so far is -inf, by 0 (exp(-inf) = 0 then,
-        # where -inf - -inf would be NaN; a NaN logit still gives NaN)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
-        m_prev = tl.where(m == float("-inf"), m_safe, m).to(ACC)
-        s = s * tl.exp(m_prev - m_safe) + tl.sum(tl.exp(u - m_safe), 0)
-        if SMOOTH:
-            if HAS_W:
-                w = tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-            else:
-                w = tl.where(mask, 1.0, 0.0).to(ACC)
-            # what came before, re-shifted to the new max (while the max is -inf, the sum
-            # holds only -inf terms or none, which no shift changes)
-            d = tl.where(mask & (w != 0.0), u - m_safe, 0.0).to(ACC)
-            sz = sz + (m_prev - m_safe) * w_seen + tl.sum(w * d, 0)
-            w_seen = w_seen + tl.sum(w, 0)
-        m = m_new
+
+@triton.jit
+def _index_grad(u, du, cols, yc, W, V, m, k, c, t_term, keep, eps,
+                HAS_W: tl.constexpr, SMOOTH: tl.constexpr, TRANSFORMED: tl.constexpr):  # fmt: skip
+    g = tl.exp(u - m[:, None]) * k[:, None]
+    if SMOOTH:
+        if HAS_W:
+            w = tl.load(W + cols, mask=cols < V, other=0.0).to(u.dtype)
+            g = g - (eps / V) * c[:, None] * w[None, :]
+        else:
+            g = g - ((eps / V) * c)[:, None]
+    g = tl.where(cols[None, :] == yc[:, None], g - t_term[:, None], g)
+    if TRANSFORMED:
+        g = g * du
+    return tl.where(keep[:, None], g, 0.0)
+
+
+@triton.jit(do_not_specialize=["ignore_index", "eps_b", "z_b", "cap_b", "temp_b"])
+def ce_index_kernel(
+    X, stride_x, T, W, WSUM, GRAD, stride_g, SCALE, LOSS, LSE,
+    M, V, ignore_index, eps_b, z_b, cap_b, temp_b,
+    HAS_W: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr,
+    TEMP: tl.constexpr, WANT_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
+    ROW_SCALE: tl.constexpr, ACC: tl.constexpr, DEPTH: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, ONE_TILE: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    in_m = rows < M
+    eps = f64(eps_b).to(ACC)
+    z_loss = f64(z_b).to(ACC)
+    cap = f64(cap_b).to(ACC)
+    temp = f64(temp_b).to(ACC)
+    y = tl.load(T + rows, mask=in_m, other=ignore_index)
+    keep = in_m & (y != ignore_index)
+    # the caller range-checked the targets (on CUDA by a device-side assertion queued
+    # before this kernel); clamped all the same, so that no index can leave the row
+    yc = tl.minimum(tl.maximum(tl.where(keep, y, 0), 0), V - 1).to(tl.int64)
+    x_rows = X + rows[:, None] * stride_x
+    TRANSFORMED: tl.constexpr = SOFTCAP or TEMP
+
+    m = tl.full((ROWS,), float("-inf"), ACC)
+    s = tl.zeros((ROWS,), ACC)
+    sz = tl.zeros((ROWS,), ACC)  # Σ w_j (u_j - ref) over the columns read so far
+    w_seen = tl.zeros((ROWS,), ACC)  # Σ w_j over the columns read so far
+    uy = tl.zeros((ROWS,), ACC)
+    if ONE_TILE:
+        cols = tl.arange(0, BLOCK)
+        valid = keep[:, None] & (cols[None, :] < V)
+        x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(ACC)
+        u, du = read(x, cap, temp, SOFTCAP, TEMP, DEPTH)
+        u = tl.where(valid, u, float("-inf"))
+        m, s, sz, w_seen, uy = _index_stats(u, cols, valid, yc, W, V, m, s, sz, w_seen, uy,
+                                            HAS_W, SMOOTH)  # fmt: skip
+    else:
+        for off in range(0, V, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            valid = keep[:, None] & (cols[None, :] < V)
+            x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(ACC)
+            u, du = read(x, cap, temp, SOFTCAP, TEMP, DEPTH)
+            u = tl.where(valid, u, float("-inf"))
+            m, s, sz, w_seen, uy = _index_stats(u, cols, valid, yc, W, V, m, s, sz, w_seen,
+                                                uy, HAS_W, SMOOTH)  # fmt: skip
 
     log_s = tl.log(s)
-    w_total = tl.load(P + 3).to(ACC)
-    u_y = tl.load(x_row + y).to(ACC)
-    if TEMP:
-        u_y = u_y * inv_t
     lse = m + log_s
     if HAS_W:
-        w_y = tl.load(W + y).to(ACC)
+        w_y = tl.load(W + yc, mask=keep, other=0.0).to(ACC)
     else:
-        w_y = tl.full((), 1.0, ACC)
-    loss = (log_s - (u_y - m)) * w_y
+        w_y = tl.full((ROWS,), 1.0, ACC)
+    loss = (log_s - (uy - m)) * w_y
     a = w_y
     if SMOOTH:
+        if HAS_W:
+            w_total = tl.load(WSUM).to(ACC)
+        else:
+            w_total = V.to(ACC)
         smooth = w_total * log_s - sz
         if HAS_W:
             if w_total - w_total != 0.0:  # an inf or NaN weight: torch's terms, one by one
-                smooth = tl.zeros((), ACC)  # (w·(log s - z) is inf or NaN by itself, where
-                for off in range(0, V, BLOCK):  # W·log s - Σ w·z would give inf - inf)
+                smooth = tl.zeros((ROWS,), ACC)  # (w·(log s - z) is inf or NaN by itself,
+                for off in range(0, V, BLOCK):  # where W·log s - Σ w·z would give inf - inf)
                     cols = off + tl.arange(0, BLOCK)
-                    mask = cols < V
-                    u = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
-                    if TEMP:
-                        u = u * inv_t
-                    w = tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-                    smooth = smooth + tl.sum(tl.where(mask, w * (log_s - (u - m)), 0.0), 0)
+                    valid = keep[:, None] & (cols[None, :] < V)
+                    x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(ACC)
+                    u, du = read(x, cap, temp, SOFTCAP, TEMP, DEPTH)
+                    w = tl.load(W + cols, mask=cols < V, other=0.0).to(ACC)
+                    term = w[None, :] * (log_s[:, None] - (u - m[:, None]))
+                    smooth = smooth + tl.sum(tl.where(valid, term, 0.0), 1)
         loss = (1.0 - eps) * loss + (eps / V) * smooth
         a = (1.0 - eps) * w_y + (eps / V) * w_total
     if ZLOSS:
         loss = loss + z_loss * lse * lse
         a = a + 2.0 * z_loss * lse
-    tl.store(LOSS + row, loss.to(ACC))
-    tl.store(LSE + row, lse.to(ACC))
+    tl.store(LOSS + rows, tl.where(keep, loss, 0.0).to(ACC), mask=in_m)
+    tl.store(LSE + rows, tl.where(keep, lse, float("nan")).to(ACC), mask=in_m)
     if not WANT_GRAD:
         return
 
-    # pass 2: the gradient
-    c = tl.full((), 1.0, ACC)
+    c = tl.full((ROWS,), 1.0, ACC)
     if HAS_SCALE:
         if ROW_SCALE:
-            c = tl.load(SCALE + row).to(ACC)
+            c = tl.load(SCALE + rows, mask=in_m, other=0.0).to(ACC)
         else:
-            c = tl.load(SCALE).to(ACC)
-    if TEMP:
-        c = c * inv_t
+            c = c * tl.load(SCALE).to(ACC)
     k = a * c / s
     t_term = (1.0 - eps) * w_y * c
-    for off in range(0, V, BLOCK):
-        cols = off + tl.arange(0, BLOCK)
-        mask = cols < V
-        u = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(ACC)
-        if TEMP:
-            u = u * inv_t
-        g = tl.exp(u - m) * k
-        if SMOOTH:
-            if HAS_W:
-                w = tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-                g = g - (eps / V) * c * w
-            else:
-                g = g - (eps / V) * c
-        g = tl.where(cols == y, g - t_term, g)
-        tl.store(g_row + cols, g.to(GRAD.dtype.element_ty), mask=mask)
+    g_rows = GRAD + rows[:, None] * stride_g
+    if ONE_TILE:
+        cols = tl.arange(0, BLOCK)
+        g = _index_grad(u, du, cols, yc, W, V, m, k, c, t_term, keep, eps, HAS_W, SMOOTH,
+                        TRANSFORMED)  # fmt: skip
+        tl.store(g_rows + cols[None, :], g.to(GRAD.dtype.element_ty),
+                 mask=in_m[:, None] & (cols[None, :] < V))  # fmt: skip
+    else:
+        for off in range(0, V, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            valid = keep[:, None] & (cols[None, :] < V)
+            x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(ACC)
+            u, du = read(x, cap, temp, SOFTCAP, TEMP, DEPTH)
+            g = _index_grad(u, du, cols, yc, W, V, m, k, c, t_term, keep, eps, HAS_W, SMOOTH,
+                            TRANSFORMED)  # fmt: skip
+            tl.store(g_rows + cols[None, :], g.to(GRAD.dtype.element_ty),
+                     mask=in_m[:, None] & (cols[None, :] < V))  # fmt: skip
+
+
+@triton.jit
+def _prob_q(TG, t_rows, W, cols, valid, V, eps, HAS_W: tl.constexpr, SMOOTH: tl.constexpr,
+            ACC: tl.constexpr):  # fmt: skip
+    """``q = w ⊙ t'`` of a block (0 off the row)."""
+    q = tl.load(t_rows + cols[None, :], mask=valid, other=0.0).to(ACC)
+    if SMOOTH:
+        q = q * (1.0 - eps) + eps / V
+    if HAS_W:
+        q = q * tl.load(W + cols, mask=cols < V, other=0.0).to(ACC)[None, :]
+    return tl.where(valid, q, 0.0)
+
+
+@triton.jit(do_not_specialize=["eps_b", "z_b", "cap_b", "temp_b"])
+def ce_prob_kernel(
+    X, stride_x, TG, stride_t, W, GRAD, stride_g, SCALE, LOSS, LSE,
+    M, V, eps_b, z_b, cap_b, temp_b,
+    HAS_W: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr,
+    TEMP: tl.constexpr, WANT_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
+    ROW_SCALE: tl.constexpr, ACC: tl.constexpr, DEPTH: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, ONE_TILE: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    in_m = rows < M
+    eps = f64(eps_b).to(ACC)
+    z_loss = f64(z_b).to(ACC)
+    cap = f64(cap_b).to(ACC)
+    temp = f64(temp_b).to(ACC)
+    x_rows = X + rows[:, None] * stride_x
+    t_rows = TG + rows[:, None] * stride_t
+    g_rows = GRAD + rows[:, None] * stride_g
+    TRANSFORMED: tl.constexpr = SOFTCAP or TEMP
+
+    m = tl.full((ROWS,), float("-inf"), ACC)
+    s = tl.zeros((ROWS,), ACC)
+    total_q = tl.zeros((ROWS,), ACC)
+    if ONE_TILE:
+        cols = tl.arange(0, BLOCK)
+        valid = in_m[:, None] & (cols[None, :] < V)
+        x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(ACC)
+        u, du = read(x, cap, temp, SOFTCAP, TEMP, DEPTH)
+        u = tl.where(valid, u, float("-inf"))
+        q = _prob_q(TG, t_rows, W, cols, valid, V, eps, HAS_W, SMOOTH, ACC)
+        m, s, ref, shift = online(u, m, s)
+        total_q = tl.sum(q, 1)
+    else:
+        for off in range(0, V, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            valid = in_m[:, None] & (cols[None, :] < V)
+            x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(ACC)
+            u, du = read(x, cap, temp, SOFTCAP, TEMP, DEPTH)
+            u = tl.where(valid, u, float("-inf"))
+            m, s, ref, shift = online(u, m, s)
+            q = _prob_q(TG, t_rows, W, cols, valid, V, eps, HAS_W, SMOOTH, ACC)
+            total_q = total_q + tl.sum(q, 1)
+    log_s = tl.log(s)
+    lse = m + log_s
+    coef = total_q
+    if ZLOSS:
+        coef = coef + 2.0 * z_loss * lse
+    c = tl.full((ROWS,), 1.0, ACC)
+    if HAS_SCALE:
+        if ROW_SCALE:
+            c = tl.load(SCALE + rows, mask=in_m, other=0.0).to(ACC)
+        else:
+            c = c * tl.load(SCALE).to(ACC)
+    k = coef / s
+
+    loss = tl.zeros((ROWS,), ACC)
+    if ONE_TILE:
+        cols = tl.arange(0, BLOCK)
+        valid = in_m[:, None] & (cols[None, :] < V)
+        z = u - m[:, None]
+        loss = -tl.sum(tl.where(valid, q * (z - log_s[:, None]), 0.0), 1)
+        if WANT_GRAD:
+            g = (tl.exp(z) * k[:, None] - q) * c[:, None]
+            if TRANSFORMED:
+                g = g * du
+            tl.store(g_rows + cols[None, :], g.to(GRAD.dtype.element_ty), mask=valid)
+    else:
+        for off in range(0, V, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            valid = in_m[:, None] & (cols[None, :] < V)
+            x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(ACC)
+            u, du = read(x, cap, temp, SOFTCAP, TEMP, DEPTH)
+            q = _prob_q(TG, t_rows, W, cols, valid, V, eps, HAS_W, SMOOTH, ACC)
+            z = u - m[:, None]
+            loss = loss - tl.sum(tl.where(valid, q * (z - log_s[:, None]), 0.0), 1)
+            if WANT_GRAD:
+                g = (tl.exp(z) * k[:, None] - q) * c[:, None]
+                if TRANSFORMED:
+                    g = g * du
+                tl.store(g_rows + cols[None, :], g.to(GRAD.dtype.element_ty), mask=valid)
+    if ZLOSS:
+        loss = loss + z_loss * lse * lse
+    tl.store(LOSS + rows, loss.to(ACC), mask=in_m)
+    tl.store(LSE + rows, lse.to(ACC), mask=in_m)

@@ -1,0 +1,90 @@
+"""Pieces every Triton kernel of the backend shares: scalar arguments, the logit transform,
+the online max / Σ exp statistics of a block of rows.
+
+Kernels work on tiles of ``ROWS`` rows by ``BLOCK`` columns. With ``ONE_TILE`` the whole row
+fits in one tile: it is read once, and every output (statistics, gradient) comes from the
+registers; otherwise the kernel loops over column blocks (one pass for the statistics, one for
+the outputs). Offsets are 64-bit (row index times stride).
+
+Float scalars arrive as the bit pattern of their float64 value (:func:`f64`), so that a
+float64 problem sees the option as given, and a new value never compiles a new kernel.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def f64(bits):
+    """The float64 whose bit pattern is the integer ``bits``."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def tanh(z, DEPTH: tl.constexpr):
+    """tanh, to the accuracy of ``z``'s dtype: Lambert's continued fraction of depth ``DEPTH``
+    where ``|z| < 0.625`` (4 is exact to 1e-9, 7 to float64 rounding), ``(1 - e)/(1 + e)`` with
+    ``e = exp(-2|z|)`` elsewhere (no cancellation there: ``e < 0.29``); ±1 at ±inf, NaN at
+    NaN."""
+    a = tl.abs(z)
+    z2 = z * z
+    t = z2 * 0.0 + (2 * DEPTH + 1)
+    for k in tl.static_range(DEPTH, 0, -1):
+        t = (2 * k - 1) + z2 / t
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(z < 0.0, -big, big)
+    return tl.where(a < 0.625, z / t, big)
+
+
+@triton.jit
+def read(x, cap, temp, SOFTCAP: tl.constexpr, TEMP: tl.constexpr, DEPTH: tl.constexpr):
+    """The logits as the loss reads them, ``u = cap·tanh(x / cap) / temp``, and ``du/dx``
+    (meaningful only when a transform is on)."""
+    u = x
+    du = x * 0.0 + 1.0
+    if SOFTCAP:
+        th = tanh(x / cap, DEPTH)
+        u = th * cap
+        du = 1.0 - th * th
+    if TEMP:
+        u = u / temp
+        du = du / temp
+    return u, du
+
+
+@triton.jit
+def online(u, m, s):
+    """The running row max ``m`` and ``s = Σ exp(u - m)`` updated with the block ``u``
+    ``(ROWS, BLOCK)`` (masked entries -inf). Returns the new max, the new sum, the finite
+    reference point of the new max and the shift ``prev ref - new ref`` of what came before.
+    While every logit so far is -inf the reference is 0 (exp(-inf) = 0 then, where
+    -inf - -inf would be NaN); a NaN logit still gives NaN."""
+    m_new = tl.maximum(m, tl.max(u, 1))
+    ref = tl.where(m_new == float("-inf"), 0.0, m_new).to(u.dtype)
+    prev = tl.where(m == float("-inf"), ref, m).to(u.dtype)
+    shift = prev - ref
+    s = s * tl.exp(shift) + tl.sum(tl.exp(u - ref[:, None]), 1)
+    return m_new, s, ref, shift
+
+
+# Tile sizes: a row of up to ONE_TILE_MAX columns is held whole (read once); shorter rows are
+# packed several to a tile of about TILE_ELEMENTS; longer rows are read LOOP_BLOCK_BYTES of
+# input at a time. Module attributes, so that tests can send small rows down the loop path.
+ONE_TILE_MAX = 16384
+TILE_ELEMENTS = 4096
+LOOP_BLOCK_BYTES = 16384
+
+
+def tile(v: int, itemsize: int) -> tuple[int, int, bool, int]:
+    """``(rows, block, one_tile, warps)`` for rows of ``v`` columns of ``itemsize`` bytes."""
+    width = triton.next_power_of_2(max(v, 1))
+    if width <= ONE_TILE_MAX:
+        rows = max(1, min(16, TILE_ELEMENTS // width))
+        block, one = width, True
+    else:
+        rows, block, one = 1, max(1, min(width, LOOP_BLOCK_BYTES // itemsize)), False
+    n = rows * block
+    return rows, block, one, 4 if n <= 1024 else 8 if n <= 4096 else 16
