@@ -29,7 +29,7 @@ def test_the_gpu_check_script_runs_interpreted() -> None:
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
     lines = done.stdout.splitlines()
-    assert lines[-1] == "0 failed" and sum(line.startswith("PASS") for line in lines) == 48
+    assert lines[-1] == "0 failed" and sum(line.startswith("PASS") for line in lines) == 96
 
 
 @needs_triton

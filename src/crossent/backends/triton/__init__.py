@@ -15,7 +15,9 @@ probability targets' extra gradients, token statistics) are the portable torch b
 from __future__ import annotations
 
 import struct
+from typing import Any
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -58,6 +60,21 @@ def _check_device(*tensors: Tensor | None) -> None:
                 f"backend 'triton' runs on CUDA tensors (CPU tensors only under "
                 f"TRITON_INTERPRET=1), got a tensor on {t.device}"
             )
+
+
+def _launch(kernel: Any, grid: tuple[int, ...]) -> Any:
+    """``kernel[grid]``; in the interpreter with NumPy's floating-point warnings off (log 0 and
+    inf - inf of masked lanes and ignored rows warn there; a GPU computes them silently, as
+    the IEEE values the kernels expect)."""
+    launcher = kernel[grid]
+    if not interpreting():
+        return launcher
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with np.errstate(all="ignore"):
+            return launcher(*args, **kwargs)
+
+    return run
 
 
 def _bits(value: float) -> int:
@@ -111,7 +128,7 @@ class TritonBackend(Backend):
             return out
         x = _rows(x)
         rows, block, one, warps = tile(v, x.element_size())
-        softmax_kernel[(triton.cdiv(m, rows),)](
+        _launch(softmax_kernel, (triton.cdiv(m, rows),))(
             x, x.stride(0), out, out.stride(0), m, v, LOG=log, ACC=_tl(acc_dtype(x.dtype)),
             ROWS=rows, BLOCK=block, ONE_TILE=one, num_warps=warps,
         )  # fmt: skip
@@ -125,7 +142,7 @@ class TritonBackend(Backend):
             return dx
         grad, out = _rows(grad), _rows(out)
         rows, block, one, warps = tile(v, 4)
-        softmax_backward_kernel[(triton.cdiv(m, rows),)](
+        _launch(softmax_backward_kernel, (triton.cdiv(m, rows),))(
             grad, grad.stride(0), out, out.stride(0), dx, dx.stride(0), m, v, LOG=log,
             ACC=_tl(acc_dtype(out.dtype)), ROWS=rows, BLOCK=block, ONE_TILE=one,
             num_warps=warps,
@@ -157,7 +174,7 @@ class TritonBackend(Backend):
         out = _grad_target(grad_out, m, v, x)
         scale, flags = _scale(grad_scale, acc, loss)
         rows, block, one, warps = tile(v, x.element_size())
-        ce_index_kernel[(triton.cdiv(m, rows),)](
+        _launch(ce_index_kernel, (triton.cdiv(m, rows),))(
             x, x.stride(0), target, loss if w is None else w, w_sum,
             x if out is None else out, 0 if out is None else out.stride(0), scale, loss, lse,
             m, v, opts.ignore_index, _bits(opts.label_smoothing), _bits(opts.z_loss),
@@ -193,7 +210,7 @@ class TritonBackend(Backend):
         out = _grad_target(grad_out, m, v, x)
         scale, flags = _scale(grad_scale, acc, loss)
         rows, block, one, warps = tile(v, max(x.element_size(), target.element_size()))
-        ce_prob_kernel[(triton.cdiv(m, rows),)](
+        _launch(ce_prob_kernel, (triton.cdiv(m, rows),))(
             x, x.stride(0), target, target.stride(0), loss if w is None else w,
             x if out is None else out, 0 if out is None else out.stride(0), scale, loss, lse,
             m, v, _bits(opts.label_smoothing), _bits(opts.z_loss),
@@ -222,7 +239,7 @@ class TritonBackend(Backend):
         x, target = _rows(x), target.contiguous()
         w = None if weight is None else weight.contiguous()
         rows, block, _, warps = tile(v, x.element_size())
-        ce_partial_kernel[(triton.cdiv(m, rows),)](
+        _launch(ce_partial_kernel, (triton.cdiv(m, rows),))(
             x, x.stride(0), target, parts if w is None else w, parts, m, v, start,
             opts.ignore_index, HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0,
             ROWS=rows, BLOCK=block, num_warps=warps, **_options(opts, acc),
@@ -245,7 +262,7 @@ class TritonBackend(Backend):
         lse, coef = merged.lse.contiguous(), merged.coef.contiguous()
         scale, flags = _scale(grad_scale, acc, lse)
         rows, block, _, warps = tile(v, x.element_size())
-        ce_partial_grad_kernel[(triton.cdiv(m, rows),)](
+        _launch(ce_partial_grad_kernel, (triton.cdiv(m, rows),))(
             x, x.stride(0), target, lse if w is None else w, lse, coef, scale, out,
             out.stride(0), m, v, start, total, opts.ignore_index, _bits(opts.label_smoothing),
             HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0, ROWS=rows, BLOCK=block,
@@ -268,7 +285,7 @@ class TritonBackend(Backend):
         x, target = _rows(x), _rows(target)
         w = None if weight is None else weight.contiguous()
         rows, block, _, warps = tile(v, max(x.element_size(), target.element_size()))
-        ce_prob_partial_kernel[(triton.cdiv(m, rows),)](
+        _launch(ce_prob_partial_kernel, (triton.cdiv(m, rows),))(
             x, x.stride(0), target, target.stride(0), parts if w is None else w, parts, m, v,
             start, total, _bits(opts.label_smoothing), HAS_W=w is not None,
             SMOOTH=opts.label_smoothing > 0.0, ROWS=rows, BLOCK=block, num_warps=warps,
@@ -292,7 +309,7 @@ class TritonBackend(Backend):
         lse, coef = merged.lse.contiguous(), merged.coef.contiguous()
         scale, flags = _scale(grad_scale, acc, lse)
         rows, block, _, warps = tile(v, max(x.element_size(), target.element_size()))
-        ce_prob_partial_grad_kernel[(triton.cdiv(m, rows),)](
+        _launch(ce_prob_partial_grad_kernel, (triton.cdiv(m, rows),))(
             x, x.stride(0), target, target.stride(0), lse if w is None else w, lse, coef,
             scale, out, out.stride(0), m, v, start, total, _bits(opts.label_smoothing),
             HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0, ROWS=rows, BLOCK=block,
@@ -315,7 +332,7 @@ class TritonBackend(Backend):
         _check_device(t, g)
         n = t.numel()
         block = 4096
-        scale_unless_one_kernel[(triton.cdiv(n, block),)](
+        _launch(scale_unless_one_kernel, (triton.cdiv(n, block),))(
             t, g, n, ACC=_tl(acc_dtype(t.dtype)), BLOCK=block, num_warps=8
         )
         return t
