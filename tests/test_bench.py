@@ -273,3 +273,29 @@ def test_machine_slug_names_the_hardware_not_the_host() -> None:
     assert report.isa_tag({"avx2", "fma"}) == "avx2" and report.isa_tag(set()) == ""
     described = report.isa_description({"avx2", "avx512f", "avx512_bf16"})
     assert described.startswith("avx512f avx512_bf16 avx2;") and "torch's CPU kernels" in described
+
+
+def test_the_gpu_harness_runs_its_quick_cases_here(tmp_path: Path) -> None:
+    # crossent.bench.gpu is what `crossent bench --device cuda` runs; its quick cases on CPU
+    # tensors (crossent's "auto" backend standing in for "triton"), so the harness itself is
+    # known to work before a GPU runs it
+    from crossent.bench import gpu
+
+    out, err = io.StringIO(), io.StringIO()
+    assert gpu.run(torch.device("cpu"), True, 2, tmp_path, out, err) == 0
+    table = out.getvalue()
+    assert "copy" in table.splitlines()[0] and "matmul" in table.splitlines()[0]
+    rows = [line for line in table.splitlines()
+            if line.startswith("| ") and ("GB/s |" in line or "TFLOP/s |" in line)]  # fmt: skip
+    providers = {line.split(" | ")[2] for line in rows}
+    assert {"crossent", "torch-eager", "torch-compile"} <= providers
+    assert all(" ok " in line for line in rows if "| ce " in line or "| linear_ce " in line)
+    assert (tmp_path / "gpu-quick.md").exists() and (tmp_path / "gpu-quick.csv").exists()
+
+
+def test_the_gpu_harness_needs_a_gpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    err = io.StringIO()
+    assert crossent.bench.main(["--device", "cuda"], io.StringIO(), err) == 2
+    assert "needs a CUDA device" in err.getvalue()

@@ -68,9 +68,10 @@ LAYERS: list[set[str]] = [
     # leaves: the float64 oracle, test helpers, docstrings, the call-path predicates, the CPU
     # kernels' building blocks, the buffer cache
     {"reference", "testing", "_docs", "_transforms", "backends", "backends.buffers",
-     "backends.cpu._math", "backends.cpu._runtime", "backends.triton._ce", "bench.memory",
-     "integrations"},  # fmt: skip
-    {"backends.cpu._lanes"},
+     "backends.cpu._math", "backends.cpu._runtime", "backends.triton._common",
+     "backends.triton._scale", "bench.memory", "integrations"},  # fmt: skip
+    {"backends.cpu._lanes", "backends.triton._ce", "backends.triton._partial",
+     "backends.triton._softmax"},  # fmt: skip
     {"backends.cpu._memory"},
     {"backends.cpu._kernels"},
     {"backends.base"},  # the primitives' interface, the formula, partial statistics' merge
@@ -87,7 +88,7 @@ LAYERS: list[set[str]] = [
     {"functional"},
     {"nn", "integrations.transformers", "integrations.trl"},
     {""},  # the package: crossent/__init__.py
-    {"warmup", "check", "demo", "bench.providers"},
+    {"warmup", "check", "demo", "bench.providers", "bench.gpu"},
     {"bench.cases"},
     {"bench.logits"},
     {"bench.linear", "bench.llama"},

@@ -101,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
         "of rows spread over the batch (default; losses always on every row), on every row, "
         "or not at all",
     )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu (default): this harness, CPU tensors, a child process per task; cuda: the "
+        "GPU harness (crossent.bench.gpu: the Triton kernels against torch eager, "
+        "torch.compile and the peers installed, against the copy bandwidth and bfloat16 "
+        "matmul rate measured in the same run; --quick, --repeats and --out apply)",
+    )
     p.add_argument("--list", action="store_true", help="print the planned tasks and exit")
     return p
 
@@ -203,6 +212,19 @@ def _progress(i: int, n: int, task: Task, err: TextIO) -> None:
     )
 
 
+def _gpu(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``--device cuda``: :func:`.gpu.run` (its own cases; --cases/--providers do not apply)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("crossent bench: --device cuda needs a CUDA device", file=err)
+        return 2
+    from .gpu import run
+
+    repeats = args.repeats if args.repeats != DEFAULT_REPEATS else 10
+    return run(torch.device("cuda"), args.quick, repeats, args.out, out, err)
+
+
 def _done(res: dict[str, Any], seconds: float, err: TextIO) -> None:
     if "error" in res:
         text = f"error: {res['error']}"
@@ -227,6 +249,8 @@ def main(
     parser = build_parser()
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        if args.device == "cuda":
+            return _gpu(args, out, err)
         cases = select_cases(args.cases, parse_dtypes(args.dtypes), args.quick)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
