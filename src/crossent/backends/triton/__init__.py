@@ -127,7 +127,7 @@ class TritonBackend(Backend):
         if m == 0 or v == 0:
             return out
         x = _rows(x)
-        rows, block, one, warps = tile(v, x.element_size())
+        rows, block, one, warps = tile(v, x.element_size(), softmax=True)
         _launch(softmax_kernel, (triton.cdiv(m, rows),))(
             x, x.stride(0), out, out.stride(0), m, v, LOG=log, ACC=_tl(acc_dtype(x.dtype)),
             ROWS=rows, BLOCK=block, ONE_TILE=one, num_warps=warps,
@@ -141,7 +141,7 @@ class TritonBackend(Backend):
         if m == 0 or v == 0:
             return dx
         grad, out = _rows(grad), _rows(out)
-        rows, block, one, warps = tile(v, 4)
+        rows, block, one, warps = tile(v, out.element_size(), softmax=True)
         _launch(softmax_backward_kernel, (triton.cdiv(m, rows),))(
             grad, grad.stride(0), out, out.stride(0), dx, dx.stride(0), m, v, LOG=log,
             ACC=_tl(acc_dtype(out.dtype)), ROWS=rows, BLOCK=block, ONE_TILE=one,

@@ -115,7 +115,7 @@ def ce_index_kernel(
         if HAS_W:
             w_total = tl.load(WSUM).to(ACC)
         else:
-            w_total = V.to(ACC)
+            w_total = tl.zeros((ROWS,), ACC) + V  # (V may arrive as the constant 1)
         smooth = w_total * log_s - sz
         if HAS_W:
             if w_total - w_total != 0.0:  # an inf or NaN weight: torch's terms, one by one

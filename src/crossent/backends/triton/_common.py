@@ -70,21 +70,29 @@ def online(u, m, s):
     return m_new, s, ref, shift
 
 
-# Tile sizes: a row of up to ONE_TILE_MAX columns is held whole (read once); shorter rows are
-# packed several to a tile of about TILE_ELEMENTS; longer rows are read LOOP_BLOCK_BYTES of
-# input at a time. Module attributes, so that tests can send small rows down the loop path.
-ONE_TILE_MAX = 16384
+# Tile sizes: a row of up to ONE_TILE_MAX columns (SOFTMAX_ONE_TILE_MAX for softmax, whose
+# kernels hold less per element) is held whole and read once; shorter rows are packed several
+# to a tile of about TILE_ELEMENTS; longer rows are read LOOP_BLOCK_BYTES of input at a time.
+# Chosen so that no kernel spills registers when compiled for sm_90 with every option on
+# (tests/triton_aot.py checks it). Module attributes, so that tests can send small rows down
+# the loop path.
+ONE_TILE_MAX = 8192
+SOFTMAX_ONE_TILE_MAX = 16384
 TILE_ELEMENTS = 4096
+MAX_ROWS = 8
 LOOP_BLOCK_BYTES = 16384
 
 
-def tile(v: int, itemsize: int) -> tuple[int, int, bool, int]:
-    """``(rows, block, one_tile, warps)`` for rows of ``v`` columns of ``itemsize`` bytes."""
+def tile(v: int, itemsize: int, softmax: bool = False) -> tuple[int, int, bool, int]:
+    """``(rows, block, one_tile, warps)`` for rows of ``v`` columns of ``itemsize`` bytes:
+    16 warps for tiles of 4096 elements and more (at most 16 elements per thread in 32-bit
+    registers), fewer for smaller ones."""
+    limit = SOFTMAX_ONE_TILE_MAX if softmax else ONE_TILE_MAX
     width = triton.next_power_of_2(max(v, 1))
-    if width <= ONE_TILE_MAX:
-        rows = max(1, min(16, TILE_ELEMENTS // width))
+    if width <= limit:
+        rows = max(1, min(MAX_ROWS, TILE_ELEMENTS // width))
         block, one = width, True
     else:
         rows, block, one = 1, max(1, min(width, LOOP_BLOCK_BYTES // itemsize)), False
     n = rows * block
-    return rows, block, one, 4 if n <= 1024 else 8 if n <= 4096 else 16
+    return rows, block, one, 4 if n <= 1024 else 8 if n <= 2048 else 16
