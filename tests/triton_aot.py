@@ -82,8 +82,14 @@ def cases(quick: bool) -> list[tuple[str, Any, dict[str, str], dict[str, Any], i
                 ptrs = {"X": f"*{dt}", "T": "*i64", "W": "*fp32", "WSUM": "*fp32",
                         "GRAD": f"*{dt}", "SCALE": "*fp32", "LOSS": "*fp32", "LSE": "*fp32",
                         "TG": f"*{dt}", "PARTS": "*fp64", "COEF": "*fp64"}  # fmt: skip
-                out.append((f"index V={v} {dt} {tag}", _ce.ce_index_kernel, ptrs,
-                            {**opts, **grad, **acc, **layout}, warps))  # fmt: skip
+                if one:
+                    out.append((f"index V={v} {dt} {tag}", _ce.ce_index_kernel, ptrs,
+                                {**opts, **grad, **acc, "ROWS": rows, "BLOCK": block},
+                                warps))  # fmt: skip
+                else:
+                    out.append((f"index V={v} {dt} {tag}", _ce.ce_index_loop_kernel, ptrs,
+                                {**opts, **grad, **acc, "BLOCK": block, "ALIGN": 16 // size},
+                                warps))  # fmt: skip
                 out.append((f"prob V={v} {dt} {tag}", _ce.ce_prob_kernel, ptrs,
                             {**opts, **grad, **acc, **layout}, warps))  # fmt: skip
                 if quick:

@@ -34,7 +34,7 @@ from ..base import (
     no_classes,
     prob_acc_dtype,
 )
-from ._ce import ce_index_kernel, ce_prob_kernel
+from ._ce import ce_index_kernel, ce_index_loop_kernel, ce_prob_kernel
 from ._common import tile
 from ._partial import (
     ce_partial_grad_kernel,
@@ -174,14 +174,24 @@ class TritonBackend(Backend):
         out = _grad_target(grad_out, m, v, x)
         scale, flags = _scale(grad_scale, acc, loss)
         rows, block, one, warps = tile(v, x.element_size())
-        _launch(ce_index_kernel, (triton.cdiv(m, rows),))(
+        args = (
             x, x.stride(0), target, loss if w is None else w, w_sum,
             x if out is None else out, 0 if out is None else out.stride(0), scale, loss, lse,
             m, v, opts.ignore_index, _bits(opts.label_smoothing), _bits(opts.z_loss),
-            HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0, ZLOSS=opts.z_loss != 0.0,
-            WANT_GRAD=out is not None, ROWS=rows, BLOCK=block, ONE_TILE=one,
-            num_warps=warps, **flags, **_options(opts, acc),
         )  # fmt: skip
+        switches = dict(
+            HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0, ZLOSS=opts.z_loss != 0.0,
+            WANT_GRAD=out is not None, BLOCK=block, num_warps=warps, **flags,
+            **_options(opts, acc),
+        )  # fmt: skip
+        if one:
+            _launch(ce_index_kernel, (triton.cdiv(m, rows),))(*args, ROWS=rows, **switches)
+        else:
+            # blocks aligned to 16 bytes of the logits' rows; the gradient's rows line up with
+            # them when they have the same stride
+            same = out is None or out.stride(0) == x.stride(0)
+            align = 16 // x.element_size() if same else 1
+            _launch(ce_index_loop_kernel, (m,))(*args, ALIGN=align, **switches)
         if out is not None and out is not grad_out:
             assert grad_out is not None
             grad_out.copy_(out)
