@@ -1,7 +1,8 @@
 """The triton backend's kernels compiled ahead of time for an H100 (sm_90a), no GPU needed: every
 kernel in the tile layout the backend picks (``_common.tile``) for a range of vocabularies, with
 its options off and all on, each compiled by Triton and assembled by the ``ptxas`` Triton ships;
-a kernel that spills registers to local memory (slow) is a failure.
+a kernel that spills registers to local memory (slow) is a failure, and so is a loop
+kernel whose blocks do not load whole 16-byte vectors from rows of any alignment.
 
 ``python triton_aot.py`` runs the whole matrix; ``python triton_aot.py quick`` a subset (what
 the test suite runs). Prints one line per kernel (registers, spill bytes) and exits 1 on any
@@ -114,8 +115,31 @@ def cases(quick: bool) -> list[tuple[str, Any, dict[str, str], dict[str, Any], i
     return out
 
 
+def vector_loads() -> tuple[bool, str]:
+    """Whether the loop kernel's body loads and stores 16-byte vectors on rows whose stride and
+    length are not multiples of 16 (50257 classes): ``(ok, counts)``."""
+    fn = _ce.ce_index_loop_kernel
+    names = list(fn.arg_names)
+    ptrs = {"X": "*bf16", "T": "*i64", "W": "*fp32", "WSUM": "*fp32", "GRAD": "*bf16",
+            "SCALE": "*fp32", "LOSS": "*fp32", "LSE": "*fp32"}  # fmt: skip
+    consts = {**PLAIN, "WANT_GRAD": True, "HAS_SCALE": True, "ROW_SCALE": False,
+              "ACC": tl.float32, "DEPTH": 4, "BLOCK": 8192, "ALIGN": 8}  # fmt: skip
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "i64" if n in FLOATS else "i32")
+           for n in names}  # fmt: skip
+    # the pointers 16-byte aligned (as torch allocates), nothing known of strides or sizes
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptrs}
+    kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET,
+                            options={"num_warps": 16})  # fmt: skip
+    ptx = kernel.asm["ptx"]
+    loads, stores = ptx.count("ld.global.v4"), ptx.count("st.global.v4")
+    return loads > 0 and stores > 0, f"{loads} vector loads, {stores} vector stores"
+
+
 def main(quick: bool) -> int:
     failures = 0
+    ok, counts = vector_loads()
+    failures += not ok
+    print(f"{'PASS' if ok else 'FAIL'} loop kernel on rows of 50257 bfloat16: {counts}")
     for label, fn, ptrs, consts, warps in cases(quick):
         try:
             regs, spill = compile_spills(fn, ptrs, consts, warps)
