@@ -68,17 +68,21 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> No
 # ---- the kernels' two layouts, and the GPU path's promises, checked in the interpreter ------
 
 
-@pytest.fixture(params=["one-tile", "loop"])
+@pytest.fixture(params=["one-tile", "loop", "split"])
 def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The kernels' tile layout: whole rows held in one tile (several rows per program), or
-    the column loop of long rows, forced here on short rows in blocks of 4 columns."""
+    """The kernels' tile layout: whole rows held in one tile (several rows per program), the
+    column loop of long rows (forced here on short rows, in blocks of 4 columns), or long rows
+    split into slices read by programs of their own and merged (forced here as on a device
+    running 64 programs at once)."""
     pytest.importorskip("triton")
-    if request.param == "loop":
-        from crossent.backends.triton import _common
+    from crossent.backends.triton import _common
 
+    if request.param in ("loop", "split"):
         monkeypatch.setattr(_common, "ONE_TILE_MAX", 0)
         monkeypatch.setattr(_common, "SOFTMAX_ONE_TILE_MAX", 0)
         monkeypatch.setattr(_common, "LOOP_BLOCK_BYTES", 16)
+    if request.param == "split":
+        monkeypatch.setattr(_common, "SPLIT_PROGRAMS", 64)
     return str(request.param)
 
 

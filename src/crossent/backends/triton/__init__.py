@@ -31,11 +31,13 @@ from ..base import (
     RowOptions,
     RowStats,
     acc_dtype,
+    merge_index,
     no_classes,
     prob_acc_dtype,
 )
+from . import _common
 from ._ce import ce_index_kernel, ce_index_loop_kernel, ce_prob_kernel
-from ._common import tile
+from ._common import slices, tile
 from ._partial import (
     ce_partial_grad_kernel,
     ce_partial_kernel,
@@ -84,6 +86,23 @@ def _bits(value: float) -> int:
 
 def _tl(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+_PROGRAMS: dict[int, int] = {}
+
+
+def _programs(device: torch.device) -> int:
+    """How many programs ``device`` runs at once, for splitting few long rows (four per
+    multiprocessor on CUDA, read once per device; 0 elsewhere: never split), or
+    ``_common.SPLIT_PROGRAMS`` when set."""
+    if _common.SPLIT_PROGRAMS is not None:
+        return _common.SPLIT_PROGRAMS
+    if device.type != "cuda":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PROGRAMS:
+        _PROGRAMS[index] = 4 * torch.cuda.get_device_properties(index).multi_processor_count
+    return _PROGRAMS[index]
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -184,6 +203,12 @@ class TritonBackend(Backend):
             WANT_GRAD=out is not None, BLOCK=block, num_warps=warps, **flags,
             **_options(opts, acc),
         )  # fmt: skip
+        count, width = (1, v) if one else slices(m, v, block, _programs(x.device))
+        if count > 1 and not (w is not None and opts.label_smoothing > 0.0):
+            # few long rows: slices of them in programs of their own, merged (not with
+            # weighted smoothing, whose merge would give inf - inf where a weight is inf)
+            return self._split_rows(x, target, weight, w, opts, out, grad_out, scale, flags,
+                                    count, width, block, warps)  # fmt: skip
         if one:
             _launch(ce_index_kernel, (triton.cdiv(m, rows),))(*args, ROWS=rows, **switches)
         else:
@@ -196,6 +221,38 @@ class TritonBackend(Backend):
             assert grad_out is not None
             grad_out.copy_(out)
         return RowStats(loss, lse)
+
+    def _split_rows(
+        self, x: Tensor, target: Tensor, weight: Tensor | None, w: Tensor | None,
+        opts: RowOptions, out: Tensor | None, grad_out: Tensor | None, scale: Tensor,
+        flags: dict, count: int, width: int, block: int, warps: int,
+    ) -> RowStats:  # fmt: skip
+        """Class-index rows in ``count`` slices of ``width`` columns, each read by a program of
+        its own: the slices' statistics (:func:`._partial.ce_partial_kernel`), merged on the
+        device (:func:`~crossent.backends.base.merge_index`), then each slice's gradient."""
+        m, v = x.shape
+        acc = acc_dtype(x.dtype)
+        parts = torch.empty(count, INDEX_PARTS, m, dtype=torch.float64, device=x.device)
+        common = dict(HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0, ROWS=1,
+                      BLOCK=block, num_warps=warps, **_options(opts, acc))  # fmt: skip
+        _launch(ce_partial_kernel, (m, count))(
+            x, x.stride(0), target, parts if w is None else w, parts, m, v, width, 0,
+            opts.ignore_index, **common,
+        )  # fmt: skip
+        merged = merge_index(parts, target, weight, opts, v)
+        if out is not None:
+            lse, coef = merged.lse.contiguous(), merged.coef.contiguous()
+            _launch(ce_partial_grad_kernel, (m, count))(
+                x, x.stride(0), target, lse if w is None else w, lse, coef, scale, out,
+                out.stride(0), m, v, width, 0, v, opts.ignore_index,
+                _bits(opts.label_smoothing), **flags, **common,
+            )  # fmt: skip
+            if out is not grad_out:
+                assert grad_out is not None
+                grad_out.copy_(out)
+        keep = target != opts.ignore_index
+        lse_rows = torch.where(keep, merged.lse, torch.nan)  # not computed on ignored rows
+        return RowStats(merged.loss.to(acc), lse_rows.to(acc))
 
     def cross_entropy_prob_forward(
         self,
@@ -249,8 +306,8 @@ class TritonBackend(Backend):
         x, target = _rows(x), target.contiguous()
         w = None if weight is None else weight.contiguous()
         rows, block, _, warps = tile(v, x.element_size())
-        _launch(ce_partial_kernel, (triton.cdiv(m, rows),))(
-            x, x.stride(0), target, parts if w is None else w, parts, m, v, start,
+        _launch(ce_partial_kernel, (triton.cdiv(m, rows), 1))(
+            x, x.stride(0), target, parts if w is None else w, parts, m, v, v, start,
             opts.ignore_index, HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0,
             ROWS=rows, BLOCK=block, num_warps=warps, **_options(opts, acc),
         )  # fmt: skip
@@ -272,9 +329,9 @@ class TritonBackend(Backend):
         lse, coef = merged.lse.contiguous(), merged.coef.contiguous()
         scale, flags = _scale(grad_scale, acc, lse)
         rows, block, _, warps = tile(v, x.element_size())
-        _launch(ce_partial_grad_kernel, (triton.cdiv(m, rows),))(
+        _launch(ce_partial_grad_kernel, (triton.cdiv(m, rows), 1))(
             x, x.stride(0), target, lse if w is None else w, lse, coef, scale, out,
-            out.stride(0), m, v, start, total, opts.ignore_index, _bits(opts.label_smoothing),
+            out.stride(0), m, v, v, start, total, opts.ignore_index, _bits(opts.label_smoothing),
             HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0, ROWS=rows, BLOCK=block,
             num_warps=warps, **flags, **_options(opts, acc),
         )  # fmt: skip

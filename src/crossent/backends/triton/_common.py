@@ -96,3 +96,23 @@ def tile(v: int, itemsize: int, softmax: bool = False) -> tuple[int, int, bool, 
         rows, block, one = 1, max(1, min(width, LOOP_BLOCK_BYTES // itemsize)), False
     n = rows * block
     return rows, block, one, 4 if n <= 1024 else 8 if n <= 2048 else 16
+
+
+# Few long rows: below SPLIT_ROWS_PER_PROGRAM rows per program of the device's parallelism
+# (programs() of the backend: a few per multiprocessor), each row is split into slices read by
+# programs of their own, and the slices' statistics merged (the vocabulary-parallel
+# primitives on one device). SPLIT_PROGRAMS, when set, stands in for the device's count (the
+# tests split rows in Triton's interpreter with it).
+SPLIT_PROGRAMS: int | None = None
+SPLIT_ROWS_PER_PROGRAM = 0.5
+
+
+def slices(m: int, v: int, block: int, programs: int) -> tuple[int, int]:
+    """``(count, width)`` of the column slices of ``m`` rows of ``v`` columns read in blocks
+    of ``block``, for a device that runs ``programs`` programs at once: one slice (width
+    ``v``) unless the rows alone leave most of it idle."""
+    if programs <= 0 or m >= SPLIT_ROWS_PER_PROGRAM * programs:
+        return 1, v
+    count = min(triton.cdiv(programs, max(m, 1)), triton.cdiv(v, block))
+    width = triton.cdiv(triton.cdiv(v, count), block) * block
+    return triton.cdiv(v, width), width

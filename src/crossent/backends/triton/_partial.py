@@ -17,16 +17,20 @@ from ._common import f64, online, read
 
 @triton.jit(do_not_specialize=["start", "ignore_index", "cap_b", "temp_b"])
 def ce_partial_kernel(
-    X, stride_x, T, W, PARTS, M, V, start, ignore_index, cap_b, temp_b,
+    X, stride_x, T, W, PARTS, M, V, SW, start, ignore_index, cap_b, temp_b,
     HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr, TEMP: tl.constexpr,
     ACC: tl.constexpr, DEPTH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """Program ``(i, j)``: rows ``i·ROWS ..`` over the columns ``[j·SW, (j+1)·SW)`` of ``x``
+    (the classes from ``start + j·SW``), into ``PARTS[j]`` (``SW = V``: one slice)."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    lo = tl.program_id(1) * SW
+    hi = tl.minimum(lo + SW, V)
     in_m = rows < M
     cap = f64(cap_b).to(ACC)
     temp = f64(temp_b).to(ACC)
     y = tl.load(T + rows, mask=in_m, other=ignore_index)
-    mine = in_m & (y != ignore_index) & (y >= start) & (y < start + V)
+    mine = in_m & (y != ignore_index) & (y >= start + lo) & (y < start + hi)
     col = tl.where(mine, y - start, -1)
     x_rows = X + rows[:, None] * stride_x
     m = tl.full((ROWS,), float("-inf"), ACC)
@@ -35,24 +39,24 @@ def ce_partial_kernel(
     w_seen = tl.zeros((ROWS,), ACC)
     w_all = tl.zeros((ROWS,), tl.float64)
     uy = tl.zeros((ROWS,), ACC)
-    for off in range(0, V, BLOCK):
+    for off in range(lo, hi, BLOCK):
         cols = off + tl.arange(0, BLOCK)
-        valid = in_m[:, None] & (cols[None, :] < V)
+        valid = in_m[:, None] & (cols[None, :] < hi)
         x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(ACC)
         u, du = read(x, cap, temp, SOFTCAP, TEMP, DEPTH)
         u = tl.where(valid, u, float("-inf"))
         m, s, ref, shift = online(u, m, s)
         uy = uy + tl.sum(tl.where(cols[None, :] == col[:, None], u, 0.0), 1)
         if HAS_W:
-            w = tl.load(W + start + cols, mask=cols < V, other=0.0).to(ACC)
+            w = tl.load(W + start + cols, mask=cols < hi, other=0.0).to(ACC)
         else:
-            w = tl.where(cols < V, 1.0, 0.0).to(ACC)
+            w = tl.where(cols < hi, 1.0, 0.0).to(ACC)
         if SMOOTH:
             d = tl.where(valid, u - ref[:, None], 0.0)
             sz = sz + shift * w_seen + tl.sum(w[None, :] * d, 1)
             w_seen = w_seen + tl.sum(w, 0)
         w_all = w_all + tl.sum(w.to(tl.float64), 0)
-    out = PARTS + rows
+    out = PARTS + tl.program_id(1).to(tl.int64) * (5 * M) + rows
     tl.store(out, m.to(tl.float64), mask=in_m)
     tl.store(out + M, s.to(tl.float64), mask=in_m)
     tl.store(out + 2 * M, tl.where(mine, uy, 0.0).to(tl.float64), mask=in_m)
@@ -63,12 +67,16 @@ def ce_partial_kernel(
 @triton.jit(do_not_specialize=["start", "total", "ignore_index", "eps_b", "cap_b", "temp_b"])
 def ce_partial_grad_kernel(
     X, stride_x, T, W, LSE, COEF, SCALE, GRAD, stride_g,
-    M, V, start, total, ignore_index, eps_b, cap_b, temp_b,
+    M, V, SW, start, total, ignore_index, eps_b, cap_b, temp_b,
     HAS_W: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr, TEMP: tl.constexpr,
     HAS_SCALE: tl.constexpr, ROW_SCALE: tl.constexpr, ACC: tl.constexpr,
     DEPTH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """Program ``(i, j)`` writes the gradient of the columns ``[j·SW, (j+1)·SW)`` of rows
+    ``i·ROWS ..`` (see :func:`ce_partial_kernel`)."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    lo = tl.program_id(1) * SW
+    hi = tl.minimum(lo + SW, V)
     in_m = rows < M
     eps = f64(eps_b).to(ACC)
     cap = f64(cap_b).to(ACC)
@@ -92,15 +100,15 @@ def ce_partial_grad_kernel(
     t_term = tl.where(mine, (1.0 - eps) * w_y, 0.0) * c
     x_rows = X + rows[:, None] * stride_x
     g_rows = GRAD + rows[:, None] * stride_g
-    for off in range(0, V, BLOCK):
+    for off in range(lo, hi, BLOCK):
         cols = off + tl.arange(0, BLOCK)
-        valid = in_m[:, None] & (cols[None, :] < V)
+        valid = in_m[:, None] & (cols[None, :] < hi)
         x = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(ACC)
         u, du = read(x, cap, temp, SOFTCAP, TEMP, DEPTH)
         g = tl.exp(u - lse[:, None]) * k[:, None]
         if SMOOTH:
             if HAS_W:
-                w = tl.load(W + start + cols, mask=cols < V, other=0.0).to(ACC)
+                w = tl.load(W + start + cols, mask=cols < hi, other=0.0).to(ACC)
                 g = g - (eps / total) * c[:, None] * w[None, :]
             else:
                 g = g - ((eps / total) * c)[:, None]
