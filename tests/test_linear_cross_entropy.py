@@ -546,3 +546,28 @@ def test_divisor_divides_the_sum(backend: str) -> None:
         crossent.linear_cross_entropy(h, w, t, reduction="sum", divisor=torch.ones(2))
     with pytest.raises(TypeError, match="logits_dtype"):
         crossent.linear_cross_entropy(h, w, t, logits_dtype=torch.int64)
+
+
+@pytest.mark.parametrize("wide_output", [True, False], ids=["float32-output", "none"])
+def test_weight_gradient_of_16_bit_chunks_is_never_rounded_per_chunk(
+    monkeypatch: pytest.MonkeyPatch, wide_output: bool
+) -> None:
+    # On a GPU d(weight) of 16-bit operands accumulates each chunk's matmul written in float32
+    # (aten::mm.dtype); a device without that output is remembered and takes float32 copies of
+    # the operands. Both here on CPU tensors: the GPU's matmul stood in for by an exact one
+    # (the operands widened), the CPU's own refusal of aten::mm.dtype; and against the result
+    # of the widened path itself.
+    from crossent import _linear
+
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(40, 300, generator=gen).bfloat16()
+    x = torch.randn(40, 16, generator=gen).bfloat16()
+    want = torch.zeros(300, 16)
+    want.addmm_(g.float().t(), x.float())
+    monkeypatch.setattr(_linear, "_NO_WIDE_OUTPUT", set())
+    if wide_output:
+        monkeypatch.setattr(_linear, "_mm_wide", lambda a, b, dt: a.to(dt) @ b.to(dt))
+    acc = torch.zeros(300, 16)
+    _linear._add_weight_grad(acc, g, x, slice_bytes=40 * 4 * 64)  # slices of 64 rows
+    torch.testing.assert_close(acc, want, rtol=1e-6, atol=1e-6)
+    assert _linear._NO_WIDE_OUTPUT == (set() if wide_output else {"cpu"})

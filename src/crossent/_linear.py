@@ -186,18 +186,40 @@ def _by_columns(x: Tensor, target: Tensor, be: Backend) -> bool:
     return be.columns_in_place and target.dim() == 1 and x.dtype in (torch.float16, torch.bfloat16)
 
 
-def _add_weight_grad(acc: Tensor, g: Tensor, x: Tensor, slice_bytes: int) -> None:
-    """``acc += g.T @ x``.
+# devices whose matmul has no float32 output for 16-bit operands (aten::mm.dtype): the CPU's,
+# and any other found to lack it
+_NO_WIDE_OUTPUT = {"cpu"}
 
-    For float16/bfloat16 g and x the product is formed in float32 (torch's CPU matmuls
-    have no float32 output for 16-bit inputs, and rounding each chunk's partial product to
-    16 bits would add an error per chunk), in slices of ``acc``'s rows to bound the copies.
+
+def _mm_wide(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``a @ b`` written in ``dtype`` (float32 from 16-bit operands), where torch has it."""
+    out: Tensor = torch.ops.aten.mm.dtype(a, b, dtype)
+    return out
+
+
+def _add_weight_grad(acc: Tensor, g: Tensor, x: Tensor, slice_bytes: int) -> None:
+    """``acc += g.T @ x``, in slices of ``acc``'s rows.
+
+    For float16/bfloat16 g and x the product is not rounded to 16 bits (rounding each chunk's
+    partial product would add an error per chunk): on a GPU the matmul of the 16-bit operands
+    writes float32 (cuBLAS on tensor cores, ``aten::mm.dtype``); where the matmul has no such
+    output (torch's CPU matmuls) the operands are copied to float32 first.
     """
     if acc.dtype == g.dtype:
         acc.addmm_(g.t(), x)
         return
-    xf = x.to(acc.dtype)
     step = max(1, slice_bytes // max(1, g.shape[0] * acc.element_size()))
+    if g.device.type not in _NO_WIDE_OUTPUT:
+        try:
+            part = _mm_wide(g[:, :step].t(), x, acc.dtype)
+        except (NotImplementedError, RuntimeError):  # raised on dispatch, before any work
+            _NO_WIDE_OUTPUT.add(g.device.type)
+        else:
+            acc[:step] += part
+            for lo in range(step, acc.shape[0], step):
+                acc[lo : lo + step] += _mm_wide(g[:, lo : lo + step].t(), x, acc.dtype)
+            return
+    xf = x.to(acc.dtype)
     for lo in range(0, acc.shape[0], step):
         acc[lo : lo + step].addmm_(g[:, lo : lo + step].t().to(acc.dtype), xf)
 
