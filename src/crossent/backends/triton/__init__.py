@@ -110,9 +110,11 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _options(opts: RowOptions, acc: torch.dtype) -> dict[str, object]:
-    """The scalar arguments and switches every cross-entropy kernel takes."""
+def _options(opts: RowOptions, acc: torch.dtype, w: Tensor | None) -> dict[str, object]:
+    """The scalar arguments and switches every cross-entropy kernel takes (``w``: the class
+    weights passed, or ``None``)."""
     return dict(
+        HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0,
         cap_b=_bits(opts.softcap if opts.softcap is not None else 1.0),
         temp_b=_bits(opts.temperature), SOFTCAP=opts.softcap is not None,
         TEMP=opts.temperature != 1.0, ACC=_tl(acc), DEPTH=7 if acc == torch.float64 else 4,
@@ -199,9 +201,9 @@ class TritonBackend(Backend):
             m, v, opts.ignore_index, _bits(opts.label_smoothing), _bits(opts.z_loss),
         )  # fmt: skip
         switches = dict(
-            HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0, ZLOSS=opts.z_loss != 0.0,
+            ZLOSS=opts.z_loss != 0.0,
             WANT_GRAD=out is not None, BLOCK=block, num_warps=warps, **flags,
-            **_options(opts, acc),
+            **_options(opts, acc, w),
         )  # fmt: skip
         count, width = (1, v) if one else slices(m, v, block, _programs(x.device))
         if count > 1 and not (w is not None and opts.label_smoothing > 0.0):
@@ -233,8 +235,7 @@ class TritonBackend(Backend):
         m, v = x.shape
         acc = acc_dtype(x.dtype)
         parts = torch.empty(count, INDEX_PARTS, m, dtype=torch.float64, device=x.device)
-        common = dict(HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0, ROWS=1,
-                      BLOCK=block, num_warps=warps, **_options(opts, acc))  # fmt: skip
+        common = dict(ROWS=1, BLOCK=block, num_warps=warps, **_options(opts, acc, w))
         _launch(ce_partial_kernel, (m, count))(
             x, x.stride(0), target, parts if w is None else w, parts, m, v, width, 0,
             opts.ignore_index, **common,
@@ -281,9 +282,9 @@ class TritonBackend(Backend):
             x, x.stride(0), target, target.stride(0), loss if w is None else w,
             x if out is None else out, 0 if out is None else out.stride(0), scale, loss, lse,
             m, v, _bits(opts.label_smoothing), _bits(opts.z_loss),
-            HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0, ZLOSS=opts.z_loss != 0.0,
+            ZLOSS=opts.z_loss != 0.0,
             WANT_GRAD=out is not None, ROWS=rows, BLOCK=block, ONE_TILE=one,
-            num_warps=warps, **flags, **_options(opts, acc),
+            num_warps=warps, **flags, **_options(opts, acc, w),
         )  # fmt: skip
         if out is not None and out is not grad_out:
             assert grad_out is not None
@@ -308,8 +309,8 @@ class TritonBackend(Backend):
         rows, block, _, warps = tile(v, x.element_size())
         _launch(ce_partial_kernel, (triton.cdiv(m, rows), 1))(
             x, x.stride(0), target, parts if w is None else w, parts, m, v, v, start,
-            opts.ignore_index, HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0,
-            ROWS=rows, BLOCK=block, num_warps=warps, **_options(opts, acc),
+            opts.ignore_index, ROWS=rows, BLOCK=block, num_warps=warps,
+            **_options(opts, acc, w),
         )  # fmt: skip
         return parts
 
@@ -332,8 +333,8 @@ class TritonBackend(Backend):
         _launch(ce_partial_grad_kernel, (triton.cdiv(m, rows), 1))(
             x, x.stride(0), target, lse if w is None else w, lse, coef, scale, out,
             out.stride(0), m, v, v, start, total, opts.ignore_index, _bits(opts.label_smoothing),
-            HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0, ROWS=rows, BLOCK=block,
-            num_warps=warps, **flags, **_options(opts, acc),
+            ROWS=rows, BLOCK=block,
+            num_warps=warps, **flags, **_options(opts, acc, w),
         )  # fmt: skip
         if out is not grad_out:
             grad_out.copy_(out)
@@ -354,9 +355,8 @@ class TritonBackend(Backend):
         rows, block, _, warps = tile(v, max(x.element_size(), target.element_size()))
         _launch(ce_prob_partial_kernel, (triton.cdiv(m, rows),))(
             x, x.stride(0), target, target.stride(0), parts if w is None else w, parts, m, v,
-            start, total, _bits(opts.label_smoothing), HAS_W=w is not None,
-            SMOOTH=opts.label_smoothing > 0.0, ROWS=rows, BLOCK=block, num_warps=warps,
-            **_options(opts, acc),
+            start, total, _bits(opts.label_smoothing), ROWS=rows, BLOCK=block,
+            num_warps=warps, **_options(opts, acc, w),
         )  # fmt: skip
         return parts
 
@@ -379,8 +379,8 @@ class TritonBackend(Backend):
         _launch(ce_prob_partial_grad_kernel, (triton.cdiv(m, rows),))(
             x, x.stride(0), target, target.stride(0), lse if w is None else w, lse, coef,
             scale, out, out.stride(0), m, v, start, total, _bits(opts.label_smoothing),
-            HAS_W=w is not None, SMOOTH=opts.label_smoothing > 0.0, ROWS=rows, BLOCK=block,
-            num_warps=warps, **flags, **_options(opts, acc),
+            ROWS=rows, BLOCK=block,
+            num_warps=warps, **flags, **_options(opts, acc, w),
         )  # fmt: skip
         if out is not grad_out:
             grad_out.copy_(out)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import f64, online, read
+from ._common import f64, grad_scale, online, read
 
 
 @triton.jit
@@ -133,12 +133,7 @@ def ce_index_kernel(
     if not WANT_GRAD:
         return
 
-    c = tl.full((ROWS,), 1.0, ACC)
-    if HAS_SCALE:
-        if ROW_SCALE:
-            c = tl.load(SCALE + rows, mask=in_m, other=0.0).to(ACC)
-        else:
-            c = c * tl.load(SCALE).to(ACC)
+    c = grad_scale(SCALE, rows, in_m, HAS_SCALE, ROW_SCALE, ACC)
     k = a * c / s
     t_term = (1.0 - eps) * w_y * c
     g_rows = GRAD + rows[:, None] * stride_g
@@ -283,12 +278,8 @@ def ce_index_loop_kernel(
     tl.store(LSE + row + tl.arange(0, 1), lse.to(ACC))
     if not WANT_GRAD:
         return
-    c = tl.full((1,), 1.0, ACC)
-    if HAS_SCALE:
-        if ROW_SCALE:
-            c = c * tl.load(SCALE + row).to(ACC)
-        else:
-            c = c * tl.load(SCALE).to(ACC)
+    c = grad_scale(SCALE, row + tl.arange(0, 1), tl.full((1,), 1, tl.int1), HAS_SCALE, ROW_SCALE,
+                   ACC)  # fmt: skip
     k_row = a * c / s
     t_term = (1.0 - eps) * w_y * c
     _part_grad(xa, ga, head, head_mask, lead, ycs, W, V, cap, temp, m, k_row, c, t_term, eps,
@@ -360,12 +351,7 @@ def ce_prob_kernel(
     coef = total_q
     if ZLOSS:
         coef = coef + 2.0 * z_loss * lse
-    c = tl.full((ROWS,), 1.0, ACC)
-    if HAS_SCALE:
-        if ROW_SCALE:
-            c = tl.load(SCALE + rows, mask=in_m, other=0.0).to(ACC)
-        else:
-            c = c * tl.load(SCALE).to(ACC)
+    c = grad_scale(SCALE, rows, in_m, HAS_SCALE, ROW_SCALE, ACC)
     k = coef / s
 
     loss = tl.zeros((ROWS,), ACC)

@@ -70,6 +70,19 @@ def online(u, m, s):
     return m_new, s, ref, shift
 
 
+@triton.jit
+def grad_scale(SCALE, rows, in_m, HAS_SCALE: tl.constexpr, ROW_SCALE: tl.constexpr,
+               ACC: tl.constexpr):  # fmt: skip
+    """The gradient scale of each of ``rows``: 1, the one value at ``SCALE``, or one per row."""
+    c = tl.full(in_m.shape, 1.0, ACC)
+    if HAS_SCALE:
+        if ROW_SCALE:
+            c = tl.load(SCALE + rows, mask=in_m, other=0.0).to(ACC)
+        else:
+            c = c * tl.load(SCALE).to(ACC)
+    return c
+
+
 # Tile sizes: a row of up to ONE_TILE_MAX columns (SOFTMAX_ONE_TILE_MAX for softmax, whose
 # kernels hold less per element) is held whole and read once; shorter rows are packed several
 # to a tile of about TILE_ELEMENTS; longer rows are read LOOP_BLOCK_BYTES of input at a time.

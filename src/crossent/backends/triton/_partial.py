@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import f64, online, read
+from ._common import f64, grad_scale, online, read
 
 
 @triton.jit(do_not_specialize=["start", "ignore_index", "cap_b", "temp_b"])
@@ -89,12 +89,7 @@ def ce_partial_grad_kernel(
         w_y = tl.load(W + tl.where(keep, y, 0), mask=keep, other=0.0).to(ACC)
     else:
         w_y = tl.full((ROWS,), 1.0, ACC)
-    c = tl.full((ROWS,), 1.0, ACC)
-    if HAS_SCALE:
-        if ROW_SCALE:
-            c = tl.load(SCALE + rows, mask=in_m, other=0.0).to(ACC)
-        else:
-            c = c * tl.load(SCALE).to(ACC)
+    c = grad_scale(SCALE, rows, in_m, HAS_SCALE, ROW_SCALE, ACC)
     lse = tl.load(LSE + rows, mask=in_m, other=0.0).to(ACC)
     k = tl.load(COEF + rows, mask=in_m, other=0.0).to(ACC) * c
     t_term = tl.where(mine, (1.0 - eps) * w_y, 0.0) * c
@@ -178,12 +173,7 @@ def ce_prob_partial_grad_kernel(
     eps = f64(eps_b).to(ACC)
     cap = f64(cap_b).to(ACC)
     temp = f64(temp_b).to(ACC)
-    c = tl.full((ROWS,), 1.0, ACC)
-    if HAS_SCALE:
-        if ROW_SCALE:
-            c = tl.load(SCALE + rows, mask=in_m, other=0.0).to(ACC)
-        else:
-            c = c * tl.load(SCALE).to(ACC)
+    c = grad_scale(SCALE, rows, in_m, HAS_SCALE, ROW_SCALE, ACC)
     lse = tl.load(LSE + rows, mask=in_m, other=0.0).to(ACC)
     coef = tl.load(COEF + rows, mask=in_m, other=0.0).to(ACC)
     x_rows = X + rows[:, None] * stride_x
