@@ -212,7 +212,10 @@ def _add_weight_grad(acc: Tensor, g: Tensor, x: Tensor, slice_bytes: int) -> Non
     if g.device.type not in _NO_WIDE_OUTPUT:
         try:
             part = _mm_wide(g[:, :step].t(), x, acc.dtype)
-        except (NotImplementedError, RuntimeError):  # raised on dispatch, before any work
+        except torch.OutOfMemoryError:
+            raise
+        except (AttributeError, NotImplementedError, RuntimeError):  # a torch without the
+            # overload, or a device without the kernel: raised on dispatch, before any work
             _NO_WIDE_OUTPUT.add(g.device.type)
         else:
             acc[:step] += part
