@@ -4,7 +4,10 @@ Cross entropy with class-index (:func:`._ce.ce_index_kernel`) and probability ta
 (:func:`._ce.ce_prob_kernel`), every option (weights, ``ignore_index``, label smoothing,
 ``z_loss``, soft-capping, temperature, per-row or global gradient scales), the gradient
 written in the forward pass from one read of each row where the row fits in one tile, several
-rows per program when rows are short; softmax and log_softmax forward and backward
+rows per program when rows are short; longer rows one program each
+(:func:`._ce.ce_index_loop_kernel`, blocks aligned to 16 bytes), or when they are too few to
+occupy the device, split into slices merged on the device; softmax and log_softmax forward and
+backward
 (:mod:`._softmax`); the slice primitives of vocabulary-parallel cross entropy
 (:mod:`._partial`). Nothing here reads a device value on the host: scalars travel as kernel
 arguments, the sum of the class weights stays on the device. The other primitives (nll, the
