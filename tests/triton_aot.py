@@ -68,7 +68,8 @@ def compile_spills(fn: Any, ptrs: dict[str, str], consts: dict[str, Any], warps:
 def cases(quick: bool) -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
     """``(label, kernel, pointer types, constexprs, warps)`` for every kernel, layout, dtype
     and option set of the matrix."""
-    vocabs = [1000, 8192, 32000] if quick else [10, 100, 1000, 4099, 8192, 16384, 32000]
+    vocabs = [1000, 8192, 32000] if quick else [5, 10, 33, 100, 200, 1000, 4099, 8192, 16384,
+                                                  32000]  # fmt: skip
     dtypes = ["bf16"] if quick else ["bf16", "fp32"]
     out = []
     for v in vocabs:

@@ -92,7 +92,7 @@ def grad_scale(SCALE, rows, in_m, HAS_SCALE: tl.constexpr, ROW_SCALE: tl.constex
 ONE_TILE_MAX = 8192
 SOFTMAX_ONE_TILE_MAX = 16384
 TILE_ELEMENTS = 4096
-MAX_ROWS = 8
+MAX_ROWS = 64  # rows per tile: tiles of 2048 elements up to 128 columns, 8 rows from 256
 LOOP_BLOCK_BYTES = 16384
 
 
@@ -103,7 +103,10 @@ def tile(v: int, itemsize: int, softmax: bool = False) -> tuple[int, int, bool, 
     limit = SOFTMAX_ONE_TILE_MAX if softmax else ONE_TILE_MAX
     width = triton.next_power_of_2(max(v, 1))
     if width <= limit:
-        rows = max(1, min(MAX_ROWS, TILE_ELEMENTS // width))
+        if width <= 128:
+            rows = min(MAX_ROWS, TILE_ELEMENTS // 2 // width)
+        else:
+            rows = max(1, min(8, TILE_ELEMENTS // width))
         block, one = width, True
     else:
         rows, block, one = 1, max(1, min(width, LOOP_BLOCK_BYTES // itemsize)), False
