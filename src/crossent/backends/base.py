@@ -134,6 +134,14 @@ INDEX_PARTS = 5  # max, Σ exp(u - ref), u_y (0 off the slice), Σ w·(u - ref),
 PROB_PARTS = 4  # max, Σ exp(u - ref), Σ w t'·(u - ref), Σ w t'
 
 
+def no_class_parts(k: int, m: int, device: torch.device) -> Tensor:
+    """The ``(k, M)`` partial statistics of a slice without classes (and the start of a sum
+    over a slice's columns): max -inf, every sum 0."""
+    parts = torch.zeros(k, m, dtype=torch.float64, device=device)
+    parts[0] = -torch.inf
+    return parts
+
+
 def no_classes(m: int, acc: torch.dtype, device: torch.device) -> RowStats:
     """Rows of a ``(M, 0)`` block: loss 0 (all rows are ignored) and lse = log 0 = -inf."""
     zeros = torch.zeros(m, dtype=acc, device=device)

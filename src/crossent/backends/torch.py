@@ -25,6 +25,7 @@ from .base import (
     index_coef,
     index_loss,
     logit_transform,
+    no_class_parts,
     no_classes,
     prob_acc_dtype,
     reference_point,
@@ -171,8 +172,7 @@ class TorchBackend(Backend):
     ) -> Tensor:  # fmt: skip
         m, v = x.shape
         acc = acc_dtype(x.dtype)
-        parts = torch.zeros(INDEX_PARTS, m, dtype=torch.float64, device=x.device)
-        parts[0] = -torch.inf
+        parts = no_class_parts(INDEX_PARTS, m, x.device)
         if v == 0:
             return parts
         w = None if weight is None else weight[start : start + v].to(acc)
@@ -223,8 +223,7 @@ class TorchBackend(Backend):
     ) -> Tensor:  # fmt: skip
         m, v = x.shape
         acc = prob_acc_dtype(x, target, weight)
-        parts = torch.zeros(PROB_PARTS, m, dtype=torch.float64, device=x.device)
-        parts[0] = -torch.inf
+        parts = no_class_parts(PROB_PARTS, m, x.device)
         if v == 0:
             return parts
         w = None if weight is None else weight[start : start + v].to(acc)

@@ -35,6 +35,7 @@ from ..base import (
     RowStats,
     acc_dtype,
     merge_index,
+    no_class_parts,
     no_classes,
     prob_acc_dtype,
 )
@@ -138,6 +139,40 @@ def _grad_target(grad_out: Tensor | None, m: int, v: int, like: Tensor) -> Tenso
     return torch.empty(m, v, dtype=grad_out.dtype, device=like.device)
 
 
+def _index_slices(
+    x: Tensor, target: Tensor, w: Tensor | None, opts: RowOptions, start: int, count: int,
+    width: int, rows: int, block: int, warps: int,
+) -> Tensor:  # fmt: skip
+    """The class-index statistics of ``count`` slices of ``width`` columns of ``x`` (whose
+    classes begin at ``start``): ``(count, INDEX_PARTS, M)`` float64, one program per block of
+    ``rows`` rows and slice (:func:`._partial.ce_partial_kernel`)."""
+    m, v = x.shape
+    parts = torch.empty(count, INDEX_PARTS, m, dtype=torch.float64, device=x.device)
+    _launch(ce_partial_kernel, (triton.cdiv(m, rows), count))(
+        x, x.stride(0), target, parts if w is None else w, parts, m, v, width, start,
+        opts.ignore_index, ROWS=rows, BLOCK=block, num_warps=warps,
+        **_options(opts, acc_dtype(x.dtype), w),
+    )  # fmt: skip
+    return parts
+
+
+def _index_slice_grads(
+    x: Tensor, target: Tensor, w: Tensor | None, opts: RowOptions, start: int, total: int,
+    count: int, width: int, merged: Merged, out: Tensor, grad_scale: Tensor | None, rows: int,
+    block: int, warps: int,
+) -> None:  # fmt: skip
+    """Writes into ``out`` the gradient of the slices of :func:`_index_slices` from the
+    statistics merged over every slice (:func:`._partial.ce_partial_grad_kernel`)."""
+    m, v = x.shape
+    lse, coef = merged.lse.contiguous(), merged.coef.contiguous()
+    scale, flags = _scale(grad_scale, acc_dtype(x.dtype), lse)
+    _launch(ce_partial_grad_kernel, (triton.cdiv(m, rows), count))(
+        x, x.stride(0), target, lse if w is None else w, lse, coef, scale, out, out.stride(0),
+        m, v, width, start, total, opts.ignore_index, _bits(opts.label_smoothing), ROWS=rows,
+        BLOCK=block, num_warps=warps, **flags, **_options(opts, acc_dtype(x.dtype), w),
+    )  # fmt: skip
+
+
 class TritonBackend(Backend):
     """Triton row kernels; :mod:`crossent.dispatch` gives the primitives without one the
     portable torch ones."""
@@ -194,26 +229,25 @@ class TritonBackend(Backend):
         x = _rows(x)
         target = target.contiguous()
         w = None if weight is None else weight.to(acc).contiguous()
-        w_sum = loss if w is None else w.sum(dtype=acc).reshape(1)  # stays on the device
         out = _grad_target(grad_out, m, v, x)
-        scale, flags = _scale(grad_scale, acc, loss)
         rows, block, one, warps = tile(v, x.element_size())
+        count, width = (1, v) if one else slices(m, v, block, _programs(x.device))
+        if count > 1 and not (w is not None and opts.label_smoothing > 0.0):
+            # few long rows: slices of them in programs of their own, merged (not with
+            # weighted smoothing, whose merge would give inf - inf where a weight is inf)
+            return self._split_rows(x, target, weight, w, opts, out, grad_out, grad_scale,
+                                    count, width, block, warps)  # fmt: skip
+        w_sum = loss if w is None else w.sum(dtype=acc).reshape(1)  # stays on the device
+        scale, flags = _scale(grad_scale, acc, loss)
         args = (
             x, x.stride(0), target, loss if w is None else w, w_sum,
             x if out is None else out, 0 if out is None else out.stride(0), scale, loss, lse,
             m, v, opts.ignore_index, _bits(opts.label_smoothing), _bits(opts.z_loss),
         )  # fmt: skip
         switches = dict(
-            ZLOSS=opts.z_loss != 0.0,
-            WANT_GRAD=out is not None, BLOCK=block, num_warps=warps, **flags,
-            **_options(opts, acc, w),
+            ZLOSS=opts.z_loss != 0.0, WANT_GRAD=out is not None, BLOCK=block, num_warps=warps,
+            **flags, **_options(opts, acc, w),
         )  # fmt: skip
-        count, width = (1, v) if one else slices(m, v, block, _programs(x.device))
-        if count > 1 and not (w is not None and opts.label_smoothing > 0.0):
-            # few long rows: slices of them in programs of their own, merged (not with
-            # weighted smoothing, whose merge would give inf - inf where a weight is inf)
-            return self._split_rows(x, target, weight, w, opts, out, grad_out, scale, flags,
-                                    count, width, block, warps)  # fmt: skip
         if one:
             _launch(ce_index_kernel, (triton.cdiv(m, rows),))(*args, ROWS=rows, **switches)
         else:
@@ -229,33 +263,24 @@ class TritonBackend(Backend):
 
     def _split_rows(
         self, x: Tensor, target: Tensor, weight: Tensor | None, w: Tensor | None,
-        opts: RowOptions, out: Tensor | None, grad_out: Tensor | None, scale: Tensor,
-        flags: dict, count: int, width: int, block: int, warps: int,
+        opts: RowOptions, out: Tensor | None, grad_out: Tensor | None,
+        grad_scale: Tensor | None, count: int, width: int, block: int, warps: int,
     ) -> RowStats:  # fmt: skip
         """Class-index rows in ``count`` slices of ``width`` columns, each read by a program of
-        its own: the slices' statistics (:func:`._partial.ce_partial_kernel`), merged on the
-        device (:func:`~crossent.backends.base.merge_index`), then each slice's gradient."""
-        m, v = x.shape
-        acc = acc_dtype(x.dtype)
-        parts = torch.empty(count, INDEX_PARTS, m, dtype=torch.float64, device=x.device)
-        common = dict(ROWS=1, BLOCK=block, num_warps=warps, **_options(opts, acc, w))
-        _launch(ce_partial_kernel, (m, count))(
-            x, x.stride(0), target, parts if w is None else w, parts, m, v, width, 0,
-            opts.ignore_index, **common,
-        )  # fmt: skip
+        its own: the slices' statistics (:func:`_index_slices`), merged on the device
+        (:func:`~crossent.backends.base.merge_index`), then each slice's gradient."""
+        v = x.shape[1]
+        parts = _index_slices(x, target, w, opts, 0, count, width, 1, block, warps)
         merged = merge_index(parts, target, weight, opts, v)
         if out is not None:
-            lse, coef = merged.lse.contiguous(), merged.coef.contiguous()
-            _launch(ce_partial_grad_kernel, (m, count))(
-                x, x.stride(0), target, lse if w is None else w, lse, coef, scale, out,
-                out.stride(0), m, v, width, 0, v, opts.ignore_index,
-                _bits(opts.label_smoothing), **flags, **common,
-            )  # fmt: skip
+            _index_slice_grads(x, target, w, opts, 0, v, count, width, merged, out, grad_scale,
+                               1, block, warps)  # fmt: skip
             if out is not grad_out:
                 assert grad_out is not None
                 grad_out.copy_(out)
         keep = target != opts.ignore_index
         lse_rows = torch.where(keep, merged.lse, torch.nan)  # not computed on ignored rows
+        acc = acc_dtype(x.dtype)
         return RowStats(merged.loss.to(acc), lse_rows.to(acc))
 
     def cross_entropy_prob_forward(
@@ -302,20 +327,12 @@ class TritonBackend(Backend):
     ) -> Tensor:  # fmt: skip
         _check_device(x, target, weight)
         m, v = x.shape
-        parts = torch.zeros(INDEX_PARTS, m, dtype=torch.float64, device=x.device)
-        parts[0] = -torch.inf
         if v == 0 or m == 0:
-            return parts
-        acc = acc_dtype(x.dtype)
+            return no_class_parts(INDEX_PARTS, m, x.device)
         x, target = _rows(x), target.contiguous()
         w = None if weight is None else weight.contiguous()
         rows, block, _, warps = tile(v, x.element_size())
-        _launch(ce_partial_kernel, (triton.cdiv(m, rows), 1))(
-            x, x.stride(0), target, parts if w is None else w, parts, m, v, v, start,
-            opts.ignore_index, ROWS=rows, BLOCK=block, num_warps=warps,
-            **_options(opts, acc, w),
-        )  # fmt: skip
-        return parts
+        return _index_slices(x, target, w, opts, start, 1, v, rows, block, warps)[0]
 
     def cross_entropy_partial_grad(
         self, x: Tensor, target: Tensor, weight: Tensor | None, opts: RowOptions, start: int,
@@ -325,20 +342,13 @@ class TritonBackend(Backend):
         m, v = x.shape
         if v == 0 or m == 0:
             return
-        acc = acc_dtype(x.dtype)
         x, target = _rows(x), target.contiguous()
         w = None if weight is None else weight.contiguous()
         out = _grad_target(grad_out, m, v, x)
         assert out is not None
-        lse, coef = merged.lse.contiguous(), merged.coef.contiguous()
-        scale, flags = _scale(grad_scale, acc, lse)
         rows, block, _, warps = tile(v, x.element_size())
-        _launch(ce_partial_grad_kernel, (triton.cdiv(m, rows), 1))(
-            x, x.stride(0), target, lse if w is None else w, lse, coef, scale, out,
-            out.stride(0), m, v, v, start, total, opts.ignore_index, _bits(opts.label_smoothing),
-            ROWS=rows, BLOCK=block,
-            num_warps=warps, **flags, **_options(opts, acc, w),
-        )  # fmt: skip
+        _index_slice_grads(x, target, w, opts, start, total, 1, v, merged, out, grad_scale, rows,
+                           block, warps)  # fmt: skip
         if out is not grad_out:
             grad_out.copy_(out)
 
@@ -348,10 +358,9 @@ class TritonBackend(Backend):
     ) -> Tensor:  # fmt: skip
         _check_device(x, target, weight)
         m, v = x.shape
-        parts = torch.zeros(PROB_PARTS, m, dtype=torch.float64, device=x.device)
-        parts[0] = -torch.inf
         if v == 0 or m == 0:
-            return parts
+            return no_class_parts(PROB_PARTS, m, x.device)
+        parts = torch.empty(PROB_PARTS, m, dtype=torch.float64, device=x.device)
         acc = prob_acc_dtype(x, target, weight)
         x, target = _rows(x), _rows(target)
         w = None if weight is None else weight.contiguous()
