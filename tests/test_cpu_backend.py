@@ -167,6 +167,79 @@ def test_half_store_rounds_like_torch(dtype: torch.dtype) -> None:
     assert torch.equal(back.view(torch.int16), finite.view(torch.int16))
 
 
+def _narrow_emulated(hi: np.ndarray, lo: np.ndarray, part: np.ndarray | None, first: bool,
+                     last: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The 24-bit running sums of backends.cpu._sums in NumPy bit operations (``part`` None:
+    the sums as they are)."""
+    hi, lo = hi.copy(), lo.copy()
+    if first:
+        assert part is not None
+        s = part.copy()
+    else:
+        bits = (hi.view(np.uint16).astype(np.uint32) << 16) | (lo.astype(np.uint32) << 8)
+        s = bits.view(np.float32)
+        if part is not None:
+            with np.errstate(over="ignore"):  # sums of 3e38 and more: inf, as in the kernel
+                s = s + part
+    if last:
+        hi[...] = torch.from_numpy(s).to(torch.bfloat16).view(torch.int16).numpy()
+        return hi, lo
+    b = s.view(np.uint32)
+    b = (b & np.uint32(0xFFFFFF00)) | ((b & np.uint32(0xFF)) != 0).astype(np.uint32) << 8
+    hi[...] = (b >> 16).astype(np.uint16).view(np.int16)
+    lo[...] = ((b >> 8) & 0xFF).astype(np.uint8)
+    return hi, lo
+
+
+def _same_bf16(got: torch.Tensor, want_bits: np.ndarray) -> None:
+    """Bit for bit, NaN payloads aside (torch's rounding and ours quiet a NaN differently)."""
+    want = torch.from_numpy(want_bits).view(torch.bfloat16)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    keep = ~torch.isnan(want)
+    assert torch.equal(got.view(torch.int16)[keep], want.view(torch.int16)[keep])
+
+
+# d(weight) of a bfloat16 linear head summed in 24 bits (the gradient's storage and a byte):
+# every step of the kernel bit for bit as its NumPy emulation, over chunks that start, add and
+# end the sums, with magnitudes 1e-30..1e30, zeros of both signs, infinities, NaN, values
+# whose dropped bits are all zero, and sums that overflow float32.
+def test_narrow_sums_match_their_emulation() -> None:
+    from crossent.backends.cpu import CpuBackend
+
+    be = CpuBackend()
+    g = np.random.default_rng(0)
+    shape = (37, 53)
+
+    def part() -> np.ndarray:
+        p = (g.standard_normal(shape) * 10.0 ** g.integers(-30, 30, shape)).astype(np.float32)
+        flat = p.reshape(-1)
+        flat[:6] = [0.0, -0.0, np.inf, -np.inf, np.nan, 3.0e38]
+        flat[6:20] = np.float32(1.5) * np.float32(2.0) ** g.integers(-20, 20, 14)  # low bits 0
+        return p
+
+    for chunks in (1, 2, 5):
+        hi = torch.empty(shape, dtype=torch.bfloat16)
+        lo = torch.empty(shape, dtype=torch.uint8)
+        want_hi, want_lo = as_numpy(hi).copy(), lo.numpy().copy()
+        for c in range(chunks):
+            p = part()
+            first, last = c == 0, c == chunks - 1
+            be.add_narrow(hi, lo, torch.from_numpy(p), first, last)
+            want_hi, want_lo = _narrow_emulated(want_hi, want_lo, p, first, last)
+            _same_bf16(hi, want_hi)
+            if not last:
+                assert np.array_equal(lo.numpy(), want_lo)
+    # finishing sums whose last chunk was not flagged: nearest-even rounding of the 24 bits
+    hi = torch.empty(shape, dtype=torch.bfloat16)
+    lo = torch.empty(shape, dtype=torch.uint8)
+    p = part()
+    be.add_narrow(hi, lo, torch.from_numpy(p), True, False)
+    h24, _ = _narrow_emulated(as_numpy(hi), lo.numpy(), None, False, True)
+    be.finish_narrow(hi, lo)
+    _same_bf16(hi, h24)
+    assert torch.isnan(hi.view(-1)[4]) and hi.view(-1)[2] == float("inf")
+
+
 @njit
 def _stream(src, dst, nt):
     _memory.stream_row(src, dst, nt)

@@ -70,7 +70,7 @@ LAYERS: list[set[str]] = [
     {"reference", "testing", "_docs", "_transforms", "backends", "backends.buffers",
      "backends.cpu._math", "backends.cpu._runtime", "backends.triton._common",
      "backends.triton._scale", "bench.memory", "integrations"},  # fmt: skip
-    {"backends.cpu._lanes", "backends.triton._ce", "backends.triton._partial",
+    {"backends.cpu._lanes", "backends.cpu._sums", "backends.triton._ce", "backends.triton._partial",
      "backends.triton._softmax"},  # fmt: skip
     {"backends.cpu._memory"},
     {"backends.cpu._kernels"},

@@ -571,3 +571,103 @@ def test_weight_gradient_of_16_bit_chunks_is_never_rounded_per_chunk(
     _linear._add_weight_grad(acc, g, x, slice_bytes=40 * 4 * 64)  # slices of 64 rows
     torch.testing.assert_close(acc, want, rtol=1e-6, atol=1e-6)
     assert _linear._NO_WIDE_OUTPUT == (set() if wide_output else {"cpu"})
+
+
+# d(weight) of a bfloat16 parameter on the CPU backend is summed over chunks in 24 bits (the
+# gradient's own storage and a byte per element): against the same float32 products summed in
+# a float32 array and rounded once, it is the same bfloat16 value almost everywhere, and apart
+# by at most one unit in the last place plus 2**-15 of every running sum it went through (a
+# 16-bit significand cut by rounding to odd; a bfloat16 running sum would be off by 2**-8 of
+# them), however many chunks add to it (one row each here: 96 chunks), on both product paths,
+# with every reduction (reduction='none' adds in its backward) and with the token statistics
+# of a linear head.
+@pytest.mark.parametrize("widened", [False, True], ids=["native", "widened"])
+@pytest.mark.parametrize("call", ["mean", "none", "token_stats"])
+def test_bf16_weight_gradient_summed_in_24_bits(
+    widened: bool, call: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crossent import _linear
+    from crossent.backends.cpu import CpuBackend
+
+    monkeypatch.setattr(CpuBackend, "widened_products", lambda self, dt: widened)
+    added: list[int] = []
+    real_add = _linear.NarrowSum.add
+    monkeypatch.setattr(_linear.NarrowSum, "add",
+                        lambda self, *a: added.append(1) or real_add(self, *a))  # fmt: skip
+    n, d, v = 96, 32, 700
+    x = hidden(n, d, dtype=torch.bfloat16)
+    w = (hidden(v, d, dtype=torch.float64, seed=1) / d**0.5).to(torch.bfloat16)
+    t = testing.make_targets((n,), v, 2)
+
+    def grads(lib: str) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        if lib == "float32 sum":  # the same bf16 logits gradient, its products summed in float32
+            monkeypatch.setattr(CpuBackend, "narrow_sums", False)
+        if call == "token_stats":
+            st = crossent.linear_token_stats(xs, ws, t, chunk_bytes=v * 2)
+            (st.logprob.sum() + 0.3 * st.entropy.sum()).backward()
+        else:
+            loss = crossent.linear_cross_entropy(xs, ws, t, reduction=call, backend="cpu",
+                                                 chunk_bytes=v * 2)  # fmt: skip
+            loss.sum().backward()
+        monkeypatch.setattr(CpuBackend, "narrow_sums", True)
+        return xs.grad, ws.grad  # type: ignore[return-value]
+
+    dx, dw = grads("crossent")
+    assert len(added) >= n  # one row per chunk, each adding every slice of d(weight)
+    dx32, dw32 = grads("float32 sum")
+    assert dw.dtype == torch.bfloat16 and torch.equal(dx, dx32)
+    assert float((dw != dw32).float().mean()) < 0.01
+    # the running sums, one row at a time, from the float32 d(logits) crossent's kernel wrote
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    logits = (xs @ ws.t()).float().detach().requires_grad_()
+    if call == "token_stats":
+        lp = torch.log_softmax(logits, 1)
+        ent = -(lp.exp() * lp).sum(1)
+        (lp.gather(1, t[:, None]).sum() + 0.3 * ent.sum()).backward()
+    else:
+        F.cross_entropy(logits, t, reduction=call).sum().backward()
+    terms = logits.grad.bfloat16().double()[:, :, None] * x.double()[:, None, :]  # type: ignore[union-attr]
+    passed = terms.cumsum(0).abs().sum(0)
+    ulp = 2.0 ** (torch.frexp(dw32.double()).exponent - 8).double()
+    assert bool(((dw.double() - dw32.double()).abs() <= ulp + 2**-15 * passed).all())
+    assert float((dw32 != 0).float().mean()) > 0.9  # gradients that say something
+
+
+# Without chunk_bytes, chunks are sized from what the 64 MiB allowance leaves: peak resident
+# memory above the inputs stays within the gradients + 64 MiB for float32 and bfloat16, at a
+# small D and at 2048×512×32000 (where bfloat16 weights went 12 MiB over with a float32
+# d(weight) array and fixed 60 MiB chunks). Measured in a fresh process, on a second call
+# (the first one's one-time allocations apart), with the kernel's high-water mark
+# (bench.memory).
+def test_default_chunks_keep_the_memory_allowance() -> None:
+    import subprocess
+    import sys
+
+    probe = """
+import torch, crossent
+from crossent._linear import ALLOWANCE
+from crossent.bench.memory import peak_above
+for n, d, v in ((4096, 64, 32000), (2048, 512, 32000)):
+    for dt in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(n, d, generator=g).to(dt).requires_grad_()
+        w = (torch.randn(v, d, generator=g) / d**0.5).to(dt).requires_grad_()
+        t = torch.randint(0, v, (n,), generator=g)
+        def step():
+            h.grad = w.grad = None
+            crossent.linear_cross_entropy(h, w, t, backend="cpu").backward()
+        step()
+        _, peak = peak_above(step)
+        limit = (n * d + v * d) * dt.itemsize + ALLOWANCE
+        print(n, d, v, dt, peak.method, peak.peak, limit)
+"""
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line.split() for line in run.stdout.splitlines()]
+    assert len(lines) == 4
+    if any(line[4] != "hwm" for line in lines):
+        pytest.skip("the kernel's high-water mark cannot be reset here")
+    over = [line for line in lines if int(line[5]) > int(line[6])]
+    assert not over, over

@@ -11,7 +11,14 @@ gradient, or hands them over unchanged when it is 1.
 gradient summed over rows, so its forward computes losses only and its backward recomputes the
 chunks' logits with the incoming gradient at hand. Rows whose target is ``ignore_index`` are
 dropped before the projection. d(weight) and d(bias) of float16/bfloat16 parameters accumulate
-in float32 and are rounded once at the end.
+in float32 and are rounded once at the end, except d(weight) of a bfloat16 parameter on a backend
+that keeps such sums in 24 bits (:attr:`~crossent.backends.base.Backend.narrow_sums`, the
+CPU's): there the running sum is the gradient's own storage and one byte more per element
+(:class:`NarrowSum`), not a float32 array of twice the gradient's size.
+
+Without a ``chunk_bytes``, chunks are as large as the memory allowance left after what the call
+holds besides them (:func:`default_chunk_rows`): :data:`ALLOWANCE` above the inputs and the
+gradients.
 
 float16/bfloat16 class-index chunks on a backend whose column-wise cross entropy works in place
 (the CPU's) hold their logits transposed, ``(V, rows)``, and that pass turns them into their
@@ -47,10 +54,19 @@ from ._autograd import (
 from ._transforms import batched, differentiable_backward
 from .backends.base import Backend, RowOptions, acc_dtype, prob_acc_dtype
 
-# logits of one chunk of rows, at most: with fewer, larger chunks the matmuls re-read W and
-# re-write d(weight) fewer times (float32 4096×1024×32000 on 2 AVX2 cores: the whole step took
-# 1.05–1.15× the time of three full-size matmuls in 393-row chunks, 0.99–1.04× in 491-row ones)
+# logits of one chunk of rows, at most, for the token statistics of a linear head (and the
+# linear head given rows only through options): with fewer, larger chunks the matmuls re-read
+# W and re-write d(weight) fewer times (float32 4096×1024×32000 on 2 AVX2 cores: the whole step
+# took 1.05–1.15× the time of three full-size matmuls in 393-row chunks, 0.99–1.04× in 491-row
+# ones)
 DEFAULT_CHUNK_BYTES = 60 * 2**20
+
+# what linear_cross_entropy may hold above its inputs and its gradients: chunks are sized from
+# what is left of it (default_chunk_rows)
+ALLOWANCE = 64 * 2**20
+# chunks never shrink below this many bytes of logits (where the call's other buffers leave less
+# of the allowance: a float32 accumulator larger than it)
+MIN_CHUNK_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,67 @@ def chunk_rows(num_classes: int, itemsize: int, chunk_bytes: int | None, rows: i
     return max(1, budget // max(1, num_classes * itemsize))
 
 
+def default_chunk_rows(
+    n: int, v: int, d: int, dtype: torch.dtype, w_dtype: torch.dtype, be: Backend
+) -> int:
+    """Rows per chunk of linear_cross_entropy when no size is given: as many as fit in what
+    :data:`ALLOWANCE` leaves after the call's other buffers, ``n`` rows of ``(n, d)`` input
+    (``dtype``: the matmuls') and ``(v, d)`` weight (``w_dtype``: the parameter's). Those
+    buffers: the d(weight) sum beyond the gradient itself (a byte per element for
+    :class:`NarrowSum`, a float32 array for other 16-bit parameters), float32 slices of 16-bit
+    products, per-row vectors; each row of a chunk costs its logits and the float32 copies of
+    its input row and of its d(input) row. At least :data:`MIN_CHUNK_BYTES` of logits."""
+    itemsize = dtype.itemsize
+    fixed = 24 * n + 4 * v  # losses, kept-row indices; a float32 d(bias)
+    if w_dtype in (torch.float16, torch.bfloat16):
+        fixed += v * d * (1 if narrow(be, w_dtype) else 4)
+    if dtype in (torch.float16, torch.bfloat16):
+        fixed += 3 * be.product_slice_bytes
+    per_row = v * itemsize + 2 * d * 4 + d * itemsize
+    left = max(ALLOWANCE - fixed, MIN_CHUNK_BYTES * per_row // max(1, v * itemsize))
+    return max(1, left // per_row)
+
+
+def narrow(be: Backend, w_dtype: torch.dtype) -> bool:
+    """Whether d(weight) of a ``w_dtype`` parameter is summed by :class:`NarrowSum`."""
+    return w_dtype == torch.bfloat16 and be.narrow_sums
+
+
+class NarrowSum:
+    """d(weight) of a bfloat16 parameter summed over chunks in 24 bits: each float32 product
+    added in float32, the sum kept as the bfloat16 gradient's own elements and a byte more each
+    (:meth:`~crossent.backends.base.Backend.add_narrow`), the last chunk's sum rounded to
+    bfloat16 from float32. A 16-bit significand: each addition is off by at most 2**-15 of its
+    sum (a float32 array's by 2**-24, a bfloat16 running sum's by 2**-8), a small part of the
+    result's final rounding (2**-9) unless the sum cancels; the sum uses 3 bytes an element
+    where a float32 array and the result take 6. ``chunks``: how many chunks will add (None:
+    not known, and the sums are rounded by :meth:`result`)."""
+
+    def __init__(self, shape: torch.Size, device: torch.device, be: Backend, chunks: int | None):
+        self.hi = torch.empty(shape, dtype=torch.bfloat16, device=device)
+        self.lo = torch.empty(shape, dtype=torch.uint8, device=device)
+        self.be, self.chunks, self.done = be, chunks, 0
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.hi.shape
+
+    def add(self, lo: int, hi: int, part: Tensor) -> None:
+        """Add the float32 ``part`` to rows ``lo:hi``; each row once per chunk."""
+        last = self.done + 1 == self.chunks
+        self.be.add_narrow(self.hi[lo:hi], self.lo[lo:hi], part, self.done == 0, last)
+
+    def end_chunk(self) -> None:
+        self.done += 1
+
+    def result(self) -> Tensor:
+        if self.done == 0:
+            return self.hi.zero_()
+        if self.done != self.chunks:
+            self.be.finish_narrow(self.hi, self.lo)
+        return self.hi
+
+
 def _wide(dtype: torch.dtype) -> torch.dtype:
     """Accumulator dtype of a parameter gradient: float32 for 16-bit floats."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -99,6 +176,9 @@ class _Chunks:
         # number of chunks requires, and no small last chunk (1 row when nothing is kept)
         chunks = -(-self.count // max(1, size))
         self.size = -(-self.count // chunks) if chunks else 1
+
+    def __len__(self) -> int:
+        return -(-self.count // self.size)
 
     def __iter__(self) -> Iterator[slice | Tensor]:
         """Each chunk's rows: a slice, or the kept rows' indices when some are dropped."""
@@ -152,7 +232,7 @@ def _slices(v: int, width: int, slice_bytes: int) -> Iterator[tuple[int, int]]:
 
 
 def _add_widened_chunk_grads(
-    grads: Grads, gt: Tensor, xc: Tensor, w: Tensor, rows: slice | Tensor, slice_bytes: int
+    grads: Sums, gt: Tensor, xc: Tensor, w: Tensor, rows: slice | Tensor, slice_bytes: int
 ) -> None:
     """As :func:`add_chunk_grads` from ``gt``, the chunk's logit gradient transposed
     ``(V, n)``, with every product in float32 slice by slice of W's rows: d(input) sums its
@@ -161,14 +241,21 @@ def _add_widened_chunk_grads(
     n = gt.shape[1]
     dxf = None if dx is None else torch.zeros((n, w.shape[1]), dtype=torch.float32, device=w.device)
     xf = None if dw is None else xc.float()
+    part = None
     for lo, hi in _slices(w.shape[0], max(n, w.shape[1]), slice_bytes):
         gs = gt[lo:hi].float()
         if dxf is not None:
             dxf.addmm_(gs.t(), w[lo:hi].float())
-        if dw is not None and xf is not None:
+        if isinstance(dw, NarrowSum) and xf is not None:
+            if part is None:
+                part = torch.empty((hi - lo, w.shape[1]), dtype=torch.float32, device=w.device)
+            dw.add(lo, hi, torch.mm(gs, xf, out=part[: hi - lo]))
+        elif isinstance(dw, Tensor) and xf is not None:
             dw[lo:hi].addmm_(gs, xf)
         if db is not None:
             db[lo:hi].add_(gs.sum(1))
+    if isinstance(dw, NarrowSum):
+        dw.end_chunk()
     if dx is not None and dxf is not None:
         if isinstance(rows, slice):
             dx[rows] = dxf
@@ -197,7 +284,7 @@ def _mm_wide(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     return out
 
 
-def _add_weight_grad(acc: Tensor, g: Tensor, x: Tensor, slice_bytes: int) -> None:
+def _add_weight_grad(acc: Tensor | NarrowSum, g: Tensor, x: Tensor, slice_bytes: int) -> None:
     """``acc += g.T @ x``, in slices of ``acc``'s rows.
 
     For float16/bfloat16 g and x the product is not rounded to 16 bits (rounding each chunk's
@@ -205,6 +292,17 @@ def _add_weight_grad(acc: Tensor, g: Tensor, x: Tensor, slice_bytes: int) -> Non
     writes float32 (cuBLAS on tensor cores, ``aten::mm.dtype``); where the matmul has no such
     output (torch's CPU matmuls) the operands are copied to float32 first.
     """
+    if isinstance(acc, NarrowSum):
+        # float32 slices of g and their products: at most slice_bytes each
+        step = max(1, slice_bytes // max(1, max(g.shape[0], x.shape[1]) * 4))
+        xf = x.float()
+        part = torch.empty((min(step, acc.shape[0]), x.shape[1]), dtype=torch.float32,
+                           device=x.device)  # fmt: skip
+        for lo in range(0, acc.shape[0], step):
+            hi = min(lo + step, acc.shape[0])
+            acc.add(lo, hi, torch.mm(g[:, lo:hi].t().float(), xf, out=part[: hi - lo]))
+        acc.end_chunk()
+        return
     if acc.dtype == g.dtype:
         acc.addmm_(g.t(), x)
         return
@@ -228,13 +326,31 @@ def _add_weight_grad(acc: Tensor, g: Tensor, x: Tensor, slice_bytes: int) -> Non
 
 
 Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
+# gradients being summed over chunks: d(weight) may be a NarrowSum
+Sums = tuple[Tensor | None, Tensor | NarrowSum | None, Tensor | None]
 
 
-def param_grads(x: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool, bool, bool]) -> Grads:
+def param_grads(
+    x: Tensor,
+    w: Tensor,
+    b: Tensor | None,
+    need: tuple[bool, bool, bool],
+    be: Backend | None = None,
+    chunks: int | None = None,
+    w_dtype: torch.dtype | None = None,
+) -> Sums:
     """Zeroed gradients of input, weight and bias, for those in ``need``; the weight's and
-    bias's accumulate in float32 for 16-bit parameters (see :func:`final_grads`)."""
+    bias's accumulate in float32 for 16-bit parameters (see :func:`final_grads`), or the
+    weight's in a :class:`NarrowSum` where backend ``be`` keeps narrow sums (``chunks``: how
+    many chunks will add to it, if known; ``w_dtype``: the parameter's dtype where ``w`` is
+    cast to another for the matmuls)."""
     dx = torch.zeros_like(x) if need[0] else None
-    dw = torch.zeros(w.shape, dtype=_wide(w.dtype), device=w.device) if need[1] else None
+    w_dtype = w_dtype or w.dtype
+    dw: Tensor | NarrowSum | None = None
+    if need[1] and be is not None and narrow(be, w_dtype) and w.dtype == w_dtype:
+        dw = NarrowSum(w.shape, w.device, be, chunks)
+    elif need[1]:
+        dw = torch.zeros(w.shape, dtype=_wide(w.dtype), device=w.device)
     db = None
     if need[2] and b is not None:
         db = torch.zeros(w.shape[0], dtype=_wide(b.dtype), device=b.device)
@@ -242,7 +358,7 @@ def param_grads(x: Tensor, w: Tensor, b: Tensor | None, need: tuple[bool, bool, 
 
 
 def add_chunk_grads(
-    grads: Grads, g: Tensor, xc: Tensor, w: Tensor, rows: slice | Tensor, be: Backend
+    grads: Sums, g: Tensor, xc: Tensor, w: Tensor, rows: slice | Tensor, be: Backend
 ) -> None:
     """Add one chunk's share, from ``g`` the gradient of its logits and ``xc`` its inputs
     (``rows``: where those rows sit in the input; ``be``: the backend, whose slice size the
@@ -259,12 +375,17 @@ def add_chunk_grads(
         db.add_(g.sum(0, dtype=db.dtype))
 
 
-def final_grads(grads: Grads, w: Tensor, b: Tensor | None) -> Grads:
+def final_grads(grads: Sums, w: Tensor, b: Tensor | None) -> Grads:
     """The accumulated gradients in their parameters' dtypes."""
     dx, dw, db = grads
+    if isinstance(dw, NarrowSum):
+        dw_out: Tensor | None = dw.result()
+        del dw
+    else:
+        dw_out = None if dw is None else dw.to(w.dtype)
     return (
         dx,
-        None if dw is None else dw.to(w.dtype),
+        dw_out,
         None if db is None or b is None else db.to(b.dtype),
     )
 
@@ -302,7 +423,7 @@ def _run(
     ):
         return _run_transposed(x, w, b, target, weight, opts, scale, need, chunks)
     loss = torch.zeros(n, dtype=acc, device=x.device)
-    grads = param_grads(x, w, b, need)
+    grads = param_grads(x, w, b, need, opts.backend, len(chunks), w_param.dtype)
     columns = _by_columns(x, target, opts.backend)
     # a plain allocation, not the reusable-buffer cache: freed (no view of it outlives
     # _chunk) before the gradients are converted to their final dtype, so it never adds to
@@ -332,7 +453,7 @@ def _chunk(
     weight: Tensor | None,
     opts: LinearOptions,
     scale: Tensor | None,
-    grads: Grads | None,
+    grads: Sums | None,
     rows: slice | Tensor,
     columns: bool,
     wide: bool,
@@ -610,7 +731,8 @@ def linear_stats_grads(
     gradient in place."""
     acc = acc_dtype(h.dtype)
     g_lp, g_h = g_lp.to(acc), g_h.to(acc)
-    grads = param_grads(h, w, b, need)
+    chunks = -(-h.shape[0] // opts.chunk_rows)
+    grads = param_grads(h, w, b, need, opts.backend, chunks)
     buf = chunk_buffer(h, w, opts.chunk_rows)
     for lo in range(0, h.shape[0], opts.chunk_rows):
         hi = min(h.shape[0], lo + opts.chunk_rows)

@@ -158,6 +158,16 @@ class Composed(Backend):
     def widened_products(self, dtype: Any) -> bool:
         return self.own.widened_products(dtype)
 
+    @property
+    def narrow_sums(self) -> bool:  # type: ignore[override]
+        return self.own.narrow_sums
+
+    def add_narrow(self, *args: Any) -> None:
+        self.own.add_narrow(*args)
+
+    def finish_narrow(self, hi: Any, lo: Any) -> None:
+        self.own.finish_narrow(hi, lo)
+
 
 def fallback_table() -> list[tuple[str, str, str]]:
     """``(backend, primitive, how)`` for every registered backend and primitive: ``native``,

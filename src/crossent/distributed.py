@@ -211,7 +211,8 @@ class _VocabParallelLinear(torch.autograd.Function):
             s = g.to(torch.float64).reshape(())
             scale = (s if denom is None else s / denom).expand(n)
         need = tuple(bool(k) for k in ctx.needs_input_grad[:3])
-        _, dw, db = param_grads(x, w, b, (False, need[1], need[2]))
+        chunks = -(-n // rows)
+        _, dw, db = param_grads(x, w, b, (False, need[1], need[2]), vp.local, chunks)
         dx = torch.zeros(x.shape, dtype=acc_dtype(x.dtype), device=x.device)
         buf = chunk_buffer(x, w, rows)
         for r0 in range(0, n, rows):

@@ -31,6 +31,7 @@ from ._linear import (
     LinearOptions,
     LinearTokenStatsFunction,
     chunk_rows,
+    default_chunk_rows,
 )
 from ._transforms import compiling, composed
 from .backends.base import RowOptions
@@ -452,14 +453,21 @@ def _linear_cross_entropy(
         t2, out_shape = rows.target, rows.out_shape
         weight = rows.weight
     chunk = getattr(options, "batch_chunk_size", None) if options is not None else None
+    be = resolve(backend, input)
+    if chunk_bytes is None and chunk is None:
+        rows_per_chunk = default_chunk_rows(
+            math.prod(batch), v, d, mm_dtype, linear_weight.dtype, be
+        )
+    else:
+        rows_per_chunk = chunk_rows(v, torch.finfo(mm_dtype).bits // 8, chunk_bytes, chunk)
     opts = LinearOptions(
-        backend=resolve(backend, input),
+        backend=be,
         rows=RowOptions(
             ignore_index=ii, label_smoothing=_args.effective_smoothing(ls), z_loss=zl,
             softcap=cap, temperature=temp,
         ),
         reduction=red,
-        chunk_rows=chunk_rows(v, torch.finfo(mm_dtype).bits // 8, chunk_bytes, chunk),
+        chunk_rows=rows_per_chunk,
         grad_enabled=torch.is_grad_enabled(),
         out_dtype=out_dtype,
         compute_dtype=compute_dtype,

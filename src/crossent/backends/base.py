@@ -297,6 +297,21 @@ class Backend:
         because this device's 16-bit matmuls are slow. Decided without timing anything."""
         return False
 
+    # whether the linear head sums d(weight) of a bfloat16 parameter in 24 bits (add_narrow)
+    narrow_sums: bool = False
+
+    def add_narrow(self, hi: Tensor, lo: Tensor, part: Tensor, first: bool, last: bool) -> None:
+        """Add the float32 ``part`` ``(R, D)`` into running sums kept in 24 bits: the upper 16
+        of a float32 in ``hi`` (bfloat16) and the next 8 in ``lo`` (uint8), each sum cut back to
+        24 bits after the float32 addition by rounding to odd. ``first``: the sums start at
+        ``part``; ``last``: ``hi`` receives the sums rounded to nearest bfloat16 from float32
+        (and ``lo`` is left alone). Only where :attr:`narrow_sums`."""
+        raise NotImplementedError
+
+    def finish_narrow(self, hi: Tensor, lo: Tensor) -> None:
+        """Round the 24-bit sums of :meth:`add_narrow` to nearest bfloat16, into ``hi``."""
+        raise NotImplementedError
+
     def scale_(self, t: Tensor, g: Tensor) -> Tensor:
         """``t`` times the one-element factor ``g``, in place: the backward of a loss whose
         gradient the forward wrote. A backend on a device whose values the host cannot read

@@ -62,10 +62,11 @@ from . import _runtime
 
 # with a private cache directory where no location is writable (see _runtime.declare)
 _kernels = _runtime.declare(lambda: importlib.import_module(f"{__name__}._kernels"))
+_sums = _runtime.declare(lambda: importlib.import_module(f"{__name__}._sums"))
 
 from . import _lanes, _math, _memory  # noqa: E402  (imported by _kernels)
 
-_runtime.install_caches(_kernels, _lanes, _math, _memory)
+_runtime.install_caches(_kernels, _lanes, _math, _memory, _sums)
 _runtime.use_forksafe_threads()
 
 _NUMPY_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -140,6 +141,15 @@ class CpuBackend(Backend):
         native = "_is_avx512_bf16_supported" if bf16 else "_is_amx_fp16_supported"
         probes = (native, "_is_amx_tile_supported")
         return not any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+    narrow_sums = True
+
+    def add_narrow(self, hi: Tensor, lo: Tensor, part: Tensor, first: bool, last: bool) -> None:
+        _check_cpu(part)
+        _sums.add_part(as_numpy(hi), lo.numpy(), part.numpy(), first, last)
+
+    def finish_narrow(self, hi: Tensor, lo: Tensor) -> None:
+        _sums.finish(as_numpy(hi), lo.numpy())
 
     # ---- softmax / log_softmax ---------------------------------------------------------------
 

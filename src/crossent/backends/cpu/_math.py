@@ -59,7 +59,7 @@ def bf16_bits_to_f32(typingctx, v):
 
 
 @intrinsic
-def _f32_to_bf16_bits(typingctx, v):
+def f32_to_bf16_bits(typingctx, v):
     """float32 to bfloat16 bits, rounding to nearest even; NaN stays a (quiet) NaN.
 
     Written as 32-bit integer IR: Numba's own integer arithmetic widens to 64 bits, which
@@ -307,7 +307,7 @@ def _store(a, i, v):
     if dt == types.int16:
 
         def impl_bf16(a, i, v):
-            a[i] = _f32_to_bf16_bits(np.float32(v))
+            a[i] = f32_to_bf16_bits(np.float32(v))
 
         return impl_bf16
     if dt == types.uint16:
