@@ -182,13 +182,13 @@ LINEAR_CROSS_ENTROPY = rf"""Compute the cross entropy of ``input @ linear_weight
     Rows are processed in chunks whose logits fit :attr:`chunk_bytes`: a matmul writes a
     chunk's logits into one reused buffer, the fused cross-entropy pass turns them into the
     gradient of the logits in place, and two more matmuls add that chunk's share of the
-    input and weight gradients. Peak memory above the inputs is the two gradients and at
-    most 64 MiB more by default: the chunk is sized from what is left of that allowance after
-    the weight gradient's running sum (a byte per element for bfloat16 weights on the CPU
-    backend, whose sums keep 24 bits; a float32 array for other float16/bfloat16 weights, which
-    can exceed it) and float32 slices of 16-bit products. Rows whose target is
-    :attr:`ignore_index` are dropped before the projection. Gradients are exact and
-    deterministic. With ``reduction='none'`` the backward pass recomputes each chunk's
+    input and weight gradients. Peak memory above the inputs is the two gradients and, on
+    CPU tensors, at most 64 MiB more by default: the chunk is sized from what is left of
+    that allowance after the weight gradient's running sum (a byte per element for bfloat16
+    weights on the CPU backend, whose sums keep 24 bits; a float32 array for other
+    float16/bfloat16 weights, which can exceed it) and float32 slices of 16-bit products.
+    Rows whose target is :attr:`ignore_index` are dropped before the projection. Gradients
+    are exact and deterministic. With ``reduction='none'`` the backward pass recomputes each chunk's
     logits, because the per-row incoming gradient is needed to form the weight gradient.
 
     Args:
@@ -214,7 +214,8 @@ LINEAR_CROSS_ENTROPY = rf"""Compute the cross entropy of ``input @ linear_weight
         {BACKEND}
         chunk_bytes (int, keyword-only): memory budget for one chunk's logits, which sets
             the most rows per chunk (the rows are then spread evenly over the chunks). Default:
-            ``None`` (what the 64 MiB allowance leaves, at least 16 MiB)
+            ``None`` (on CPU tensors what the 64 MiB allowance leaves, at least 16 MiB;
+            elsewhere 60 MiB)
         {EXTENSIONS}
         logits_dtype (torch.dtype, keyword-only): the cross entropy reads the logits (computed
             in the input's dtype) as this dtype, and the loss has it: ``torch.float32`` is

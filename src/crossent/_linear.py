@@ -16,9 +16,9 @@ that keeps such sums in 24 bits (:attr:`~crossent.backends.base.Backend.narrow_s
 CPU's): there the running sum is the gradient's own storage and one byte more per element
 (:class:`NarrowSum`), not a float32 array of twice the gradient's size.
 
-Without a ``chunk_bytes``, chunks are as large as the memory allowance left after what the call
-holds besides them (:func:`default_chunk_rows`): :data:`ALLOWANCE` above the inputs and the
-gradients.
+Without a ``chunk_bytes``, chunks of CPU tensors are as large as the memory allowance left after
+what the call holds besides them (:func:`default_chunk_rows`): :data:`ALLOWANCE` above the inputs
+and the gradients; on other devices they hold :data:`DEFAULT_CHUNK_BYTES` of logits.
 
 float16/bfloat16 class-index chunks on a backend whose column-wise cross entropy works in place
 (the CPU's) hold their logits transposed, ``(V, rows)``, and that pass turns them into their
@@ -61,8 +61,9 @@ from .backends.base import Backend, RowOptions, acc_dtype, prob_acc_dtype
 # ones)
 DEFAULT_CHUNK_BYTES = 60 * 2**20
 
-# what linear_cross_entropy may hold above its inputs and its gradients: chunks are sized from
-# what is left of it (default_chunk_rows)
+# what linear_cross_entropy on CPU tensors may hold above its inputs and its gradients: chunks
+# are sized from what is left of it (default_chunk_rows); on other devices they hold
+# DEFAULT_CHUNK_BYTES of logits
 ALLOWANCE = 64 * 2**20
 # chunks never shrink below this many bytes of logits (where the call's other buffers leave less
 # of the allowance: a float32 accumulator larger than it)

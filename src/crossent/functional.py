@@ -454,7 +454,7 @@ def _linear_cross_entropy(
         weight = rows.weight
     chunk = getattr(options, "batch_chunk_size", None) if options is not None else None
     be = resolve(backend, input)
-    if chunk_bytes is None and chunk is None:
+    if chunk_bytes is None and chunk is None and input.device.type == "cpu":
         rows_per_chunk = default_chunk_rows(
             math.prod(batch), v, d, mm_dtype, linear_weight.dtype, be
         )
