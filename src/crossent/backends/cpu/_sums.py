@@ -50,22 +50,22 @@ def _odd24(typingctx, v):
     return types.uint32(types.float32), codegen
 
 
-@intrinsic
-def _high16(typingctx, b):
-    def codegen(context, builder, sig, args):
-        return builder.trunc(builder.lshr(args[0], ir.Constant(ir.IntType(32), 16)),
-                             ir.IntType(16))  # fmt: skip
+def _field(shift: int, result: types.Integer) -> object:
+    """An intrinsic: bits ``shift`` and up of a uint32, as the integer type ``result``."""
 
-    return types.int16(types.uint32), codegen
+    @intrinsic
+    def field(typingctx, b):
+        def codegen(context, builder, sig, args):
+            moved = builder.lshr(args[0], ir.Constant(ir.IntType(32), shift))
+            return builder.trunc(moved, ir.IntType(result.bitwidth))
+
+        return result(types.uint32), codegen
+
+    return field
 
 
-@intrinsic
-def _byte1(typingctx, b):
-    def codegen(context, builder, sig, args):
-        return builder.trunc(builder.lshr(args[0], ir.Constant(ir.IntType(32), 8)),
-                             ir.IntType(8))  # fmt: skip
-
-    return types.uint8(types.uint32), codegen
+_high16 = _field(16, types.int16)  # the bfloat16 bits
+_byte1 = _field(8, types.uint8)  # the byte after them
 
 
 @njit(parallel=True, cache=True)
