@@ -591,8 +591,8 @@ def test_bf16_weight_gradient_summed_in_24_bits(
 
     monkeypatch.setattr(CpuBackend, "widened_products", lambda self, dt: widened)
     added: list[int] = []
-    real_add = _linear.NarrowSum.add
-    monkeypatch.setattr(_linear.NarrowSum, "add",
+    real_add = _linear.NarrowSum.add_product
+    monkeypatch.setattr(_linear.NarrowSum, "add_product",
                         lambda self, *a: added.append(1) or real_add(self, *a))  # fmt: skip
     n, d, v = 96, 32, 700
     x = hidden(n, d, dtype=torch.bfloat16)

@@ -129,20 +129,25 @@ class NarrowSum:
     bfloat16 from float32. A 16-bit significand: each addition is off by at most 2**-15 of its
     sum (a float32 array's by 2**-24, a bfloat16 running sum's by 2**-8), a small part of the
     result's final rounding (2**-9) unless the sum cancels; the sum uses 3 bytes an element
-    where a float32 array and the result take 6. ``chunks``: how many chunks will add (None:
-    not known, and the sums are rounded by :meth:`result`)."""
+    where a float32 array and the result take 6. ``chunks``: how many chunks will add."""
 
-    def __init__(self, shape: torch.Size, device: torch.device, be: Backend, chunks: int | None):
+    def __init__(self, shape: torch.Size, device: torch.device, be: Backend, chunks: int):
         self.hi = torch.empty(shape, dtype=torch.bfloat16, device=device)
         self.lo = torch.empty(shape, dtype=torch.uint8, device=device)
         self.be, self.chunks, self.done = be, chunks, 0
+        self.part: Tensor | None = None  # the float32 products, reused slice after slice
 
     @property
     def shape(self) -> torch.Size:
         return self.hi.shape
 
-    def add(self, lo: int, hi: int, part: Tensor) -> None:
-        """Add the float32 ``part`` to rows ``lo:hi``; each row once per chunk."""
+    def add_product(self, lo: int, hi: int, a: Tensor, b: Tensor) -> None:
+        """Add the float32 product ``a @ b`` to rows ``lo:hi``; each row once per chunk."""
+        if self.part is None or self.part.shape[0] < hi - lo:  # a chunk of fewer rows can
+            # take larger slices: the buffer grows to the largest
+            self.part = None
+            self.part = torch.empty((hi - lo, b.shape[1]), dtype=torch.float32, device=b.device)
+        part = torch.mm(a, b, out=self.part[: hi - lo])
         last = self.done + 1 == self.chunks
         self.be.add_narrow(self.hi[lo:hi], self.lo[lo:hi], part, self.done == 0, last)
 
@@ -150,11 +155,10 @@ class NarrowSum:
         self.done += 1
 
     def result(self) -> Tensor:
-        if self.done == 0:
-            return self.hi.zero_()
-        if self.done != self.chunks:
-            self.be.finish_narrow(self.hi, self.lo)
-        return self.hi
+        """The sums, rounded to bfloat16 by the last chunk (zeros when there was none)."""
+        assert self.done == self.chunks, (self.done, self.chunks)
+        self.part = None
+        return self.hi if self.chunks else self.hi.zero_()
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -242,15 +246,12 @@ def _add_widened_chunk_grads(
     n = gt.shape[1]
     dxf = None if dx is None else torch.zeros((n, w.shape[1]), dtype=torch.float32, device=w.device)
     xf = None if dw is None else xc.float()
-    part = None
     for lo, hi in _slices(w.shape[0], max(n, w.shape[1]), slice_bytes):
         gs = gt[lo:hi].float()
         if dxf is not None:
             dxf.addmm_(gs.t(), w[lo:hi].float())
         if isinstance(dw, NarrowSum) and xf is not None:
-            if part is None:
-                part = torch.empty((hi - lo, w.shape[1]), dtype=torch.float32, device=w.device)
-            dw.add(lo, hi, torch.mm(gs, xf, out=part[: hi - lo]))
+            dw.add_product(lo, hi, gs, xf)
         elif isinstance(dw, Tensor) and xf is not None:
             dw[lo:hi].addmm_(gs, xf)
         if db is not None:
@@ -297,11 +298,9 @@ def _add_weight_grad(acc: Tensor | NarrowSum, g: Tensor, x: Tensor, slice_bytes:
         # float32 slices of g and their products: at most slice_bytes each
         step = max(1, slice_bytes // max(1, max(g.shape[0], x.shape[1]) * 4))
         xf = x.float()
-        part = torch.empty((min(step, acc.shape[0]), x.shape[1]), dtype=torch.float32,
-                           device=x.device)  # fmt: skip
         for lo in range(0, acc.shape[0], step):
             hi = min(lo + step, acc.shape[0])
-            acc.add(lo, hi, torch.mm(g[:, lo:hi].t().float(), xf, out=part[: hi - lo]))
+            acc.add_product(lo, hi, g[:, lo:hi].t().float(), xf)
         acc.end_chunk()
         return
     if acc.dtype == g.dtype:
@@ -343,12 +342,14 @@ def param_grads(
     """Zeroed gradients of input, weight and bias, for those in ``need``; the weight's and
     bias's accumulate in float32 for 16-bit parameters (see :func:`final_grads`), or the
     weight's in a :class:`NarrowSum` where backend ``be`` keeps narrow sums (``chunks``: how
-    many chunks will add to it, if known; ``w_dtype``: the parameter's dtype where ``w`` is
-    cast to another for the matmuls)."""
+    many chunks will add to it; ``w_dtype``: the parameter's dtype where ``w`` is cast to
+    another for the matmuls)."""
     dx = torch.zeros_like(x) if need[0] else None
     w_dtype = w_dtype or w.dtype
     dw: Tensor | NarrowSum | None = None
-    if need[1] and be is not None and narrow(be, w_dtype) and w.dtype == w_dtype:
+    if need[1] and be is not None and chunks is not None and narrow(be, w_dtype) and (
+        w.dtype == w_dtype
+    ):
         dw = NarrowSum(w.shape, w.device, be, chunks)
     elif need[1]:
         dw = torch.zeros(w.shape, dtype=_wide(w.dtype), device=w.device)

@@ -165,9 +165,6 @@ class Composed(Backend):
     def add_narrow(self, *args: Any) -> None:
         self.own.add_narrow(*args)
 
-    def finish_narrow(self, hi: Any, lo: Any) -> None:
-        self.own.finish_narrow(hi, lo)
-
 
 def fallback_table() -> list[tuple[str, str, str]]:
     """``(backend, primitive, how)`` for every registered backend and primitive: ``native``,

@@ -308,10 +308,6 @@ class Backend:
         (and ``lo`` is left alone). Only where :attr:`narrow_sums`."""
         raise NotImplementedError
 
-    def finish_narrow(self, hi: Tensor, lo: Tensor) -> None:
-        """Round the 24-bit sums of :meth:`add_narrow` to nearest bfloat16, into ``hi``."""
-        raise NotImplementedError
-
     def scale_(self, t: Tensor, g: Tensor) -> Tensor:
         """``t`` times the one-element factor ``g``, in place: the backward of a loss whose
         gradient the forward wrote. A backend on a device whose values the host cannot read

@@ -148,9 +148,6 @@ class CpuBackend(Backend):
         _check_cpu(part)
         _sums.add_part(as_numpy(hi), lo.numpy(), part.numpy(), first, last)
 
-    def finish_narrow(self, hi: Tensor, lo: Tensor) -> None:
-        _sums.finish(as_numpy(hi), lo.numpy())
-
     # ---- softmax / log_softmax ---------------------------------------------------------------
 
     def softmax_forward(self, x: Tensor, log: bool) -> Tensor:

@@ -92,13 +92,3 @@ def add_part(hi, lo, part, first, last):
                 b = _odd24(_pair_f32(h[j], low[j]) + p[j])
                 h[j] = _high16(b)
                 low[j] = _byte1(b)
-
-
-@njit(parallel=True, cache=True)
-def finish(hi, lo):
-    """``hi`` (R, D) receives its 24-bit sums rounded to bfloat16."""
-    rows, d = hi.shape
-    for i in prange(rows):
-        h, low = hi[i], lo[i]
-        for j in range(d):
-            h[j] = f32_to_bf16_bits(_pair_f32(h[j], low[j]))
